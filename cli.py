@@ -1,0 +1,98 @@
+"""The command line shared by every script: ``--dorefa W,A,G`` and the common flags.
+
+Each script calls :func:`make_parser`, adds its own flags to the returned
+argument groups, parses, and then calls :func:`check_modes` so that the same
+conflicts are refused the same way everywhere.
+"""
+import argparse
+from typing import NamedTuple, Union
+
+from dorefa import TERNARY, check_bits
+
+__all__ = ["Bits", "dorefa_bits", "make_parser", "check_modes"]
+
+
+class Bits(NamedTuple):
+    """A validated (W, A, G) bit-width triple; W may be ``'t'`` (TTQ)."""
+
+    w: Union[int, str]
+    a: int
+    g: int
+
+    def __str__(self):
+        return "{},{},{}".format(self.w, self.a, self.g)
+
+
+def dorefa_bits(text):
+    """argparse ``type`` for ``--dorefa W,A,G`` (e.g. ``1,2,6``, ``32,32,32``, ``t,32,32``)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(
+            "expected three comma-separated bit widths W,A,G (e.g. 1,2,6), got {!r}".format(text))
+    values = []
+    for name, part in zip("WAG", parts):
+        if part == TERNARY:
+            values.append(part)
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                "{} must be an integer from 1 to 32{}, got {!r} in {!r}".format(
+                    name, " or 't'" if name == "W" else "", part, text)) from None
+    try:
+        return Bits(*check_bits(*values))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError("{} in {!r}".format(err, text)) from None
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def make_parser(description, default_dorefa, epilog=None):
+    """Build the shared parser.
+
+    Returns ``(parser, groups)`` where ``groups`` maps ``'quantization'``,
+    ``'data'``, ``'training'`` and ``'model'`` to argparse argument groups so
+    that a script adds its own flags next to the related shared ones.
+    """
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_Formatter)
+    groups = {
+        "quantization": parser.add_argument_group("quantization"),
+        "data": parser.add_argument_group("data"),
+        "training": parser.add_argument_group("training"),
+        "model": parser.add_argument_group("loading, evaluation and inference"),
+    }
+    groups["quantization"].add_argument(
+        "--dorefa", type=dorefa_bits, default=dorefa_bits(default_dorefa), metavar="W,A,G",
+        help="bit widths of weights, activations and gradients; 32 = not quantized, "
+             "W = 't' selects TTQ (with A = G = 32)")
+    groups["data"].add_argument("--data", metavar="DIR", help="dataset directory")
+    groups["training"].add_argument("--logdir", metavar="DIR",
+                                    help="where checkpoints and logs go (default: derived from the model and bits)")
+    groups["training"].add_argument("--seed", type=int, default=0, help="random seed")
+    groups["training"].add_argument("--gpu", metavar="IDS",
+                                    help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")
+    model = groups["model"]
+    model.add_argument("--load", metavar="PATH",
+                       help="a logdir (its latest checkpoint), a checkpoint, or an .npz of name -> array")
+    model.add_argument("--eval", action="store_true", help="evaluate the loaded model on the test/validation set")
+    model.add_argument("--run", nargs="+", metavar="IMAGE", help="classify these image files")
+    model.add_argument("--json", action="store_true", help="with --run: print one JSON object per image")
+    return parser, groups
+
+
+_EXCLUSIVE_MODES = ("eval", "run", "export", "export_packed")
+
+
+def check_modes(parser, args):
+    """Refuse conflicting or incomplete mode flags with ``parser.error``."""
+    chosen = ["--" + m.replace("_", "-") for m in _EXCLUSIVE_MODES if getattr(args, m, None)]
+    if len(chosen) > 1:
+        parser.error("{} cannot be combined; choose one".format(" and ".join(chosen)))
+    if chosen and not args.load:
+        parser.error("{} needs --load PATH (a logdir, checkpoint or .npz)".format(chosen[0]))
+    if args.json and not args.run:
+        parser.error("--json only applies to --run")
+    return args

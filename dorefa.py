@@ -1,0 +1,210 @@
+"""DoReFa-Net quantizers for weights, activations and gradients, and TTQ.
+
+Stateless functions built on ``tf.custom_gradient``, for TF1-style graphs
+(``tf.compat.v1``), any rank, float32.  The semantics are those of
+
+* DoReFa-Net: Zhou et al., "DoReFa-Net: Training Low Bitwidth Convolutional
+  Neural Networks with Low Bitwidth Gradients", arXiv:1606.06160;
+* BWN (1-bit weights with a mean-magnitude scale): Rastegari et al.,
+  "XNOR-Net", arXiv:1603.05279, as used by DoReFa-Net for W = 1;
+* TTQ: Zhu et al., "Trained Ternary Quantization", arXiv:1612.01064.
+
+A bit width of 32 always means "not quantized" (identity forward and backward).
+
+Usage, unchanged from the original module::
+
+    fw, fa, fg = get_dorefa(1, 2, 6)
+    w = fw(w_latent)                      # quantized weights
+    y = fg(conv(x, w))                    # quantize the gradient flowing into conv
+    x = fa(tf.clip_by_value(y, 0, 1))     # quantized activations
+
+Rounding is ``tf.round`` (round half to even), as in the implementation that
+trained the published checkpoints.
+"""
+import numbers
+
+from tf_setup import tf
+
+__all__ = ["get_dorefa", "ternarize", "quantize", "check_bits", "TERNARY"]
+
+#: The weight "bit width" that selects Trained Ternary Quantization.
+TERNARY = "t"
+
+
+def _check_width(value, what, allow_ternary=False):
+    allowed = "an integer from 1 to 32" + (" or 't' (TTQ)" if allow_ternary else "")
+    if allow_ternary and isinstance(value, str) and value == TERNARY:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
+    if not 1 <= int(value) <= 32:
+        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
+    return int(value)
+
+
+def check_bits(bitW, bitA, bitG):
+    """Validate a (W, A, G) triple and return it normalised to ints (or ``'t'`` for W).
+
+    Raises ``ValueError`` naming the bad value: widths are integers in 1..32
+    (32 = not quantized); W may be ``'t'`` (TTQ), which implies A = G = 32.
+    """
+    bitW = _check_width(bitW, "weight bit width (W)", allow_ternary=True)
+    bitA = _check_width(bitA, "activation bit width (A)")
+    bitG = _check_width(bitG, "gradient bit width (G)")
+    if bitW == TERNARY and (bitA, bitG) != (32, 32):
+        raise ValueError("W = 't' (TTQ) implies A = G = 32, got A = {}, G = {}".format(bitA, bitG))
+    return bitW, bitA, bitG
+
+
+def _levels(k):
+    return float(2 ** k - 1)
+
+
+def quantize(x, k):
+    """Uniform k-bit quantizer on [0, 1] with a straight-through gradient.
+
+    ``quantize_k(x) = round(x * n) / n`` with ``n = 2^k - 1``; d/dx is taken
+    as 1 (straight-through estimator).  ``x`` is expected in [0, 1].
+    k = 32 is the identity.  (arXiv:1606.06160, eq. 5.)
+    """
+    k = _check_width(k, "bit width k")
+    if k == 32:
+        return tf.identity(x)
+    n = _levels(k)
+
+    @tf.custom_gradient
+    def _quantize(v):
+        return tf.round(v * n) / n, lambda dy: dy
+
+    return _quantize(x)
+
+
+def _binary_weights(x):
+    # E is a constant for the gradient (stop-gradient), and the sign's
+    # gradient is passed straight through unscaled, as in the original.
+    E = tf.stop_gradient(tf.reduce_mean(tf.abs(x)))
+
+    @tf.custom_gradient
+    def _sign_times_E(v):
+        sign = tf.where(v >= 0, tf.ones_like(v), -tf.ones_like(v))
+        return sign * E, lambda dy: dy
+
+    return _sign_times_E(x)
+
+
+def _dorefa_weights(x, k):
+    t = tf.tanh(x)
+    # The max is deliberately *not* stop-gradient: the published models were
+    # trained with the gradient flowing through the normalisation.
+    t = t / tf.reduce_max(tf.abs(t)) * 0.5 + 0.5
+    return 2.0 * quantize(t, k) - 1.0
+
+
+def _gradient_quantizer(k):
+    n = _levels(k)
+
+    def fg(x):
+        rank = x.get_shape().ndims
+        if rank is None or rank < 2:
+            raise ValueError(
+                "fg needs a tensor of known rank >= 2 whose first axis is the batch, got shape {}"
+                .format(x.get_shape()))
+
+        @tf.custom_gradient
+        def _identity(v):
+            def grad(dy):
+                m = tf.reduce_max(tf.abs(dy), axis=list(range(1, rank)), keepdims=True)
+                # A sample whose incoming gradient is all zero would divide by
+                # zero (NaN in the original); its quantized gradient is 0.
+                safe_m = tf.where(m > 0, m, tf.ones_like(m))
+                u = dy / safe_m * 0.5 + 0.5 + tf.random.uniform(
+                    tf.shape(dy), minval=-0.5 / n, maxval=0.5 / n, dtype=dy.dtype)
+                u = tf.clip_by_value(u, 0.0, 1.0)
+                q = tf.round(u * n) / n
+                return (q - 0.5) * 2.0 * m
+
+            return tf.identity(v), grad
+
+        return _identity(x)
+
+    return fg
+
+
+def get_dorefa(bitW, bitA, bitG):
+    """Return the quantizers ``(fw, fa, fg)`` for weights, activations and gradients.
+
+    ``fw`` (weights, W = k):
+
+    * k = 32: identity.
+    * k = 1 (BWN): ``sign(W) * E`` with ``E = mean(|W|)`` over the whole tensor,
+      held constant for the gradient, and ``sign(0) = +1``; gradient straight
+      through.
+    * 1 < k < 32 (DoReFa, arXiv:1606.06160 eq. 9): ``t = tanh(W)``,
+      ``t = t / max(|t|) * 0.5 + 0.5``, ``2 * quantize_k(t) - 1``; the gradient
+      flows through tanh and the max normalisation.
+    * ``'t'``: :func:`ternarize` (TTQ, arXiv:1612.01064), which creates the
+      trainable scalars ``Wp`` and ``Wn`` in the current variable scope.
+
+    ``fa`` (activations, A = k): ``quantize_k(x)`` of an input already clipped to
+    [0, 1] (eq. 11); identity when k = 32.
+
+    ``fg`` (gradients, G = k): identity in the forward pass; the backward pass
+    replaces the incoming gradient ``dy`` (rank >= 2, batch first) by (eq. 12)::
+
+        m   = max(|dy|) over all axes but the first (per sample)
+        u   = dy / m * 0.5 + 0.5 + N,  N ~ Uniform(-0.5/n, 0.5/n),  n = 2^k - 1
+        dy' = (quantize_k(clip(u, 0, 1)) - 0.5) * 2 * m
+
+    Raises ``ValueError`` for invalid widths (see :func:`check_bits`).
+    """
+    bitW, bitA, bitG = check_bits(bitW, bitA, bitG)
+
+    def fw(x):
+        if bitW == 32:
+            return tf.identity(x)
+        if bitW == TERNARY:
+            return ternarize(x)
+        if bitW == 1:
+            return _binary_weights(x)
+        return _dorefa_weights(x, bitW)
+
+    def fa(x):
+        return quantize(x, bitA)
+
+    if bitG == 32:
+        def fg(x):
+            return tf.identity(x)
+    else:
+        fg = _gradient_quantizer(bitG)
+    return fw, fa, fg
+
+
+def ternarize(x, thresh=0.05):
+    """Trained Ternary Quantization of a weight tensor (arXiv:1612.01064).
+
+    With ``d = thresh * max(|W|)`` (stop-gradient) and two trainable scalars
+    ``Wp``, ``Wn`` (created here, in the current variable scope, initialised
+    to 1.0), the forward value is ``+Wp`` where ``W > d``, ``-Wn`` where
+    ``W < -d`` and 0 elsewhere.  Gradients: ``dW = dy * Wp`` where ``W > d``,
+    ``dy * Wn`` where ``W < -d``, ``dy`` elsewhere; ``dWp = sum(dy[W > d])``;
+    ``dWn = -sum(dy[W < -d])``.
+    """
+    d = tf.stop_gradient(tf.reduce_max(tf.abs(x)) * thresh)
+    w_p = tf.get_variable("Wp", initializer=1.0, dtype=tf.float32)
+    w_n = tf.get_variable("Wn", initializer=1.0, dtype=tf.float32)
+    tf.summary.scalar(w_p.op.name + "-summary", w_p)
+    tf.summary.scalar(w_n.op.name + "-summary", w_n)
+
+    positive = x > d
+    negative = x < -d
+    ones = tf.ones_like(x)
+    # scale is Wp / Wn on the kept weights and 1 on the zeroed ones, so that
+    # dW = dy * scale and dWp, dWn are sums of dy over their masks.
+    scale = tf.where(positive, ones * w_p, tf.where(negative, ones * w_n, ones))
+
+    @tf.custom_gradient
+    def _ternary_sign(v):
+        sign = tf.where(positive, ones, tf.where(negative, -ones, tf.zeros_like(v)))
+        return sign, lambda dy: dy
+
+    return _ternary_sign(x) * scale

@@ -1,0 +1,78 @@
+"""Prepare TensorFlow 2.21 for tensorpack 0.11, in one place.
+
+Import this module before anything that imports TensorFlow (every script and
+``dorefa.py`` do)::
+
+    from tf_setup import tf
+
+Why each step is here:
+
+* tensorpack's layers are built on ``tf.compat.v1.layers``, which Keras 3
+  (TensorFlow >= 2.16's default) no longer provides.  ``TF_USE_LEGACY_KERAS=1``
+  makes TensorFlow use the ``tf-keras`` package instead; it is read when
+  TensorFlow first loads Keras, so it must be set before that.
+* TensorFlow's C++ runtime prints several INFO lines at start-up (oneDNN,
+  missing CUDA drivers) that drown the tools' own output.  They are hidden
+  unless the user already chose a level with ``TF_CPP_MIN_LOG_LEVEL``.
+* The project's graphs are TF1-style graphs (placeholders, sessions,
+  collections), so v2 behaviour is disabled once, here.
+* tensorpack 0.11 predates numpy 2 in a few places; the workarounds live in
+  :func:`_patch_tensorpack_for_numpy2` and nowhere else.
+"""
+import logging
+import os
+import sys
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if "keras" in sys.modules and "tf_keras" not in sys.modules:  # pragma: no cover - depends on import order
+    import keras as _keras
+
+    if _keras.__version__.startswith("3."):
+        raise ImportError(
+            "Keras 3 was imported before tf_setup; import tf_setup (or any of this project's "
+            "modules) before keras/tensorflow so that tensorpack gets the legacy tf-keras layers")
+
+import tensorflow as _tf  # noqa: E402
+
+tf = _tf.compat.v1
+# disable_v2_behavior() logs a deprecation warning about resource variables
+# that users cannot act on; silence TensorFlow's Python logger while calling it.
+_tf_logger = _tf.get_logger()
+_previous_level = _tf_logger.level
+_tf_logger.setLevel(logging.ERROR)
+try:
+    tf.disable_v2_behavior()
+finally:
+    _tf_logger.setLevel(_previous_level)
+
+
+def _patch_tensorpack_for_numpy2():
+    """Work around tensorpack 0.11 code paths that fail on numpy 2.
+
+    * ``FakeData`` draws each component with ``rng.rand(*shape)`` and calls
+      ``.astype`` on the result; for a scalar component (shape ``[]``, e.g. a
+      label) numpy returns a Python float, which has no ``.astype``.  The
+      replacement draws the same random stream and wraps it in an array.
+    """
+    import copy
+
+    import numpy as np
+    from tensorpack.dataflow import raw
+
+    def _draw(self):
+        return [np.asarray(self.rng.rand(*shape) * (hi - lo) + lo).astype(dtype)
+                for shape, (lo, hi), dtype in zip(self.shapes, self.domain, self.dtype)]
+
+    def _fake_data_iter(self):
+        fixed = None if self.random else _draw(self)
+        for _ in range(self._size):
+            yield _draw(self) if fixed is None else copy.copy(fixed)
+
+    raw.FakeData.__iter__ = _fake_data_iter
+
+
+_patch_tensorpack_for_numpy2()
+
+__all__ = ["tf"]
