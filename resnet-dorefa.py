@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""DoReFa-Net ResNet-18 on ImageNet (arXiv 1606.06160), the network of the published model zoo.
+
+Architecture, names and preprocessing follow ``docs/model-zoo.md``: BGR
+224x224 input fed as float 0..255 and divided by 256, the asymmetric paddings,
+pre-activation blocks (with the ``conv2blk1`` quirk), ``lastbn`` -> global
+average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
+``conv1`` and ``fct``; activations always clipped to [0, 1].
+
+For now only the model and a graph-building ``main`` exist; training,
+evaluation and ``--run`` are wired to the shared modules separately.
+"""
+import sys
+
+from tf_setup import tf  # noqa: I100  (must come before tensorpack)
+
+from tensorpack.models import AvgPooling, BatchNorm, Conv2D, FullyConnected, GlobalAvgPooling, MaxPooling  # noqa: E402
+from tensorpack.tfutils.argscope import argscope  # noqa: E402
+from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
+
+import cli  # noqa: E402
+from dorefa import get_dorefa  # noqa: E402
+from imagenet_utils import IMAGE_SIZE, ImageNetModel, build_inference_graph  # noqa: E402
+
+DEFAULT_DOREFA = "1,4,32"
+
+__all__ = ["ResNet18Model", "DEFAULT_DOREFA", "main"]
+
+
+class ResNet18Model(ImageNetModel):
+    """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
+
+    ``bits`` is ``(W, A, G)`` (a :class:`cli.Bits` works).  The variable shapes
+    do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
+    are fine for tests.
+
+    No training recipe was published for this model; the optimizer defaults
+    (SGD with Nesterov momentum 0.9, lr 0.1, L2 1e-4 on every ``W``) are
+    fb.resnet.torch's and untested for the quantized network.
+    """
+
+    image_dtype = tf.float32
+    image_mean = (0.0, 0.0, 0.0)
+    image_std = 256.0
+    first_layer = "conv1"
+    last_layer = "fct"
+    weight_decay = 1e-4
+    weight_decay_pattern = r"/W$"
+    base_lr = 0.1
+    lr_schedule = ((30, 1e-2), (60, 1e-3), (85, 1e-4))
+    max_epoch = 90
+    total_batch_size = 256
+
+    def _pad_hw(self, x, before, after, mode="CONSTANT"):
+        """Pad height and width only, whatever the layout."""
+        hw = [[before, after], [before, after]]
+        paddings = [[0, 0], [0, 0]] + hw if self.data_format == "channels_first" else [[0, 0]] + hw + [[0, 0]]
+        return tf.pad(x, paddings, mode=mode)
+
+    def get_logits(self, image):
+        fw, fa, fg = get_dorefa(*self.bits)
+        def nonlin(x):
+            return tf.clip_by_value(x, 0.0, 1.0)
+
+        def activate(x):
+            return fa(nonlin(x))
+
+        def conv(name, x, channels, kernel):
+            # Every conv here but conv1 is quantized; fg quantizes the gradient flowing into it
+            # (identity for G = 32, the published setting).
+            return fg(Conv2D(name, x, channels, kernel))
+
+        def block(x, channels, first, stride):
+            def stem(x):
+                x = conv("c3x3a", x, channels, 3)
+                x = activate(BatchNorm("stembn", x))
+                return conv("c3x3b", x, channels, 3)
+
+            if first:
+                if stride != 1:
+                    x = AvgPooling("pool", x, stride, strides=stride)
+                x = activate(BatchNorm("bn", x))
+                # conv2blk1 also takes this path (a 1x1 shortcut that neither downsamples nor
+                # widens): a quirk of the released model.
+                shortcut = conv("shortcut", x, channels, 1)
+            else:
+                shortcut = x
+                x = activate(BatchNorm("bn", x))
+            return shortcut + stem(x)
+
+        def group(x, name, channels, count, stride):
+            for i in range(1, count + 1):
+                with tf.variable_scope("{}blk{}".format(name, i)):
+                    x = block(x, channels, first=i == 1, stride=stride)
+            return x
+
+        with remap_variables(self.quantize_weight(fw)), \
+                argscope([Conv2D, BatchNorm, MaxPooling, AvgPooling, GlobalAvgPooling], data_format=self.data_format), \
+                argscope(BatchNorm, momentum=0.9, epsilon=1e-4), \
+                argscope(Conv2D, use_bias=False):
+            # The explicit asymmetric / mirror paddings reproduce the framework the model was trained in.
+            x = self._pad_hw(image, 3, 2)
+            x = Conv2D("conv1", x, 64, 7, strides=2, padding="VALID", use_bias=True)
+            x = self._pad_hw(x, 1, 1, mode="SYMMETRIC")
+            x = MaxPooling("pool1", x, 3, strides=2, padding="VALID")
+            x = group(x, "conv2", 64, 2, stride=1)
+            x = group(x, "conv3", 128, 2, stride=2)
+            x = group(x, "conv4", 256, 2, stride=2)
+            x = group(x, "conv5", 512, 2, stride=2)
+            x = nonlin(BatchNorm("lastbn", x))
+            x = GlobalAvgPooling("gap", x)
+            # x49 (the 7x7 map's sum instead of its mean): a quirk of the released model.
+            x = x * 49.0
+            return FullyConnected("fct", x, 1000, use_bias=True)
+
+
+def make_parser():
+    """The command line: the shared flags plus ``--data-format``."""
+    parser, groups = cli.make_parser(__doc__.splitlines()[0], DEFAULT_DOREFA)
+    groups["model"].add_argument(
+        "--data-format", choices=("channels_first", "channels_last"), default="channels_first",
+        help="layout of the feature maps inside the network (NCHW is faster on GPUs; both work on the CPU)")
+    return parser
+
+
+def main(argv=None):
+    """Parse the command line and build the graph (training/evaluation wiring comes separately)."""
+    parser = make_parser()
+    args = cli.check_modes(parser, parser.parse_args(argv))
+    if args.load or args.eval or args.run or args.data:
+        parser.error("--load/--eval/--run/--data are not available yet in this version of the script")
+    model = ResNet18Model(args.dorefa, args.data_format, IMAGE_SIZE)
+    with tf.Graph().as_default():
+        build_inference_graph(model)
+        count = sum(int(v.shape.num_elements()) for v in tf.global_variables())
+        print("ResNet-18 {} ({}): {} variables, {} parameters".format(
+            args.dorefa, args.data_format, len(tf.global_variables()), count))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
