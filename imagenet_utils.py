@@ -13,9 +13,11 @@
 Import order: this module imports :mod:`tf_setup` first, as every module of the
 project does.
 """
+import collections
 import multiprocessing
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from tf_setup import tf  # noqa: I100  (must come before tensorpack)
@@ -25,7 +27,7 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from tensorpack import ModelDesc  # noqa: E402
 from tensorpack.dataflow import (  # noqa: E402
-    BatchData, DataFlow, FakeData, MapData, MultiProcessRunnerZMQ, MultiThreadMapData, ProxyDataFlow, imgaug)
+    BatchData, DataFlow, FakeData, MapData, MultiProcessRunnerZMQ, ProxyDataFlow, imgaug)
 from tensorpack.dataflow.imgaug.transform import CropTransform, ResizeTransform, TransformList  # noqa: E402
 from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
 from tensorpack.tfutils.tower import TowerContext  # noqa: E402
@@ -433,6 +435,32 @@ class _DecodeAugmentData(ProxyDataFlow):
             yield self.mapper(dp)
 
 
+class _ThreadedDecodeAugment(_DecodeAugmentData):
+    """Decode + augment in a pool of threads, keeping the input order.
+
+    Used instead of tensorpack's ``MultiThreadMapData`` because a pool of
+    futures keeps the order (evaluation is reproducible), hands a worker's
+    exception to the consumer, and shuts down at once (``MultiThreadMapData``
+    waits up to 5 s per flow for its polling threads).  OpenCV releases the GIL
+    while decoding and resizing, so threads do run in parallel.
+    """
+
+    def __init__(self, ds, augmentors, num_threads):
+        super().__init__(ds, augmentors)
+        self.num_threads = num_threads
+
+    def __iter__(self):
+        window = 4 * self.num_threads  # decoded images kept ahead of the consumer
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="imagenet-decode") as pool:
+            pending = collections.deque()
+            for dp in self.ds:
+                pending.append(pool.submit(self.mapper, dp))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
 def default_parallelism():
     """Decoding workers by default: half the CPUs (hyper-threading), at least 1, at most 40."""
     return max(1, min(40, multiprocessing.cpu_count() // 2))
@@ -445,8 +473,8 @@ def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=
       (``augmentors``, default ``fbresnet_augmentor(True)``) in ``parallel``
       worker processes (``MultiProcessRunnerZMQ``; each worker draws its own
       shuffled stream, so the flow never ends), batches of exactly ``batch_size``.
-    * ``split='val'``: every image exactly once, in ``parallel`` decoding threads
-      (``MultiThreadMapData``, strict; the order of images is not kept), with
+    * ``split='val'``: every image exactly once, in the sorted file order, decoded
+      by ``parallel`` threads, with
       ``augmentors`` default ``fbresnet_augmentor(False)``; the last batch may
       be smaller, so that evaluation covers the whole set.
 
@@ -469,10 +497,7 @@ def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=
         if parallel > 0:
             ds = MultiProcessRunnerZMQ(ds, parallel)
     elif parallel > 0:
-        # Decoding releases the GIL (OpenCV), so threads suffice and keep the ordering of the
-        # file list irrelevant: strict mode yields every image exactly once.
-        ds = MultiThreadMapData(ds, parallel, _DecodeAugment(augmentors), buffer_size=min(2000, 4 * batch_size),
-                                strict=True)
+        ds = _ThreadedDecodeAugment(ds, augmentors, parallel)
     else:
         ds = _DecodeAugmentData(ds, augmentors)
     ds = MapData(ds, _raise_failures)

@@ -11,20 +11,24 @@ Why each step is here:
   (TensorFlow >= 2.16's default) no longer provides.  ``TF_USE_LEGACY_KERAS=1``
   makes TensorFlow use the ``tf-keras`` package instead; it is read when
   TensorFlow first loads Keras, so it must be set before that.
-* TensorFlow's C++ runtime prints several INFO lines at start-up (oneDNN,
-  missing CUDA drivers) that drown the tools' own output.  They are hidden
-  unless the user already chose a level with ``TF_CPP_MIN_LOG_LEVEL``.
+* TensorFlow's C++ runtime prints several lines at start-up and at session
+  creation (oneDNN, missing CUDA drivers, cuInit) that drown the tools' own
+  output.  They are hidden unless the user chose a level with
+  ``TF_CPP_MIN_LOG_LEVEL`` (``TF_CPP_MIN_LOG_LEVEL=0`` shows everything).
 * The project's graphs are TF1-style graphs (placeholders, sessions,
   collections), so v2 behaviour is disabled once, here.
 * tensorpack 0.11 predates numpy 2 in a few places; the workarounds live in
   :func:`_patch_tensorpack_for_numpy2` and nowhere else.
+* tensorpack's data workers rely on python-prctl to die with the trainer;
+  :func:`_let_dataflow_workers_die_with_their_parent` provides that call.
 """
 import logging
 import os
 import sys
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_user_chose_log_level = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if "keras" in sys.modules and "tf_keras" not in sys.modules:  # pragma: no cover - depends on import order
     import keras as _keras
@@ -34,8 +38,29 @@ if "keras" in sys.modules and "tf_keras" not in sys.modules:  # pragma: no cover
             "Keras 3 was imported before tf_setup; import tf_setup (or any of this project's "
             "modules) before keras/tensorflow so that tensorpack gets the legacy tf-keras layers")
 
-import tensorflow as _tf  # noqa: E402
 
+def _import_tensorflow_quietly():
+    # The oneDNN / CUDA-stub INFO lines are printed by the shared libraries as
+    # they load, before absl logging exists, so no environment variable hides
+    # them; only the file descriptor can.  Python exceptions still surface.
+    if _user_chose_log_level or "tensorflow" in sys.modules:
+        import tensorflow
+        return tensorflow
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow
+
+
+_tf = _import_tensorflow_quietly()
 tf = _tf.compat.v1
 # disable_v2_behavior() logs a deprecation warning about resource variables
 # that users cannot act on; silence TensorFlow's Python logger while calling it.
@@ -73,6 +98,28 @@ def _patch_tensorpack_for_numpy2():
     raw.FakeData.__iter__ = _fake_data_iter
 
 
+def _let_dataflow_workers_die_with_their_parent():
+    """tensorpack asks ``prctl`` to kill data workers when the trainer dies.
+
+    Without the (compiled, libcap-dependent) python-prctl package, a SIGKILLed
+    training run would leave its worker processes running; on Linux the one
+    call tensorpack needs is made through libc instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import prctl  # noqa: F401
+    except ImportError:
+        import ctypes
+        import types
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        sys.modules["prctl"] = types.SimpleNamespace(
+            set_pdeathsig=lambda sig: libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0))
+
+
 _patch_tensorpack_for_numpy2()
+_let_dataflow_workers_die_with_their_parent()
 
 __all__ = ["tf"]

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""DoReFa-Net on SVHN digits: train, evaluate, run and export at any (W,A,G) bit widths.
+
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --synthetic --epochs 3     # built-in digits, no download
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --data SVHN_DIR             # the published recipe
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --eval --data SVHN_DIR
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --load MODEL --run a.png b.png [--json]
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --export model.npz
+
+Network and recipe: docs/model-zoo.md (SVHN digit net); published errors
+(1,1,4) 3.1-3.2%, (1,2,4) 3.0-3.1%, (32,32,32) about 2.3%.
+"""
+import os
+import sys
+
+import tf_setup  # noqa: F401  (prepares TensorFlow; must come first)
+from tf_setup import tf
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cli import check_modes, make_parser  # noqa: E402
+from dorefa import get_dorefa  # noqa: E402
+from image_io import ImageReadError  # noqa: E402
+from inference import batches, count_errors, run_images  # noqa: E402
+from model_io import ModelLoadError, StrictInit, check_weights, expected_variables, read_weights, save_npz  # noqa
+from svhn_data import SVHNDataError, SyntheticDigits, load_svhn  # noqa: E402
+from training import (TrainingSetupError, available_gpus, launch, plan_run, quiet_tensorpack,  # noqa: E402
+                      select_trainer)
+
+from tensorpack import (BatchNorm, ClassificationError, Conv2D, Dropout, FullyConnected,  # noqa: E402
+                        InferenceRunner, MaxPooling, ModelDesc, ScalarStats, argscope)
+from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
+from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
+from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
+
+IMAGE_SIZE = 40
+RECIPE_EPOCHS = 200
+RECIPE_STEPS_PER_EPOCH = 4721   # one pass over train + extra at batch 128
+LR_HALVING_EPOCHS = 100
+
+
+class SVHNModel(ModelDesc):
+    """The SVHN digit net of docs/model-zoo.md for one (W, A, G)."""
+
+    def __init__(self, bits, steps_per_epoch=RECIPE_STEPS_PER_EPOCH, data_format="channels_last"):
+        self.bits = bits
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.data_format = data_format
+
+    def inputs(self):
+        return [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, "input"),
+                tf.TensorSpec([None], tf.int32, "label")]
+
+    def build_graph(self, image, label):
+        fw, fa, fg = get_dorefa(*self.bits)
+        is_training = get_current_tower_context().is_training
+        bitA = self.bits[1]
+
+        def quantize_weight(v):
+            name = v.op.name
+            # the first (conv0) and last (fc1) layers stay in float
+            if not name.endswith("W") or "conv0" in name or "fc" in name:
+                return v
+            return fw(v)
+
+        def nonlin(x):
+            return tf.nn.relu(x) if bitA == 32 else tf.clip_by_value(x, 0.0, 1.0)
+
+        def activate(x):
+            return fa(nonlin(x))
+
+        x = image / 256.0
+        if self.data_format == "channels_first":
+            x = tf.transpose(x, [0, 3, 1, 2])
+        with remap_variables(quantize_weight), \
+                argscope([Conv2D, MaxPooling, BatchNorm], data_format=self.data_format), \
+                argscope(BatchNorm, momentum=0.9, epsilon=1e-4), argscope(Conv2D, use_bias=False):
+            x = Conv2D("conv0", x, 48, 5, padding="VALID", use_bias=True)
+            x = activate(MaxPooling("pool0", x, 2, padding="SAME"))
+            x = activate(BatchNorm("bn1", fg(Conv2D("conv1", x, 64, 3, padding="SAME"))))
+            x = BatchNorm("bn2", fg(Conv2D("conv2", x, 64, 3, padding="SAME")))
+            x = activate(MaxPooling("pool1", x, 2, padding="SAME"))
+            x = activate(BatchNorm("bn3", fg(Conv2D("conv3", x, 128, 3, padding="VALID"))))
+            x = activate(BatchNorm("bn4", fg(Conv2D("conv4", x, 128, 3, padding="SAME"))))
+            x = activate(BatchNorm("bn5", fg(Conv2D("conv5", x, 128, 3, padding="VALID"))))
+            x = Dropout("drop", x, rate=0.5 if is_training else 0.0)
+            x = nonlin(BatchNorm("bn6", fg(Conv2D("conv6", x, 512, 5, padding="VALID"))))
+            logits = FullyConnected("fc1", x, 10)
+        tf.nn.softmax(logits, name="output")
+
+        wrong = tf.cast(tf.logical_not(tf.nn.in_top_k(logits, label, 1)), tf.float32, name="wrong-top1")
+        cost = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(logits=logits, labels=label),
+                              name="cross_entropy_loss")
+        fc_weights = [v for v in tf.trainable_variables() if v.op.name.startswith("fc") and
+                      v.op.name.endswith("/W")]
+        wd_cost = tf.multiply(1e-7, tf.add_n([tf.nn.l2_loss(v) for v in fc_weights]), name="wd_cost")
+        total = tf.add_n([cost, wd_cost], name="cost")
+        add_moving_summary(cost, wd_cost, total, tf.reduce_mean(wrong, name="train_error"))
+        return total
+
+    def optimizer(self):
+        lr = tf.train.exponential_decay(
+            learning_rate=1e-3, global_step=tf.train.get_or_create_global_step(),
+            decay_steps=self.steps_per_epoch * LR_HALVING_EPOCHS, decay_rate=0.5, staircase=True,
+            name="learning_rate")
+        tf.summary.scalar("lr", lr)
+        return tf.train.AdamOptimizer(lr, epsilon=1e-5)
+
+
+# ------------------------------------------------------------------ data
+def resize_like_test_data(image):
+    """Any BGR image -> the network's 40x40 float input, through SVHN's 32x32 crop size."""
+    if image.shape[:2] != (32, 32):
+        shrink = image.shape[0] > 32 or image.shape[1] > 32
+        image = cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(image, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+class ArrayFlow:
+    """A DataFlow over in-memory ``(images, labels)``, reshuffled every epoch when ``shuffle``."""
+
+    def __init__(self, images, labels, shuffle, seed=0):
+        self.images, self.labels, self.shuffle, self.seed = images, labels, shuffle, seed
+        self.rng = np.random.RandomState(seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def reset_state(self):
+        self.rng = np.random.RandomState((self.seed + os.getpid()) % 2 ** 32)
+
+    def __iter__(self):
+        order = self.rng.permutation(len(self.labels)) if self.shuffle else range(len(self.labels))
+        for i in order:
+            yield [self.images[i], self.labels[i]]
+
+
+def source_flow(args, split):
+    """The raw ``[image uint8 32x32x3, label]`` flow of ``split`` from --data or --synthetic."""
+    train = split == "train"
+    if args.synthetic:
+        return SyntheticDigits(split, seed=args.seed, shuffle=train)
+    images, labels = load_svhn(args.data, split)
+    return ArrayFlow(images, labels, shuffle=train, seed=args.seed)
+
+
+def make_dataflow(flow, train, batch, workers):
+    from tensorpack.dataflow import AugmentImageComponent, BatchData, MultiProcessRunnerZMQ, imgaug
+
+    augmentors = [imgaug.Resize((IMAGE_SIZE, IMAGE_SIZE))]
+    if train:
+        augmentors += [imgaug.Brightness(30), imgaug.Contrast((0.5, 1.5))]
+    df = AugmentImageComponent(flow, augmentors)
+    df = BatchData(df, batch, remainder=not train)
+    if train and workers > 0:
+        df = MultiProcessRunnerZMQ(df, workers)
+    return df
+
+
+# ------------------------------------------------------------------ modes
+def build_predictor(args, weights):
+    from tensorpack import OfflinePredictor, PredictConfig
+
+    config = PredictConfig(model=SVHNModel(args.dorefa, data_format=args.data_format),
+                           session_init=StrictInit(weights, args.load),
+                           input_names=["input"], output_names=["output"])
+    predictor = OfflinePredictor(config)
+    return lambda batch: predictor(batch)[0]
+
+
+def evaluate(args, predict):
+    from tqdm import tqdm
+
+    flow = source_flow(args, "test")
+    if isinstance(flow, SyntheticDigits):
+        images, labels = flow.arrays()
+    else:
+        images, labels = flow.images, flow.labels
+    wrong = 0
+    with tqdm(total=len(labels), desc="evaluating", unit="img", file=sys.stderr, leave=False) as bar:
+        for x, y in batches(images, labels, args.batch):
+            x = np.stack([resize_like_test_data(im) for im in x])
+            wrong += count_errors(predict(x), y)[0]
+            bar.update(len(y))
+    print("test error: {:.4f}".format(wrong / len(labels)))
+
+
+def export(args, weights):
+    check_weights(expected_variables(SVHNModel(args.dorefa)), weights, args.load)
+    save_npz(weights, args.export)
+    print("exported {} variables to {}".format(len(weights), args.export))
+
+
+def train(args):
+    train_flow = source_flow(args, "train")
+    test_flow = source_flow(args, "test")
+    steps = args.steps_per_epoch or max(len(train_flow) // args.batch, 1)
+    logdir = args.logdir or os.path.join("train_log", "svhn-dorefa-{}".format(args.dorefa))
+    config = {"resume_key": {"model": "svhn", "dorefa": str(args.dorefa), "batch": args.batch,
+                             "steps_per_epoch": steps},
+              "model": "svhn-digit", "dorefa": str(args.dorefa), "data": "synthetic" if args.synthetic
+              else os.path.abspath(args.data), "seed": args.seed, "epochs": args.epochs,
+              "steps_per_epoch": steps, "batch": args.batch, "train_images": len(train_flow),
+              "test_images": len(test_flow), "data_format": args.data_format}
+    plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
+    init = None
+    if args.load and not plan.resumed:
+        init = StrictInit(read_weights(args.load), args.load)
+    towers = len(args.gpu.split(",")) if args.gpu else max(available_gpus(), 1)
+    np.random.seed(args.seed)
+    tf.set_random_seed(args.seed)
+    model = SVHNModel(args.dorefa, steps_per_epoch=steps, data_format=args.data_format)
+    callbacks = [InferenceRunner(make_dataflow(test_flow, False, args.batch, 0),
+                                 [ScalarStats("cost"), ClassificationError("wrong-top1", "test-error")])]
+    launch(model, make_dataflow(train_flow, True, args.batch // towers, args.workers), plan, steps,
+           args.epochs, callbacks, select_trainer(towers), session_init=init)
+
+
+def parse_args(argv=None):
+    parser, groups = make_parser(__doc__.splitlines()[0], "1,2,4")
+    groups["data"].add_argument("--synthetic", action="store_true",
+                                help="use the built-in rendered digits instead of --data (nothing to download)")
+    groups["data"].add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                                help="data loading processes for training (0: in the training process)")
+    t = groups["training"]
+    t.add_argument("--epochs", type=int, default=RECIPE_EPOCHS, help="epochs to train")
+    t.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="steps per epoch (default: one pass over the training data)")
+    t.add_argument("--batch", type=int, default=128, help="total batch size")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over even if --logdir holds a finished run (it is moved aside, not deleted)")
+    t.add_argument("--data-format", choices=["channels_last", "channels_first"], default=None,
+                   help="tensor layout (default: channels_first on GPUs, channels_last on the CPU)")
+    groups["model"].add_argument("--export", metavar="OUT.npz",
+                                 help="write the loaded model's variables (no optimizer state) to an .npz")
+    args = check_modes(parser, parser.parse_args(argv))
+    if args.synthetic and args.data:
+        parser.error("--synthetic and --data cannot be combined; choose one data source")
+    needs_data = not (args.run or args.export)
+    if needs_data and not (args.synthetic or args.data):
+        parser.error("give --data SVHN_DIR (with train_32x32.mat and test_32x32.mat) or --synthetic")
+    for flag in ("epochs", "batch", "steps_per_epoch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error("--{} must be a positive integer, got {}".format(flag.replace("_", "-"), value))
+    if args.workers < 0:
+        parser.error("--workers must be >= 0, got {}".format(args.workers))
+    if args.data_format is None:
+        args.data_format = "channels_first" if available_gpus() > 0 else "channels_last"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    try:
+        if args.export or args.run or args.eval:
+            quiet_tensorpack()
+        if args.export:
+            export(args, read_weights(args.load))
+            return 0
+        if args.run or args.eval:
+            with tf.Graph().as_default():
+                predict = build_predictor(args, read_weights(args.load))
+                if args.eval:
+                    evaluate(args, predict)
+                    return 0
+                failed = run_images(args.run, resize_like_test_data, predict, lambda c: {}, k=5,
+                                    as_json=args.json)
+                return 1 if failed else 0
+        with tf.Graph().as_default():
+            train(args)
+        return 0
+    except (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError) as err:
+        print("error: {}".format(err), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

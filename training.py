@@ -1,0 +1,192 @@
+"""Training runs that survive being killed: logdir policy, resume, run record, launch.
+
+A run's logdir holds tensorpack's checkpoints (written every epoch; TensorFlow
+writes a checkpoint's files first and then replaces the small ``checkpoint``
+index file, so the index always names a complete checkpoint), TensorBoard
+events, ``stats.json`` and our ``config.json``.  Started again with the same
+command, a killed run resumes from its last checkpoint: the global step comes
+from the checkpoint and the epoch is derived from it, so the learning-rate
+schedule continues exactly where it was.
+"""
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+from tf_setup import tf
+
+from model_io import latest_checkpoint  # noqa: E402
+
+__all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
+           "select_trainer", "launch", "available_gpus", "quiet_tensorpack"]
+
+
+class TrainingSetupError(RuntimeError):
+    """A training run cannot start as asked (one-line message)."""
+
+
+def write_json_atomic(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions():
+    import numpy
+    import scipy
+    import tensorpack
+    import cv2
+
+    import tensorflow
+
+    return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
+            "tensorpack": tensorpack.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "opencv": cv2.__version__}
+
+
+def checkpoint_step(prefix):
+    """The global step stored in a checkpoint (0 if it has none)."""
+    reader = tf.train.NewCheckpointReader(prefix)
+    for name in ("global_step", "global_step:0"):
+        if reader.has_tensor(name):
+            return int(reader.get_tensor(name))
+    return 0
+
+
+class RunPlan:
+    """Where a run starts: fresh (``checkpoint is None``) or resumed at ``starting_epoch``."""
+
+    def __init__(self, logdir, checkpoint=None, step=0, starting_epoch=1):
+        self.logdir = logdir
+        self.checkpoint = checkpoint
+        self.step = step
+        self.starting_epoch = starting_epoch
+
+    @property
+    def resumed(self):
+        return self.checkpoint is not None
+
+
+def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
+    """Decide how to start a run in ``logdir`` and record ``config`` there.
+
+    * no logdir, or one without a checkpoint: a fresh run;
+    * a logdir with a checkpoint short of ``max_epoch``: resume it, provided
+      the recorded configuration (``config['resume_key']``) is the same;
+    * a finished run: refused unless ``overwrite``, which moves the old logdir
+      aside (``<logdir>.old-<time>``) rather than deleting it.
+    """
+    ckpt = latest_checkpoint(logdir) if os.path.isdir(logdir) else None
+    record_path = os.path.join(logdir, "config.json")
+    if ckpt is not None:
+        step = checkpoint_step(ckpt)
+        done_epochs = step // steps_per_epoch
+        previous = _read_json(record_path)
+        if overwrite:
+            backup = "{}.old-{}".format(logdir.rstrip("/"), datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            shutil.move(logdir, backup)
+            print("[training] --overwrite: moved the previous run to {}".format(backup), file=sys.stderr)
+            ckpt = None
+        elif previous is not None and previous.get("resume_key") != config.get("resume_key"):
+            raise TrainingSetupError(
+                "{} holds a run with a different configuration ({}); this command asks for ({}). Use another "
+                "--logdir, or --overwrite to move the old run aside".format(
+                    logdir, previous.get("resume_key"), config.get("resume_key")))
+        elif step % steps_per_epoch != 0:
+            raise TrainingSetupError(
+                "{}: its last checkpoint is at step {}, which is not a whole number of epochs of {} steps; "
+                "resume with the --steps-per-epoch it was trained with".format(logdir, step, steps_per_epoch))
+        elif done_epochs >= max_epoch:
+            raise TrainingSetupError(
+                "{} holds a finished run ({} of {} epochs, step {}). Pass --overwrite to move it aside and start "
+                "over, a larger --epochs to train further, or another --logdir".format(
+                    logdir, done_epochs, max_epoch, step))
+        else:
+            _trim_stats(logdir, done_epochs)
+            plan = RunPlan(logdir, ckpt, step, done_epochs + 1)
+            resumes = (previous or {}).get("resumed_at", [])
+            record = dict(previous or config)
+            record["resumed_at"] = resumes + [{"step": step, "epoch": done_epochs + 1, "time": _now()}]
+            write_json_atomic(record, record_path)
+            return plan
+    os.makedirs(logdir, exist_ok=True)
+    record = dict(config, started=_now(), command=sys.argv, versions=package_versions())
+    write_json_atomic(record, record_path)
+    return RunPlan(logdir)
+
+
+def _now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _trim_stats(logdir, done_epochs):
+    """Drop stats.json entries of epochs after the checkpoint (a kill can land between the two writes)."""
+    path = os.path.join(logdir, "stats.json")
+    stats = _read_json(path)
+    if isinstance(stats, list):
+        kept = [s for s in stats if int(s.get("epoch_num", 0)) <= done_epochs]
+        if len(kept) != len(stats):
+            write_json_atomic(kept, path)
+
+
+def available_gpus():
+    """Number of GPUs TensorFlow can use (asks TensorFlow, not nvidia-smi, so it is quiet on CPU machines)."""
+    import tensorflow
+
+    return len(tensorflow.config.list_physical_devices("GPU"))
+
+
+def quiet_tensorpack():
+    """Only warnings from tensorpack: for evaluation, inference and export, whose output users read."""
+    import logging
+
+    logging.getLogger("tensorpack").setLevel(logging.WARNING)
+
+
+def select_trainer(num_towers):
+    """tensorpack's synchronous replicated trainer for several towers, else a simple one."""
+    from tensorpack import SimpleTrainer, SyncMultiGPUTrainerReplicated
+
+    if num_towers <= 1:
+        return SimpleTrainer()
+    return SyncMultiGPUTrainerReplicated(num_towers)
+
+
+def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer, session_init=None,
+           extra_monitors=()):
+    """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so."""
+    from tensorpack import (JSONWriter, ModelSaver, QueueInput, SaverRestore, ScalarPrinter, TFEventWriter,
+                            TrainConfig, launch_train_with_config, logger)
+
+    logger.set_logger_dir(plan.logdir, action="k")
+    if plan.resumed:
+        logger.info("Resuming {} from {} (step {}, starting at epoch {})".format(
+            plan.logdir, plan.checkpoint, plan.step, plan.starting_epoch))
+        session_init = SaverRestore(plan.checkpoint)
+    config = TrainConfig(
+        model=model,
+        data=QueueInput(dataflow),
+        callbacks=[ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] + list(callbacks),
+        monitors=[TFEventWriter(), JSONWriter(), ScalarPrinter()] + list(extra_monitors),
+        steps_per_epoch=steps_per_epoch,
+        max_epoch=max_epoch,
+        starting_epoch=plan.starting_epoch,
+        session_init=session_init,
+    )
+    launch_train_with_config(config, trainer)
