@@ -26,7 +26,7 @@ from inference import batches, count_errors, run_images  # noqa: E402
 from model_io import ModelLoadError, StrictInit, check_weights, expected_variables, read_weights, save_npz  # noqa
 from svhn_data import SVHNDataError, SyntheticDigits, load_svhn  # noqa: E402
 from training import (TrainingSetupError, available_gpus, launch, plan_run, quiet_tensorpack,  # noqa: E402
-                      select_trainer)
+                      select_trainer, session_config)
 
 from tensorpack import (BatchNorm, ClassificationError, Conv2D, Dropout, FullyConnected,  # noqa: E402
                         InferenceRunner, MaxPooling, ModelDesc, ScalarStats, argscope)
@@ -161,9 +161,11 @@ def make_dataflow(flow, train, batch, workers):
 # ------------------------------------------------------------------ modes
 def build_predictor(args, weights):
     from tensorpack import OfflinePredictor, PredictConfig
+    from tensorpack.tfutils.sesscreate import NewSessionCreator
 
     config = PredictConfig(model=SVHNModel(args.dorefa, data_format=args.data_format),
                            session_init=StrictInit(weights, args.load),
+                           session_creator=NewSessionCreator(config=session_config()),
                            input_names=["input"], output_names=["output"])
     predictor = OfflinePredictor(config)
     return lambda batch: predictor(batch)[0]

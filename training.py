@@ -21,7 +21,7 @@ from tf_setup import tf
 from model_io import latest_checkpoint  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
-           "select_trainer", "launch", "available_gpus", "quiet_tensorpack"]
+           "select_trainer", "launch", "session_config", "available_gpus", "quiet_tensorpack"]
 
 
 class TrainingSetupError(RuntimeError):
@@ -159,6 +159,22 @@ def quiet_tensorpack():
     logging.getLogger("tensorpack").setLevel(logging.WARNING)
 
 
+def session_config():
+    """tensorpack's session settings, with CPU threads that fit the machine.
+
+    tensorpack runs every op on a single thread (``intra_op_parallelism_threads
+    = 1``), tuned for GPU servers whose CPU only feeds data; on a CPU-only
+    machine that leaves all but one core idle during each convolution.
+    """
+    from tensorpack.tfutils import get_default_sess_config
+
+    config = get_default_sess_config()
+    if available_gpus() == 0:
+        config.intra_op_parallelism_threads = os.cpu_count() or 1
+        config.inter_op_parallelism_threads = 1
+    return config
+
+
 def select_trainer(num_towers):
     """tensorpack's synchronous replicated trainer for several towers, else a simple one."""
     from tensorpack import SimpleTrainer, SyncMultiGPUTrainerReplicated
@@ -188,5 +204,6 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
         max_epoch=max_epoch,
         starting_epoch=plan.starting_epoch,
         session_init=session_init,
+        session_config=session_config(),
     )
     launch_train_with_config(config, trainer)
