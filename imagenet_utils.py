@@ -35,6 +35,7 @@ from tensorpack.models import regularize_cost  # noqa: E402
 from tensorpack.utils.utils import get_rng  # noqa: E402
 
 from dorefa import check_bits  # noqa: E402
+from image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
@@ -42,6 +43,7 @@ __all__ = [
     "load_class_names", "read_image", "resize_shorter_side", "center_crop", "preprocess_image", "load_image",
     "RandomSizedCrop", "fbresnet_augmentor", "list_imagenet_files", "get_imagenet_dataflow", "fake_dataflow",
     "ImageNetModel", "build_inference_graph", "TopKError", "evaluate_topk", "topk_wrong", "normalize_data_format",
+    "IMAGE_EXTENSIONS", "default_parallelism",
 ]
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +65,6 @@ _WNID = re.compile(r"n\d{8}\Z")
 
 class ClassNamesError(ValueError):
     """The class-name list is missing or malformed (one-line message naming the file)."""
-
-
-class ImageReadError(ValueError):
-    """An image file cannot be read or decoded (one-line message naming the file)."""
 
 
 class ImageNetDataError(ValueError):
@@ -120,25 +118,12 @@ def read_image(path):
     """Decode an image file by its content (JPEG, PNG, ... whatever its extension) as BGR uint8 HxWx3.
 
     Grayscale images are expanded to three channels and an alpha channel is
-    dropped (``cv2.IMREAD_COLOR``).  Raises :class:`ImageReadError` naming the
-    file when it cannot be read or decoded.
+    dropped.  Raises :class:`ImageReadError` naming the file when it cannot be
+    read or decoded.  This is :func:`image_io.read_image_bgr`, the decoder
+    ``--run`` uses, so that training, evaluation and single images are decoded
+    the same way and raise the same exception class.
     """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ImageReadError("cannot read image {}: {}".format(path, err.strerror or err)) from None
-    if not data:
-        raise ImageReadError("cannot decode image {}: the file is empty".format(path))
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        image = None  # OpenCV raises instead of returning None for some corrupt headers
-    if image is None or image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ImageReadError("cannot decode image {}: not an image format OpenCV reads (JPEG, PNG, ...) "
-                             "or a corrupt file".format(path))
-    return image
+    return read_image_bgr(path)
 
 
 def resize_shorter_side(image, size=RESIZE_SHORTER, interpolation=cv2.INTER_CUBIC):
@@ -517,7 +502,7 @@ def fake_dataflow(batch_size, image_size=IMAGE_SIZE, size=100, dtype="uint8", nu
 # the model base class
 
 def normalize_data_format(data_format):
-    """``'channels_first'``/``'NCHW'`` -> ``'channels_first'``; ``'channels_last'``/``'NHWC'`` -> ``'channels_last'``."""
+    """Accept ``'channels_first'``/``'NCHW'`` or ``'channels_last'``/``'NHWC'``; return the ``channels_*`` name."""
     value = {"nchw": "channels_first", "channels_first": "channels_first",
              "nhwc": "channels_last", "channels_last": "channels_last"}.get(str(data_format).lower())
     if value is None:
@@ -592,7 +577,11 @@ class ImageNetModel(ModelDesc):
             return image / tf.constant(np.asarray(self.image_std, dtype=np.float32))
 
     def quantize_weight(self, fw):
-        """A ``remap_variables`` function: ``fw`` on every variable named ``.../W`` except the first and last layer's."""
+        """A ``remap_variables`` function applying ``fw`` to every variable whose name ends in ``W``.
+
+        Variables of the first and last layer (``first_layer`` / ``last_layer``
+        anywhere in the name's scopes) are left in full precision.
+        """
         skip = {self.first_layer, self.last_layer}
 
         def remap(v):

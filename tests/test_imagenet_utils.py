@@ -73,8 +73,8 @@ def test_grayscale_becomes_three_channels(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"this is not an image", "cannot decode image"), (b"", "the file is empty"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "cannot decode image"), (None, "cannot read image")])
+    (b"this is not an image", "not a decodable image"), (b"", "empty file"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a decodable image"), (None, "cannot read file")])
 def test_unreadable_image_error(tmp_path, content, message):
     path = tmp_path / "broken.jpg"
     if content is not None:
@@ -84,6 +84,9 @@ def test_unreadable_image_error(tmp_path, content, message):
     text = str(exc.value)
     assert message in text and str(path) in text and "\n" not in text
     assert isinstance(exc.value, ValueError)
+    from image_io import ImageReadError
+
+    assert iu.ImageReadError is ImageReadError  # the class --run catches
 
 
 # ---------------------------------------------------------------- preprocessing
