@@ -1,5 +1,4 @@
 """Shared test helpers: import the project from the repository root and load its hyphenated scripts."""
-import importlib.util
 import os
 import sys
 
@@ -11,20 +10,7 @@ if ROOT not in sys.path:
 
 import tf_setup  # noqa: E402,F401  (prepares TensorFlow before any test imports it)
 
-_scripts = {}
-
-
-def load_script(filename):
-    """Import a top-level script such as ``svhn-digit-dorefa.py`` as a module (once per session)."""
-    if filename not in _scripts:
-        path = os.path.join(ROOT, filename)
-        name = os.path.splitext(filename)[0].replace("-", "_")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _scripts[filename] = module
-    return _scripts[filename]
+from script_loader import load_script  # noqa: E402,F401  (the one loader of hyphenated scripts)
 
 
 @pytest.fixture
