@@ -46,11 +46,19 @@ def dorefa_bits(text):
         raise argparse.ArgumentTypeError("{} in {!r}".format(err, text)) from None
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to each flag's help, unless the help already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "(default:" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
-def make_parser(description, default_dorefa, epilog=None):
+def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_log/<model>-dorefa-W,A,G"):
     """Build the shared parser.
 
     Returns ``(parser, groups)`` where ``groups`` maps ``'quantization'``,
@@ -70,7 +78,8 @@ def make_parser(description, default_dorefa, epilog=None):
              "W = 't' selects TTQ (with A = G = 32)")
     groups["data"].add_argument("--data", metavar="DIR", help="dataset directory")
     groups["training"].add_argument("--logdir", metavar="DIR",
-                                    help="where checkpoints and logs go (default: derived from the model and bits)")
+                                    help="where checkpoints and logs go; a killed run started again with the same "
+                                         "command resumes there (default: {})".format(logdir_pattern))
     groups["training"].add_argument("--seed", type=int, default=0, help="random seed")
     groups["training"].add_argument("--gpu", metavar="IDS",
                                     help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")

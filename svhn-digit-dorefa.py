@@ -38,6 +38,7 @@ IMAGE_SIZE = 40
 RECIPE_EPOCHS = 200
 RECIPE_STEPS_PER_EPOCH = 4721   # one pass over train + extra at batch 128
 LR_HALVING_EPOCHS = 100
+LOGDIR_PATTERN = "train_log/svhn-dorefa-W,A,G"
 
 
 class SVHNModel(ModelDesc):
@@ -198,7 +199,7 @@ def train(args):
     train_flow = source_flow(args, "train")
     test_flow = source_flow(args, "test")
     steps = args.steps_per_epoch or max(len(train_flow) // args.batch, 1)
-    logdir = args.logdir or os.path.join("train_log", "svhn-dorefa-{}".format(args.dorefa))
+    logdir = args.logdir or LOGDIR_PATTERN.replace("W,A,G", str(args.dorefa))
     config = {"resume_key": {"model": "svhn", "dorefa": str(args.dorefa), "batch": args.batch,
                              "steps_per_epoch": steps},
               "model": "svhn-digit", "dorefa": str(args.dorefa), "data": "synthetic" if args.synthetic
@@ -220,7 +221,7 @@ def train(args):
 
 
 def parse_args(argv=None):
-    parser, groups = make_parser(__doc__.splitlines()[0], "1,2,4")
+    parser, groups = make_parser(__doc__.splitlines()[0], "1,2,4", logdir_pattern=LOGDIR_PATTERN)
     groups["data"].add_argument("--synthetic", action="store_true",
                                 help="use the built-in rendered digits instead of --data (nothing to download)")
     groups["data"].add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
