@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Training and inference speed, input-pipeline speed and peak memory, per model and bit widths.
+
+    python bench/train_speed.py                              # SVHN, AlexNet, ResNet-18; default bits
+    python bench/train_speed.py --models svhn --steps 20 --repeats 7
+    python bench/train_speed.py --models alexnet --bits 32,32,32 1,2,6 --batch 32
+
+Each (model, bits) runs in its own process (so peak memory is its own): a
+training step on in-graph random data (no feeding), inference at batch 1 and
+at the training batch, medians of ``--repeats`` timings of ``--steps`` steps
+after warm-up steps; start-up and graph building are excluded.  The ratio
+column is each training rate against 32,32,32 of the same model measured in
+the same command.  The dataflow rows time the real input pipelines alone
+(SVHN built-in digits with their training augmentation and workers; ImageNet
+validation decoding of generated JPEGs).  Prints a markdown table and the
+machine.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {
+    # name: (script, default bits, training batch, image size)
+    "svhn": ("svhn-digit-dorefa.py", ["32,32,32", "1,2,4", "1,1,32", "8,8,8", "t,32,32"], 128, 40),
+    "alexnet": ("alexnet-dorefa.py", ["32,32,32", "1,2,6", "1,1,32", "8,8,8", "t,32,32"], 32, 224),
+    "resnet": ("resnet-dorefa.py", ["32,32,32", "1,4,32", "1,1,32", "8,8,8", "t,32,32"], 32, 224),
+}
+
+
+# ------------------------------------------------------------------ one measurement (child process)
+def _timed(run, steps, repeats, warmup):
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def _build_model(name, bits, data_format):
+    from script_loader import load_script
+
+    script = load_script(MODELS[name][0])
+    if name == "svhn":
+        return script.SVHNModel(bits, data_format=data_format)
+    cls = script.AlexNetModel if name == "alexnet" else script.ResNet18Model
+    return cls(bits, data_format, MODELS[name][3])
+
+
+def measure(name, bits_text, batch, steps, repeats, data_format):
+    import numpy as np
+
+    import tf_setup  # noqa: F401
+    from cli import dorefa_bits
+    from tensorpack.tfutils.tower import TowerContext
+    from tf_setup import tf
+    from training import session_config
+
+    bits = tuple(dorefa_bits(bits_text))
+    result = {"model": name, "bits": bits_text, "batch": batch}
+
+    def random_inputs(model, n):
+        image_spec, label_spec = model.inputs()
+        shape = [n] + image_spec.shape.as_list()[1:]
+        image = tf.cast(tf.random.uniform(shape, 0, 255), image_spec.dtype)
+        label = tf.random.uniform([n], 0, 10, dtype=tf.int32)
+        # held in variables, so that the timed steps measure the network, not the random generator
+        image = tf.get_variable("bench_image", initializer=image, trainable=False,
+                                collections=[tf.GraphKeys.LOCAL_VARIABLES])
+        label = tf.get_variable("bench_label", initializer=label, trainable=False,
+                                collections=[tf.GraphKeys.LOCAL_VARIABLES])
+        return image, label
+
+    with tf.Graph().as_default():
+        model = _build_model(name, bits, data_format)
+        image, label = random_inputs(model, batch)
+        with TowerContext("", is_training=True):
+            cost = model.build_graph(image, label)
+        step = model.optimizer().minimize(cost, global_step=tf.train.get_or_create_global_step())
+        step = tf.group(step, *tf.get_collection(tf.GraphKeys.UPDATE_OPS))
+        with tf.Session(config=session_config()) as sess:
+            sess.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
+            result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=3)
+    result["train_img_s"] = batch / result["train_step_s"]
+
+    for infer_batch in (1, batch):
+        with tf.Graph().as_default():
+            model = _build_model(name, bits, data_format)
+            image, label = random_inputs(model, infer_batch)
+            with TowerContext("", is_training=False):
+                model.build_graph(image, label)
+            output = tf.get_default_graph().get_tensor_by_name("output:0")
+            with tf.Session(config=session_config()) as sess:
+                sess.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
+                # batch 1 steps are short: time more of them
+                n = steps * (8 if infer_batch == 1 else 1)
+                seconds = _timed(lambda: sess.run(output.op), n, repeats, warmup=3)
+        result["infer_img_s_b{}".format("1" if infer_batch == 1 else "N")] = infer_batch / seconds
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    np.random.seed(0)
+    return result
+
+
+def measure_svhn_dataflow(batch, workers, batches, repeats):
+    import tf_setup  # noqa: F401
+    from script_loader import load_script
+
+    svhn = load_script("svhn-digit-dorefa.py")
+    source = argparse.Namespace(synthetic=True, data=None, seed=0)
+    df = svhn.make_dataflow(svhn.source_flow(source, "train"), True, batch, workers)
+    df.reset_state()
+    it = iter(df)
+    rate = batch / _timed(lambda: next(it), batches, repeats, warmup=3)
+    return {"what": "svhn dataflow ({} workers)".format(workers), "img_s": rate,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def measure_imagenet_decoding(batch, batches, repeats):
+    import cv2
+    import numpy as np
+
+    import tf_setup  # noqa: F401
+    import imagenet_utils
+
+    names = imagenet_utils.load_class_names()
+    rng = np.random.RandomState(0)
+    with tempfile.TemporaryDirectory() as root:
+        # a realistic size and JPEG quality: ImageNet validation images are ~500x375
+        for wnid, _ in names[:4]:
+            os.makedirs(os.path.join(root, "val", wnid))
+            for i in range(batch // 4 + 1):
+                image = cv2.GaussianBlur(rng.randint(0, 256, (375, 500, 3)).astype(np.uint8), (7, 7), 2)
+                cv2.imwrite(os.path.join(root, "val", wnid, "{}.JPEG".format(i)), image,
+                            [cv2.IMWRITE_JPEG_QUALITY, 90])
+        df = imagenet_utils.get_imagenet_dataflow(root, "val", batch)
+        df.reset_state()
+
+        def one_pass():
+            for _ in df:
+                pass
+
+        seconds = _timed(one_pass, 1, repeats, warmup=1)
+        count = sum(len(b[1]) for b in df)
+    return {"what": "imagenet val decoding ({} threads)".format(imagenet_utils.default_parallelism()),
+            "img_s": count / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+# ------------------------------------------------------------------ the driver
+def _child(args_list):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child"] + args_list
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError("benchmark child {} failed:\n{}".format(" ".join(args_list), proc.stderr[-3000:]))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import tf_setup  # noqa: F401  (quiet TensorFlow import)
+    import tensorflow
+
+    return "{}; {} cores; TensorFlow {}; Python {}".format(cpu, os.cpu_count(), tensorflow.__version__,
+                                                          platform.python_version())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", default="svhn,alexnet,resnet", help="comma-separated: svhn, alexnet, resnet")
+    parser.add_argument("--bits", nargs="+", help="bit settings (default: per model, see MODELS)")
+    parser.add_argument("--batch", type=int, help="training batch (default: svhn 128, others 32)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per figure (the median is reported)")
+    parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"])
+    parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        kind = args.child[0]
+        if kind == "model":
+            _, name, bits, batch, steps, repeats, fmt = args.child
+            out = measure(name, bits, int(batch), int(steps), int(repeats), fmt)
+        elif kind == "svhn-dataflow":
+            out = measure_svhn_dataflow(int(args.child[1]), int(args.child[2]), int(args.child[3]),
+                                        int(args.child[4]))
+        else:
+            out = measure_imagenet_decoding(int(args.child[1]), 1, int(args.child[2]))
+        print(json.dumps(out))
+        return 0
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error("--models: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(MODELS)))
+    print("machine: {}\n".format(machine()))
+    print("| model | bits | batch | train img/s | vs 32,32,32 | infer img/s (b=1) | infer img/s (b=batch) "
+          "| peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    train_rates = {}
+    for name in models:
+        bits_list = args.bits or MODELS[name][1]
+        batch = args.batch or MODELS[name][2]
+        base = None
+        for bits in bits_list:
+            r = _child(["model", name, bits, str(batch), str(args.steps), str(args.repeats), args.data_format])
+            if bits == "32,32,32":
+                base = r["train_img_s"]
+            train_rates[name, bits] = r["train_img_s"]
+            ratio = "{:.2f}x".format(base / r["train_img_s"]) if base else "-"
+            print("| {} | {} | {} | {:.1f} | {} | {:.1f} | {:.1f} | {:.0f} |".format(
+                name, bits, batch, r["train_img_s"], ratio, r["infer_img_s_b1"], r["infer_img_s_bN"],
+                r["peak_rss_mb"]), flush=True)
+    print("\n'vs 32,32,32' is the time of a training step relative to the same model at 32,32,32.\n")
+    print("| input pipeline | img/s | consumer img/s | ratio | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    if "svhn" in models:
+        batch = args.batch or MODELS["svhn"][2]
+        d = _child(["svhn-dataflow", str(batch), str(args.workers), str(10), str(args.repeats)])
+        fastest = max(v for (m, _), v in train_rates.items() if m == "svhn")
+        print("| {} | {:.0f} | {:.0f} (fastest SVHN training) | {:.2f}x | {:.0f} |".format(
+            d["what"], d["img_s"], fastest, d["img_s"] / fastest, d["peak_rss_mb"]))
+    if "alexnet" in models or "resnet" in models:
+        d = _child(["imagenet-decoding", "128", str(max(1, args.repeats // 2))])
+        print("| {} | {:.0f} | - | - | {:.0f} |".format(d["what"], d["img_s"], d["peak_rss_mb"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
