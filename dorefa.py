@@ -80,9 +80,10 @@ def quantize(x, k):
 
 
 def _binary_weights(x):
-    # E is a constant for the gradient (stop-gradient), and the sign's
-    # gradient is passed straight through unscaled, as in the original.
-    E = tf.stop_gradient(tf.reduce_mean(tf.abs(x)))
+    # The custom gradient below replaces the whole derivative of sign(W) * E by
+    # dy: E is a constant for the gradient and the sign's gradient is passed
+    # straight through unscaled, as in the implementation of the published models.
+    E = tf.reduce_mean(tf.abs(x))
 
     @tf.custom_gradient
     def _sign_times_E(v):
