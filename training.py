@@ -159,19 +159,24 @@ def quiet_tensorpack():
     logging.getLogger("tensorpack").setLevel(logging.WARNING)
 
 
-def session_config():
+def session_config(num_towers=1):
     """tensorpack's session settings, with CPU threads that fit the machine.
 
     tensorpack runs every op on a single thread (``intra_op_parallelism_threads
     = 1``), tuned for GPU servers whose CPU only feeds data; on a CPU-only
     machine that leaves all but one core idle during each convolution.
+
+    With several towers (``num_towers > 1``) the inter-op pool gets two
+    threads: the multi-tower trainers stage their inputs through blocking ops,
+    and with a single thread the first step never finishes (seen with 2 towers
+    on TensorFlow 2.21; 2 and 3 towers run with two threads).
     """
     from tensorpack.tfutils import get_default_sess_config
 
     config = get_default_sess_config()
     if available_gpus() == 0:
         config.intra_op_parallelism_threads = os.cpu_count() or 1
-        config.inter_op_parallelism_threads = 1
+        config.inter_op_parallelism_threads = 2 if num_towers > 1 else 1
     return config
 
 
@@ -204,6 +209,6 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
         max_epoch=max_epoch,
         starting_epoch=plan.starting_epoch,
         session_init=session_init,
-        session_config=session_config(),
+        session_config=session_config(len(getattr(trainer, "devices", None) or [0])),
     )
     launch_train_with_config(config, trainer)
