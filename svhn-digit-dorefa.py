@@ -24,7 +24,7 @@ from dorefa import get_dorefa  # noqa: E402
 from image_io import ImageReadError  # noqa: E402
 from inference import batches, count_errors, run_images  # noqa: E402
 from model_io import ModelLoadError, StrictInit, check_weights, expected_variables, read_weights, save_npz  # noqa
-from svhn_data import SVHNDataError, SyntheticDigits, load_svhn  # noqa: E402
+from svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
 from training import (TrainingSetupError, available_gpus, launch, plan_run, quiet_tensorpack,  # noqa: E402
                       select_trainer, session_config)
 
@@ -139,11 +139,11 @@ class ArrayFlow:
 
 def source_flow(args, split):
     """The raw ``[image uint8 32x32x3, label]`` flow of ``split`` from --data or --synthetic."""
-    train = split == "train"
     if args.synthetic:
-        return SyntheticDigits(split, seed=args.seed, shuffle=train)
-    images, labels = load_svhn(args.data, split)
-    return ArrayFlow(images, labels, shuffle=train, seed=args.seed)
+        images, labels = synthetic_digits(split, seed=args.seed)
+    else:
+        images, labels = load_svhn(args.data, split)
+    return ArrayFlow(images, labels, shuffle=split == "train", seed=args.seed)
 
 
 def make_dataflow(flow, train, batch, workers):
@@ -176,10 +176,7 @@ def evaluate(args, predict):
     from tqdm import tqdm
 
     flow = source_flow(args, "test")
-    if isinstance(flow, SyntheticDigits):
-        images, labels = flow.arrays()
-    else:
-        images, labels = flow.images, flow.labels
+    images, labels = flow.images, flow.labels
     wrong = 0
     with tqdm(total=len(labels), desc="evaluating", unit="img", file=sys.stderr, leave=False) as bar:
         for x, y in batches(images, labels, args.batch):

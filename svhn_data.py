@@ -10,7 +10,7 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["SVHN_URL", "SVHNDataError", "load_svhn_mat", "load_svhn", "render_digit", "SyntheticDigits"]
+__all__ = ["SVHN_URL", "SVHNDataError", "load_svhn_mat", "load_svhn", "render_digit", "synthetic_digits"]
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
@@ -142,41 +142,38 @@ def render_digit(seed, part, index):
     return _render_one(rng, label), label
 
 
-class SyntheticDigits:
-    """The built-in digits of one split as a tensorpack-style DataFlow of ``[image, label]``.
+TRAIN_SIZE = 20480
+TEST_SIZE = 2048
 
-    Train and test are drawn from disjoint random streams (``part`` 0 and 1 of
-    the seed).  Iterating renders on the fly; with ``shuffle`` the order of
-    the (fixed) images changes every epoch.
+
+def _render_range(job):
+    seed, part, start, stop = job
+    cv2.setNumThreads(1)  # one process per core already; no nested thread pools
+    pairs = [render_digit(seed, part, i) for i in range(start, stop)]
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+
+
+def synthetic_digits(split, seed=0, size=None, workers=None):
+    """The built-in digits of ``split`` (``'train'`` or ``'test'``) as ``(uint8 N x 32 x 32 x 3, int32 N)``.
+
+    Train and test come from disjoint random streams (``part`` 0 and 1 of the
+    seed); image ``i`` is always the same for a seed.  The set is rendered once,
+    in ``workers`` processes (default: one per core), and then augmented in
+    memory like the real data, so rendering never slows training down.
     """
+    if split not in ("train", "test"):
+        raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
+    part = 0 if split == "train" else 1
+    size = int(size if size is not None else (TRAIN_SIZE if split == "train" else TEST_SIZE))
+    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    step = 512
+    jobs = [(int(seed), part, start, min(start + step, size)) for start in range(0, size, step)]
+    if workers == 1 or len(jobs) == 1:
+        parts = [_render_range(job) for job in jobs]
+    else:
+        import multiprocessing
 
-    TRAIN_SIZE = 20480
-    TEST_SIZE = 2048
-
-    def __init__(self, split, seed=0, size=None, shuffle=False):
-        if split not in ("train", "test"):
-            raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
-        self.part = 0 if split == "train" else 1
-        self.seed = int(seed)
-        self.size = int(size if size is not None else
-                        (self.TRAIN_SIZE if split == "train" else self.TEST_SIZE))
-        self.shuffle = shuffle
-        self._order_rng = np.random.RandomState(self.seed)
-
-    def __len__(self):
-        return self.size
-
-    def reset_state(self):
-        # called in each worker process: give each its own shuffling stream
-        self._order_rng = np.random.RandomState((self.seed + os.getpid()) % 2 ** 32)
-
-    def __iter__(self):
-        order = self._order_rng.permutation(self.size) if self.shuffle else range(self.size)
-        for i in order:
-            image, label = render_digit(self.seed, self.part, i)
-            yield [image, np.int32(label)]
-
-    def arrays(self):
-        """All images and labels as ``(uint8 N x 32 x 32 x 3, int32 N)``, in index order."""
-        pairs = [render_digit(self.seed, self.part, i) for i in range(self.size)]
-        return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+        # fork: the children only need this module's functions, and start instantly
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_range, jobs)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
