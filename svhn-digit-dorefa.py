@@ -244,6 +244,8 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error("--{} must be a positive integer, got {}".format(flag.replace("_", "-"), value))
+    if args.gpu and args.batch % len(args.gpu.split(",")):
+        parser.error("--batch {} must be divisible by the number of GPUs in --gpu {}".format(args.batch, args.gpu))
     if args.workers < 0:
         parser.error("--workers must be >= 0, got {}".format(args.workers))
     if args.data_format is None:
@@ -276,6 +278,9 @@ def main(argv=None):
     except (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError) as err:
         print("error: {}".format(err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
             plan = RunPlan(logdir, ckpt, step, done_epochs + 1)
             resumes = (previous or {}).get("resumed_at", [])
             record = dict(previous or config)
-            record["resumed_at"] = resumes + [{"step": step, "epoch": done_epochs + 1, "time": _now()}]
+            record["resumed_at"] = resumes + [{"step": step, "epoch": done_epochs + 1, "epochs": max_epoch,
+                                               "time": _now()}]
             write_json_atomic(record, record_path)
             return plan
     os.makedirs(logdir, exist_ok=True)
