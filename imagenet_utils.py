@@ -15,6 +15,7 @@ project does.
 """
 import argparse
 import collections
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -849,11 +850,35 @@ def _build_predictor(model, weights, source):
     from tensorpack import OfflinePredictor, PredictConfig
     from tensorpack.tfutils.sesscreate import NewSessionCreator
 
-    config = PredictConfig(model=model, session_init=StrictInit(weights, source),
-                           session_creator=NewSessionCreator(config=session_config()),
+    # Given a config, NewSessionCreator warns (on stdout) about GPU options set too late; this
+    # config sets none, so it replaces the default config instead of being passed in.
+    creator = NewSessionCreator()
+    creator.config = session_config()
+    config = PredictConfig(model=model, session_init=StrictInit(weights, source), session_creator=creator,
                            input_names=["input"], output_names=["output"])
     predictor = OfflinePredictor(config)
     return lambda images: predictor(images)[0]
+
+
+@contextlib.contextmanager
+def _results_only_on_stdout():
+    """While inside: tensorpack logs only warnings, and to stderr.
+
+    tensorpack logs to stdout, where ``--run --json`` and ``--eval`` print
+    results that other programs parse.  The streams are restored on exit, so
+    that a caller (a test, a notebook) keeps its own logging setup.
+    """
+    import logging
+
+    quiet_tensorpack()
+    moved = [handler for handler in logging.getLogger("tensorpack").handlers
+             if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr]  # not FileHandlers
+    previous = [handler.setStream(sys.stderr) for handler in moved]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(moved, previous):
+            handler.setStream(stream)
 
 
 def _evaluate(model, args):
@@ -1002,18 +1027,20 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     _resolve_devices(parser, model_class, args)
     model = model_class(args.dorefa, args.data_format, args.image_size)
     try:
-        if not args.training:
-            quiet_tensorpack()
-        if args.export:
-            return _export(model, args)
-        with tf.Graph().as_default():
-            if args.eval:
-                return _evaluate(model, args)
-            if args.run:
-                return _run(model, args)
-            return _train(model, args)
+        if args.training:
+            with tf.Graph().as_default():
+                return _train(model, args)
+        with _results_only_on_stdout():
+            if args.export:
+                return _export(model, args)
+            with tf.Graph().as_default():
+                return _evaluate(model, args) if args.eval else _run(model, args)
     except (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError) as err:
         print("error: {}".format(err), file=sys.stderr)
     except OSError as err:  # e.g. an unwritable --logdir or --export path
         print("error: {}".format(_one_line_os_error(err)), file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted{}".format("; run the same command again to resume from the last checkpoint"
+                                     if args.training else ""), file=sys.stderr)
+        return 130
     return 2
