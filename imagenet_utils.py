@@ -729,7 +729,8 @@ def evaluate_topk(predict, dataflow, total=None, progress=True):
 ILSVRC12_TRAIN_IMAGES = 1281167
 #: Batches of random images validated per epoch by ``--fake`` training and evaluated by ``--eval --fake``.
 FAKE_EVAL_BATCHES = 2
-#: Distinct random batches a ``--fake`` training flow cycles through (speed, not learning, is measured).
+#: Batches in one pass of a ``--fake`` training flow (it repeats a single random batch: it measures speed,
+#: not learning; the trainer re-iterates it).
 FAKE_TRAIN_BATCHES = 16
 TRAINERS = ("replicated", "horovod")
 
