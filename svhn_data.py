@@ -147,8 +147,10 @@ TEST_SIZE = 2048
 
 
 def _render_range(job):
+    # Runs in a forked child.  It must not touch OpenCV's thread pool (e.g.
+    # cv2.setNumThreads): the pool's threads do not survive the fork and the
+    # call deadlocks; the 32-64 px images here never use it anyway.
     seed, part, start, stop = job
-    cv2.setNumThreads(1)  # one process per core already; no nested thread pools
     pairs = [render_digit(seed, part, i) for i in range(start, stop)]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
 
