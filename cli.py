@@ -5,11 +5,12 @@ argument groups, parses, and then calls :func:`check_modes` so that the same
 conflicts are refused the same way everywhere.
 """
 import argparse
+import sys
 from typing import NamedTuple, Union
 
 from dorefa import TERNARY, check_bits
 
-__all__ = ["Bits", "dorefa_bits", "make_parser", "check_modes"]
+__all__ = ["Bits", "dorefa_bits", "make_parser", "check_modes", "run_reporting_errors"]
 
 
 class Bits(NamedTuple):
@@ -105,3 +106,29 @@ def check_modes(parser, args):
     if args.json and not args.run:
         parser.error("--json only applies to --run")
     return args
+
+
+def _one_line_os_error(err):
+    where = " ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return "{}: {}".format(where, err.strerror) if where and err.strerror else str(err)
+
+
+def run_reporting_errors(action, expected_errors, training):
+    """Run ``action()`` and turn the errors users cause into one line on stderr and an exit status.
+
+    ``expected_errors``: exception types whose message is already a complete
+    one-line explanation (bad file, bad directory, mismatched weights...).
+    Returns ``action()``'s status, 2 for those errors and ``OSError`` (e.g. an
+    unwritable path), 130 for Ctrl-C (with how to resume when ``training``).
+    """
+    try:
+        return action()
+    except tuple(expected_errors) as err:
+        print("error: {}".format(err), file=sys.stderr)
+    except OSError as err:
+        print("error: {}".format(_one_line_os_error(err)), file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted{}".format("; run the same command again to resume from the last checkpoint"
+                                     if training else ""), file=sys.stderr)
+        return 130
+    return 2

@@ -8,44 +8,41 @@
 * ILSVRC12 dataflows (``DIR/train/<wnid>/*``, ``DIR/val/...``) and fake data:
   :func:`get_imagenet_dataflow`, :func:`fake_dataflow`;
 * the tensorpack ``ModelDesc`` base class of both models: :class:`ImageNetModel`;
-* top-1 / top-5 evaluation of a predictor over a whole dataflow: :func:`evaluate_topk`.
+* the command line of both scripts (train, ``--eval``, ``--run``, ``--export``): :func:`imagenet_main`.
 
 Import order: this module imports :mod:`tf_setup` first, as every module of the
 project does.
 """
 import argparse
 import collections
-import contextlib
 import functools
 import multiprocessing
 import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 from tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import tqdm  # noqa: E402
 from tensorpack import ModelDesc  # noqa: E402
 from tensorpack.dataflow import (  # noqa: E402
     BatchData, DataFlow, FakeData, MapData, MultiProcessRunnerZMQ, ProxyDataFlow, imgaug)
 from tensorpack.dataflow.imgaug.transform import CropTransform, ResizeTransform, TransformList  # noqa: E402
 from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
-from tensorpack.tfutils.tower import TowerContext  # noqa: E402
 from tensorpack.models import regularize_cost  # noqa: E402
 from tensorpack.utils.utils import get_rng  # noqa: E402
 
 import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
 from image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
-from inference import run_images  # noqa: E402
-from model_io import (ModelLoadError, StrictInit, check_weights, expected_variables, latest_checkpoint,  # noqa: E402
-                      read_weights, save_npz)
+from inference import (TopKError, evaluate_topk, make_predictor, results_only_on_stdout,  # noqa: E402,F401
+                       run_images, topk_wrong)
+from model_io import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
+                      latest_checkpoint, read_weights)
 from training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
-                      quiet_tensorpack, select_trainer, session_config)
+                      select_trainer)
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
@@ -655,73 +652,6 @@ class ImageNetModel(ModelDesc):
         return tf.train.MomentumOptimizer(self.learning_rate(), 0.9, use_nesterov=True)
 
 
-def build_inference_graph(model):
-    """Build ``model`` for inference (batch norm uses its EMA) in the current graph.
-
-    Returns the ``input`` and ``label`` placeholders; the softmax is ``output:0``.
-    """
-    placeholders = [tf.placeholder(spec.dtype, spec.shape, spec.name) for spec in model.inputs()]
-    with TowerContext("", is_training=False):
-        model.build_graph(*placeholders)
-    return placeholders
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-class TopKError(NamedTuple):
-    """Error rates over a whole set: ``top1``, ``top5`` in [0, 1] and the number of images ``count``."""
-
-    top1: float
-    top5: float
-    count: int
-
-
-def topk_wrong(probs, labels, k):
-    """Per-sample bool: the label is not among the ``k`` highest scores.
-
-    Same rule as ``tf.nn.in_top_k``: ties at the boundary count as in the top k
-    (wrong only if at least ``k`` classes score strictly higher); a non-finite
-    score for the label is wrong.
-    """
-    probs = np.asarray(probs)
-    labels = np.asarray(labels).astype(np.int64)
-    target = probs[np.arange(len(labels)), labels]
-    higher = (probs > target[:, None]).sum(axis=1)
-    return (higher >= k) | ~np.isfinite(target)
-
-
-def evaluate_topk(predict, dataflow, total=None, progress=True):
-    """Top-1 and top-5 error of ``predict`` over every batch of ``dataflow`` (the partial last one included).
-
-    ``predict(images) -> probabilities [B, classes]``; ``dataflow`` yields
-    ``[images, labels]`` batches.  ``total``: number of batches for the progress
-    bar (default ``len(dataflow)`` when available).  Returns :class:`TopKError`.
-    """
-    if total is None:
-        try:
-            total = len(dataflow)
-        except (TypeError, NotImplementedError):
-            total = None
-    dataflow.reset_state()
-    wrong1 = wrong5 = count = 0
-    with tqdm.tqdm(total=total, disable=not progress, unit="batch", desc="evaluating", dynamic_ncols=True) as bar:
-        for images, labels in dataflow:
-            probs = np.asarray(predict(images))
-            labels = np.asarray(labels)
-            if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
-                raise ValueError("the predictor returned shape {} for a batch of {} images; expected "
-                                 "[{}, classes]".format(probs.shape, labels.shape[0], labels.shape[0]))
-            wrong1 += int(topk_wrong(probs, labels, 1).sum())
-            wrong5 += int(topk_wrong(probs, labels, 5).sum())
-            count += labels.shape[0]
-            bar.update(1)
-            bar.set_postfix(top1="{:.4f}".format(wrong1 / count), top5="{:.4f}".format(wrong5 / count))
-    if count == 0:
-        raise ValueError("the evaluation dataflow produced no images")
-    return TopKError(wrong1 / count, wrong5 / count, count)
-
-
 # ---------------------------------------------------------------------------------------------
 # the command line of alexnet-dorefa.py and resnet-dorefa.py: train, --eval, --run, --export
 
@@ -846,47 +776,11 @@ def _validation_flow(args, batch_size, parallel):
                                  parallel=parallel)
 
 
-def _build_predictor(model, weights, source):
-    """``predict(images) -> probabilities`` of ``model`` with every variable loaded strictly from ``weights``."""
-    from tensorpack import OfflinePredictor, PredictConfig
-    from tensorpack.tfutils.sesscreate import NewSessionCreator
-
-    # Given a config, NewSessionCreator warns (on stdout) about GPU options set too late; this
-    # config sets none, so it replaces the default config instead of being passed in.
-    creator = NewSessionCreator()
-    creator.config = session_config()
-    config = PredictConfig(model=model, session_init=StrictInit(weights, source), session_creator=creator,
-                           input_names=["input"], output_names=["output"])
-    predictor = OfflinePredictor(config)
-    return lambda images: predictor(images)[0]
-
-
-@contextlib.contextmanager
-def _results_only_on_stdout():
-    """While inside: tensorpack logs only warnings, and to stderr.
-
-    tensorpack logs to stdout, where ``--run --json`` and ``--eval`` print
-    results that other programs parse.  The streams are restored on exit, so
-    that a caller (a test, a notebook) keeps its own logging setup.
-    """
-    import logging
-
-    quiet_tensorpack()
-    moved = [handler for handler in logging.getLogger("tensorpack").handlers
-             if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr]  # not FileHandlers
-    previous = [handler.setStream(sys.stderr) for handler in moved]
-    try:
-        yield
-    finally:
-        for handler, stream in zip(moved, previous):
-            handler.setStream(stream)
-
-
 def _evaluate(model, args):
     workers = default_parallelism() if args.workers is None else args.workers
     # The data directory is checked before the (slow) weights loading, so that a typo fails at once.
     dataflow = _validation_flow(args, args.batch, workers)
-    predict = _build_predictor(model, read_weights(args.load), args.load)
+    predict = make_predictor(model, read_weights(args.load), args.load)
     result = evaluate_topk(predict, dataflow)
     print("evaluated {} images".format(result.count), file=sys.stderr)
     print("top-1 error: {:.4f}".format(result.top1))
@@ -896,18 +790,10 @@ def _evaluate(model, args):
 
 def _run(model, args):
     class_names = load_class_names()
-    predict = _build_predictor(model, read_weights(args.load), args.load)
+    predict = make_predictor(model, read_weights(args.load), args.load)
     failed = run_images(args.run, functools.partial(_preprocess_for_run, image_size=args.image_size), predict,
                         functools.partial(_describe_class, class_names), k=5, as_json=args.json)
     return 1 if failed else 0
-
-
-def _export(model, args):
-    weights = read_weights(args.load)
-    check_weights(expected_variables(model), weights, args.load)
-    save_npz(weights, args.export)
-    print("exported {} variables to {}".format(len(weights), args.export))
-    return 0
 
 
 def _make_trainer(args):
@@ -1001,11 +887,6 @@ def _train(model, args):
     return 0
 
 
-def _one_line_os_error(err):
-    where = " ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
-    return "{}: {}".format(where, err.strerror) if where and err.strerror else str(err)
-
-
 def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,6", epilog=None):
     """Everything an ImageNet script does besides defining its network; returns the exit status.
 
@@ -1027,21 +908,17 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     _resolve_devices(parser, model_class, args)
     model = model_class(args.dorefa, args.data_format, args.image_size)
-    try:
+
+    def act():
         if args.training:
             with tf.Graph().as_default():
                 return _train(model, args)
-        with _results_only_on_stdout():
+        with results_only_on_stdout():
             if args.export:
-                return _export(model, args)
+                export_weights(model, args.load, args.export)
+                return 0
             with tf.Graph().as_default():
                 return _evaluate(model, args) if args.eval else _run(model, args)
-    except (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError) as err:
-        print("error: {}".format(err), file=sys.stderr)
-    except OSError as err:  # e.g. an unwritable --logdir or --export path
-        print("error: {}".format(_one_line_os_error(err)), file=sys.stderr)
-    except KeyboardInterrupt:
-        print("interrupted{}".format("; run the same command again to resume from the last checkpoint"
-                                     if args.training else ""), file=sys.stderr)
-        return 130
-    return 2
+
+    return cli.run_reporting_errors(
+        act, (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError), args.training)

@@ -1,12 +1,19 @@
-"""What ``--run`` and ``--eval`` share across the scripts: per-image top-k output and whole-set error."""
+"""What ``--run`` and ``--eval`` share across the scripts: a strictly loaded predictor, per-image
+top-k output, whole-set top-1/top-5 error, and clean stdout for results."""
+import contextlib
 import json
 import sys
+from typing import NamedTuple
 
 import numpy as np
+import tqdm
 
 from image_io import ImageReadError, read_image_bgr
+from model_io import StrictInit
+from training import quiet_tensorpack, session_config
 
-__all__ = ["run_images", "top_k", "count_errors", "batches"]
+__all__ = ["run_images", "top_k", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
+           "results_only_on_stdout"]
 
 
 def top_k(probs, k):
@@ -51,17 +58,90 @@ def run_images(paths, preprocess, predict, describe, k=5, as_json=False, out=Non
     return failed
 
 
-def batches(images, labels, batch_size):
-    """Yield ``(images, labels)`` batches covering every sample, the last one possibly partial."""
-    for start in range(0, len(labels), batch_size):
-        yield images[start:start + batch_size], labels[start:start + batch_size]
+class TopKError(NamedTuple):
+    """Error rates over a whole set: ``top1``, ``top5`` in [0, 1] and the number of images ``count``."""
+
+    top1: float
+    top5: float
+    count: int
 
 
-def count_errors(probs, labels, ks=(1,)):
-    """Number of samples whose label is not among the top-k of ``probs``, for each k."""
+def topk_wrong(probs, labels, k):
+    """Per-sample bool: the label is not among the ``k`` highest scores.
+
+    Same rule as ``tf.nn.in_top_k``: ties at the boundary count as in the top k
+    (wrong only if at least ``k`` classes score strictly higher); a non-finite
+    score for the label is wrong.
+    """
     probs = np.asarray(probs)
-    labels = np.asarray(labels)
-    # rank of the true class: how many classes score strictly higher
-    true_score = probs[np.arange(len(labels)), labels]
-    rank = np.sum(probs > true_score[:, None], axis=1)
-    return [int(np.sum(rank >= k)) for k in ks]
+    labels = np.asarray(labels).astype(np.int64)
+    target = probs[np.arange(len(labels)), labels]
+    higher = (probs > target[:, None]).sum(axis=1)
+    return (higher >= k) | ~np.isfinite(target)
+
+
+def evaluate_topk(predict, dataflow, total=None, progress=True):
+    """Top-1 and top-5 error of ``predict`` over every batch of ``dataflow`` (the partial last one included).
+
+    ``predict(images) -> probabilities [B, classes]``; ``dataflow`` yields
+    ``[images, labels]`` batches.  ``total``: number of batches for the progress
+    bar (default ``len(dataflow)`` when available).  Returns :class:`TopKError`.
+    """
+    if total is None:
+        try:
+            total = len(dataflow)
+        except (TypeError, NotImplementedError):
+            total = None
+    dataflow.reset_state()
+    wrong1 = wrong5 = count = 0
+    with tqdm.tqdm(total=total, disable=not progress, unit="batch", desc="evaluating", dynamic_ncols=True) as bar:
+        for images, labels in dataflow:
+            probs = np.asarray(predict(images))
+            labels = np.asarray(labels)
+            if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+                raise ValueError("the predictor returned shape {} for a batch of {} images; expected "
+                                 "[{}, classes]".format(probs.shape, labels.shape[0], labels.shape[0]))
+            wrong1 += int(topk_wrong(probs, labels, 1).sum())
+            wrong5 += int(topk_wrong(probs, labels, 5).sum())
+            count += labels.shape[0]
+            bar.update(1)
+            bar.set_postfix(top1="{:.4f}".format(wrong1 / count), top5="{:.4f}".format(wrong5 / count))
+    if count == 0:
+        raise ValueError("the evaluation dataflow produced no images")
+    return TopKError(wrong1 / count, wrong5 / count, count)
+
+
+def make_predictor(model, weights, source):
+    """``predict(images) -> probabilities`` of ``model`` with every variable loaded strictly from ``weights``."""
+    from tensorpack import OfflinePredictor, PredictConfig
+    from tensorpack.tfutils.sesscreate import NewSessionCreator
+
+    # Given a config, NewSessionCreator warns (on stdout) about GPU options set too late; this
+    # config sets none, so it replaces the default config instead of being passed in.
+    creator = NewSessionCreator()
+    creator.config = session_config()
+    config = PredictConfig(model=model, session_init=StrictInit(weights, source), session_creator=creator,
+                           input_names=["input"], output_names=["output"])
+    predictor = OfflinePredictor(config)
+    return lambda images: predictor(images)[0]
+
+
+@contextlib.contextmanager
+def results_only_on_stdout():
+    """While inside: tensorpack logs only warnings, and to stderr.
+
+    tensorpack logs to stdout, where ``--run --json`` and ``--eval`` print
+    results that other programs parse.  The streams are restored on exit, so
+    that a caller (a test, a notebook) keeps its own logging setup.
+    """
+    import logging
+
+    quiet_tensorpack()
+    moved = [handler for handler in logging.getLogger("tensorpack").handlers
+             if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr]  # not FileHandlers
+    previous = [handler.setStream(sys.stderr) for handler in moved]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(moved, previous):
+            handler.setStream(stream)

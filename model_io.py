@@ -24,7 +24,7 @@ from tf_setup import tf
 from tensorpack.tfutils.sessinit import SessionInit  # noqa: E402  (after tf_setup)
 
 __all__ = ["ModelLoadError", "read_weights", "model_variable_shapes", "check_weights",
-           "StrictInit", "save_npz", "expected_variables", "latest_checkpoint", "is_training_state"]
+           "StrictInit", "save_npz", "expected_variables", "build_inference_graph", "export_weights", "latest_checkpoint", "is_training_state"]
 
 
 class ModelLoadError(ValueError):
@@ -128,15 +128,32 @@ def model_variable_shapes(graph=None):
     return {v.op.name: tuple(v.shape.as_list()) for v in variables if not is_training_state(v.op.name)}
 
 
-def expected_variables(model):
-    """``{name: shape}`` of the model variables a tensorpack ``ModelDesc`` creates for inference."""
+def build_inference_graph(model):
+    """Build a tensorpack ``ModelDesc`` for inference (batch norm uses its EMA) in the current graph.
+
+    Returns the placeholders of ``model.inputs()`` (``input``, ``label``); the softmax is ``output:0``.
+    """
     from tensorpack.tfutils.tower import TowerContext
 
+    placeholders = [tf.placeholder(spec.dtype, spec.shape, spec.name) for spec in model.inputs()]
+    with TowerContext("", is_training=False):
+        model.build_graph(*placeholders)
+    return placeholders
+
+
+def expected_variables(model):
+    """``{name: shape}`` of the model variables a tensorpack ``ModelDesc`` creates for inference."""
     with tf.Graph().as_default() as graph:
-        placeholders = [tf.placeholder(spec.dtype, spec.shape, spec.name) for spec in model.inputs()]
-        with TowerContext("", is_training=False):
-            model.build_graph(*placeholders)
+        build_inference_graph(model)
         return model_variable_shapes(graph)
+
+
+def export_weights(model, source, out):
+    """``--export``: read ``source``, check it strictly against ``model``, write its model variables to ``out``."""
+    weights = read_weights(source)
+    check_weights(expected_variables(model), weights, source)
+    save_npz(weights, out)
+    print("exported {} variables to {}".format(len(weights), out))
 
 
 def _summarise(names, limit=12):

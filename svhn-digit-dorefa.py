@@ -13,20 +13,18 @@ Network and recipe: docs/model-zoo.md (SVHN digit net); published errors
 import os
 import sys
 
-import tf_setup  # noqa: F401  (prepares TensorFlow; must come first)
-from tf_setup import tf
+from tf_setup import tf  # noqa: I100  (prepares TensorFlow; must come first)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cli import check_modes, make_parser  # noqa: E402
+from cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
 from dorefa import get_dorefa  # noqa: E402
 from image_io import ImageReadError  # noqa: E402
-from inference import batches, count_errors, run_images  # noqa: E402
-from model_io import ModelLoadError, StrictInit, check_weights, expected_variables, read_weights, save_npz  # noqa
+from inference import evaluate_topk, make_predictor, results_only_on_stdout, run_images  # noqa: E402
+from model_io import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
 from svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
-from training import (TrainingSetupError, available_gpus, launch, plan_run, quiet_tensorpack,  # noqa: E402
-                      select_trainer, session_config)
+from training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
 
 from tensorpack import (BatchNorm, ClassificationError, Conv2D, Dropout, FullyConnected,  # noqa: E402
                         InferenceRunner, MaxPooling, ModelDesc, ScalarStats, argscope)
@@ -160,36 +158,20 @@ def make_dataflow(flow, train, batch, workers):
 
 
 # ------------------------------------------------------------------ modes
-def build_predictor(args, weights):
-    from tensorpack import OfflinePredictor, PredictConfig
-    from tensorpack.tfutils.sesscreate import NewSessionCreator
-
-    config = PredictConfig(model=SVHNModel(args.dorefa, data_format=args.data_format),
-                           session_init=StrictInit(weights, args.load),
-                           session_creator=NewSessionCreator(config=session_config()),
-                           input_names=["input"], output_names=["output"])
-    predictor = OfflinePredictor(config)
-    return lambda batch: predictor(batch)[0]
+def evaluate(args):
+    flow = source_flow(args, "test")   # read before the weights, so that a bad --data fails at once
+    predict = make_predictor(SVHNModel(args.dorefa, data_format=args.data_format), read_weights(args.load),
+                             args.load)
+    result = evaluate_topk(predict, make_dataflow(flow, False, args.batch, 0))
+    print("test error: {:.4f}".format(result.top1))
+    return 0
 
 
-def evaluate(args, predict):
-    from tqdm import tqdm
-
-    flow = source_flow(args, "test")
-    images, labels = flow.images, flow.labels
-    wrong = 0
-    with tqdm(total=len(labels), desc="evaluating", unit="img", file=sys.stderr, leave=False) as bar:
-        for x, y in batches(images, labels, args.batch):
-            x = np.stack([resize_like_test_data(im) for im in x])
-            wrong += count_errors(predict(x), y)[0]
-            bar.update(len(y))
-    print("test error: {:.4f}".format(wrong / len(labels)))
-
-
-def export(args, weights):
-    check_weights(expected_variables(SVHNModel(args.dorefa)), weights, args.load)
-    save_npz(weights, args.export)
-    print("exported {} variables to {}".format(len(weights), args.export))
+def run(args):
+    predict = make_predictor(SVHNModel(args.dorefa, data_format=args.data_format), read_weights(args.load),
+                             args.load)
+    failed = run_images(args.run, resize_like_test_data, predict, lambda c: {}, k=5, as_json=args.json)
+    return 1 if failed else 0
 
 
 def train(args):
@@ -257,30 +239,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
-    try:
-        if args.export or args.run or args.eval:
-            quiet_tensorpack()
-        if args.export:
-            export(args, read_weights(args.load))
-            return 0
-        if args.run or args.eval:
+    training = not (args.export or args.run or args.eval)
+
+    def act():
+        if training:
             with tf.Graph().as_default():
-                predict = build_predictor(args, read_weights(args.load))
-                if args.eval:
-                    evaluate(args, predict)
-                    return 0
-                failed = run_images(args.run, resize_like_test_data, predict, lambda c: {}, k=5,
-                                    as_json=args.json)
-                return 1 if failed else 0
-        with tf.Graph().as_default():
-            train(args)
-        return 0
-    except (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError) as err:
-        print("error: {}".format(err), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
+                train(args)
+            return 0
+        with results_only_on_stdout():
+            if args.export:
+                export_weights(SVHNModel(args.dorefa), args.load, args.export)
+                return 0
+            with tf.Graph().as_default():
+                return evaluate(args) if args.eval else run(args)
+
+    return run_reporting_errors(act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError), training)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_run_reports_bad_images_and_still_processes_the_rest(svhn, trained, tmp_
 
 @pytest.mark.parametrize("change, message", [
     ("drop", "missing conv3/W"), ("add", "unexpected extra/W"), ("reshape", "wrong shape fc1/W")])
-def test_strict_loading_names_the_mismatch(svhn, trained, tmp_path, capsys, change, message):
+def test_strict_loading_names_the_mismatch(svhn, svhn_dir, trained, tmp_path, capsys, change, message):
     from model_io import read_weights, save_npz
 
     weights = read_weights(trained)
@@ -249,7 +249,7 @@ def test_strict_loading_names_the_mismatch(svhn, trained, tmp_path, capsys, chan
         weights["fc1/W"] = np.zeros((10, 512), np.float32)
     npz = str(tmp_path / "bad.npz")
     save_npz(weights, npz)
-    for mode in (["--eval", "--data", os.path.dirname(npz)], ["--run", npz], ["--export", npz + ".out"]):
+    for mode in (["--eval", "--data", svhn_dir], ["--run", npz], ["--export", npz + ".out"]):
         code, _, err = run_main(svhn, ["--dorefa", "1,2,4", "--load", npz] + mode, capsys)
         assert code == 2 and message in err and npz in err, (mode, err)
 
