@@ -1,6 +1,9 @@
 """Shared test helpers: import the project from the repository root and load its hyphenated scripts."""
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,3 +26,19 @@ def session():
         tf.set_random_seed(1234)
         with tf.Session(graph=graph) as sess:
             yield sess
+
+
+def kill_after_first_checkpoint(cmd, logdir, timeout=240):
+    """Start training ``cmd`` and SIGKILL it as soon as ``logdir`` has a checkpoint; return its step."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not os.path.exists(os.path.join(logdir, "checkpoint")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    with open(os.path.join(logdir, "checkpoint")) as f:
+        return int(f.read().split('"')[1].split("-")[-1])

@@ -7,16 +7,14 @@ takes well under two minutes on two cores; the published checkpoints need 224.
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, kill_after_first_checkpoint, load_script
 from model_io import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
@@ -328,18 +326,7 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     logdir = str(tmp_path / "log")
     cmd = [sys.executable, os.path.join(ROOT, "resnet-dorefa.py"), "--fake", "--batch", "2", "--epochs", "4",
            "--steps-per-epoch", "3", "--workers", "0", "--logdir", logdir] + SIZE
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not os.path.exists(os.path.join(logdir, "checkpoint")):
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    with open(os.path.join(logdir, "checkpoint")) as f:
-        killed_at = int(f.read().split('"')[1].split("-")[1])
+    killed_at = kill_after_first_checkpoint(cmd, logdir, timeout=120)
     assert killed_at in (3, 6, 9), killed_at
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]

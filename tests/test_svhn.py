@@ -1,17 +1,15 @@
 """svhn-digit-dorefa.py end to end on tiny generated SVHN-format data (no network)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
 import pytest
 from scipy.io import savemat
 
-from conftest import ROOT, load_script
+from conftest import ROOT, kill_after_first_checkpoint, load_script
 from tf_setup import tf
 
 SCRIPT = os.path.join(ROOT, "svhn-digit-dorefa.py")
@@ -284,18 +282,7 @@ def test_sigkill_then_same_command_resumes(svhn_dir, tmp_path):
     logdir = str(tmp_path / "log")
     cmd = [sys.executable, SCRIPT, "--dorefa", "1,1,4", "--data", svhn_dir, "--epochs", "5",
            "--steps-per-epoch", "6", "--batch", "16", "--workers", "0", "--logdir", logdir]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while not os.path.exists(os.path.join(logdir, "checkpoint")):
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    with open(os.path.join(logdir, "checkpoint")) as f:
-        killed_at = int(f.read().split('"')[1].split("-")[1])
+    killed_at = kill_after_first_checkpoint(cmd, logdir, timeout=240)
     assert killed_at in (6, 12, 18), killed_at   # a whole epoch; the run was killed before finishing
     assert killed_at < 30
 
