@@ -56,7 +56,7 @@ class AlexNetModel(ImageNetModel):
     total_batch_size = 256
     model_name = "alexnet"
     # channels_last measured faster on a 2-core CPU (oneDNN), e.g. 2.17 s vs 2.48 s per training step and
-    # 0.66 s vs 0.69 s per forward pass of 32 images at 224 (docs/imagenet-readme-section.md)
+    # 0.66 s vs 0.69 s per forward pass of 32 images at 224 (README, "On the CPU")
     cpu_data_format = "channels_last"
     min_image_size = 64
 

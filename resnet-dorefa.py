@@ -54,7 +54,7 @@ class ResNet18Model(ImageNetModel):
     total_batch_size = 256
     model_name = "resnet18"
     # channels_last measured faster on a 2-core CPU (oneDNN), e.g. 1.89 s vs 2.25 s per training step and
-    # 0.58 s vs 0.66 s per forward pass of 32 images at 224 (docs/imagenet-readme-section.md)
+    # 0.58 s vs 0.66 s per forward pass of 32 images at 224 (README, "On the CPU")
     cpu_data_format = "channels_last"
     min_image_size = 64
 
@@ -66,6 +66,7 @@ class ResNet18Model(ImageNetModel):
 
     def get_logits(self, image):
         fw, fa, fg = get_dorefa(*self.bits)
+
         def nonlin(x):
             return tf.clip_by_value(x, 0.0, 1.0)
 
