@@ -5,6 +5,7 @@ argument groups, parses, and then calls :func:`check_modes` so that the same
 conflicts are refused the same way everywhere.
 """
 import argparse
+import os
 import sys
 from typing import NamedTuple, Union
 
@@ -97,7 +98,11 @@ _EXCLUSIVE_MODES = ("eval", "run", "export", "export_packed")
 
 
 def check_modes(parser, args):
-    """Refuse conflicting or incomplete mode flags with ``parser.error``."""
+    """Refuse conflicting or incomplete mode flags with ``parser.error``; apply ``--gpu``.
+
+    ``--gpu`` must be distinct GPU ids; it becomes ``CUDA_VISIBLE_DEVICES``
+    here, before anything asks TensorFlow for devices.
+    """
     chosen = ["--" + m.replace("_", "-") for m in _EXCLUSIVE_MODES if getattr(args, m, None)]
     if len(chosen) > 1:
         parser.error("{} cannot be combined; choose one".format(" and ".join(chosen)))
@@ -105,6 +110,13 @@ def check_modes(parser, args):
         parser.error("{} needs --load PATH (a logdir, checkpoint or .npz)".format(chosen[0]))
     if args.json and not args.run:
         parser.error("--json only applies to --run")
+    if args.gpu is not None:
+        ids = [part.strip() for part in args.gpu.split(",")]
+        if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):
+            parser.error("--gpu takes distinct comma-separated GPU ids such as 0,1,2,3, got {!r}".format(args.gpu))
+        args.gpu = ",".join(ids)
+        # before TensorFlow first looks for GPUs, so that it only ever sees these
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     return args
 
 

@@ -725,11 +725,6 @@ def parse_imagenet_args(parser, model_class, argv=None):
         parser.error("--workers must be >= 0, got {}".format(args.workers))
     if args.image_size < model_class.min_image_size:
         parser.error("--image-size must be at least {}, got {}".format(model_class.min_image_size, args.image_size))
-    if args.gpu is not None:
-        ids = [part.strip() for part in args.gpu.split(",")]
-        if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):
-            parser.error("--gpu takes distinct comma-separated GPU ids such as 0,1,2,3, got {!r}".format(args.gpu))
-        args.gpu = ",".join(ids)
     if args.trainer == "horovod":
         if not training:
             parser.error("--trainer horovod is for training; --eval, --run and --export run in one process")
@@ -903,9 +898,6 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     """
     parser = make_imagenet_parser(model_class, description or model_class.__doc__, default_dorefa, epilog)
     args = parse_imagenet_args(parser, model_class, argv)
-    if args.gpu is not None:
-        # Before TensorFlow first looks for GPUs (below), so that it only ever sees these.
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     _resolve_devices(parser, model_class, args)
     model = model_class(args.dorefa, args.data_format, args.image_size)
 

@@ -1,4 +1,6 @@
 """The shared command line: --dorefa parsing and mode conflicts."""
+import os
+
 import pytest
 
 from cli import Bits, check_modes, make_parser
@@ -45,3 +47,18 @@ def test_conflicting_modes_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):
         parse(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0,0", "a", "0,,1", "-1"])
+def test_bad_gpu_lists_are_refused(capsys, monkeypatch, value):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(SystemExit):
+        parse(["--gpu", value])
+    assert "--gpu takes distinct comma-separated GPU ids" in capsys.readouterr().err
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_gpu_list_becomes_the_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert parse(["--gpu", "1, 0"]).gpu == "1,0"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,0"
