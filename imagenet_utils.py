@@ -37,8 +37,8 @@ from tensorpack.utils.utils import get_rng  # noqa: E402
 import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
 from image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
-from inference import (TopKError, evaluate_topk, make_predictor, results_only_on_stdout,  # noqa: E402,F401
-                       run_images, topk_wrong)
+from inference import (EvaluationError, TopKError, evaluate_topk, make_predictor,  # noqa: E402,F401
+                       results_only_on_stdout, run_images, topk_wrong)
 from model_io import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
                       latest_checkpoint, read_weights)
 from training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
@@ -408,7 +408,7 @@ def _raise_failures(dp):
     if isinstance(image, dict):
         if image["error"] == "read":
             raise ImageReadError(image["message"])
-        raise RuntimeError("{} {}".format(image["error"], image["message"]))
+        raise ImageNetDataError("{} {}".format(image["error"], image["message"]))
     return dp
 
 
@@ -913,4 +913,5 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
                 return _evaluate(model, args) if args.eval else _run(model, args)
 
     return cli.run_reporting_errors(
-        act, (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError), args.training)
+        act, (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError,
+              EvaluationError), args.training)

@@ -12,7 +12,7 @@ from image_io import ImageReadError, read_image_bgr
 from model_io import StrictInit
 from training import quiet_tensorpack, session_config
 
-__all__ = ["run_images", "top_k", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
+__all__ = ["run_images", "top_k", "EvaluationError", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
            "results_only_on_stdout"]
 
 
@@ -56,6 +56,10 @@ def run_images(paths, preprocess, predict, describe, k=5, as_json=False, out=Non
                       file=out)
         out.flush()
     return failed
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot produce a number (e.g. no images); one-line message."""
 
 
 class TopKError(NamedTuple):
@@ -107,7 +111,7 @@ def evaluate_topk(predict, dataflow, total=None, progress=True):
             bar.update(1)
             bar.set_postfix(top1="{:.4f}".format(wrong1 / count), top5="{:.4f}".format(wrong5 / count))
     if count == 0:
-        raise ValueError("the evaluation dataflow produced no images")
+        raise EvaluationError("the evaluation data has no images")
     return TopKError(wrong1 / count, wrong5 / count, count)
 
 

@@ -103,7 +103,11 @@ def read_weights(path):
         raise ModelLoadError("--load: no path given")
     path = os.path.expanduser(path)
     if os.path.isdir(path):
-        ckpt = latest_checkpoint(path)
+        try:
+            ckpt = latest_checkpoint(path)
+        except Exception as err:  # a damaged 'checkpoint' index file (protobuf text)
+            raise ModelLoadError("{}: its 'checkpoint' file cannot be read ({})".format(
+                path, str(err).splitlines()[0] if str(err) else type(err).__name__)) from None
         if ckpt is None:
             raise ModelLoadError("{}: directory has no TensorFlow checkpoint (no 'checkpoint' file); expected "
                                  "a training logdir, a checkpoint or an .npz".format(path))

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
 from dorefa import get_dorefa  # noqa: E402
 from image_io import ImageReadError  # noqa: E402
-from inference import evaluate_topk, make_predictor, results_only_on_stdout, run_images  # noqa: E402
+from inference import EvaluationError, evaluate_topk, make_predictor, results_only_on_stdout, run_images  # noqa
 from model_io import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
 from svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
 from training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
@@ -251,7 +251,8 @@ def main(argv=None):
             with tf.Graph().as_default():
                 return evaluate(args) if args.eval else run(args)
 
-    return run_reporting_errors(act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError), training)
+    return run_reporting_errors(
+        act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError, EvaluationError), training)
 
 
 if __name__ == "__main__":

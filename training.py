@@ -84,44 +84,58 @@ def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
     * a finished run: refused unless ``overwrite``, which moves the old logdir
       aside (``<logdir>.old-<time>``) rather than deleting it.
     """
-    ckpt = latest_checkpoint(logdir) if os.path.isdir(logdir) else None
     record_path = os.path.join(logdir, "config.json")
+    if overwrite and os.path.exists(os.path.join(logdir, "checkpoint")):
+        backup = "{}.old-{}".format(logdir.rstrip("/"), datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        shutil.move(logdir, backup)
+        print("[training] --overwrite: moved the previous run to {}".format(backup), file=sys.stderr)
+    ckpt, step = _last_checkpoint(logdir) if os.path.isdir(logdir) else (None, 0)
     if ckpt is not None:
-        step = checkpoint_step(ckpt)
         done_epochs = step // steps_per_epoch
         previous = _read_json(record_path)
-        if overwrite:
-            backup = "{}.old-{}".format(logdir.rstrip("/"), datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-            shutil.move(logdir, backup)
-            print("[training] --overwrite: moved the previous run to {}".format(backup), file=sys.stderr)
-            ckpt = None
-        elif previous is not None and previous.get("resume_key") != config.get("resume_key"):
+        if previous is None:
+            raise TrainingSetupError(
+                "{} has checkpoints but no readable config.json, so this command cannot be checked against the "
+                "run it would resume. Use --overwrite to move it aside, or another --logdir".format(logdir))
+        if previous.get("resume_key") != config.get("resume_key"):
             raise TrainingSetupError(
                 "{} holds a run with a different configuration ({}); this command asks for ({}). Use another "
                 "--logdir, or --overwrite to move the old run aside".format(
                     logdir, previous.get("resume_key"), config.get("resume_key")))
-        elif step % steps_per_epoch != 0:
+        if step % steps_per_epoch != 0:
             raise TrainingSetupError(
                 "{}: its last checkpoint is at step {}, which is not a whole number of epochs of {} steps; "
                 "resume with the --steps-per-epoch it was trained with".format(logdir, step, steps_per_epoch))
-        elif done_epochs >= max_epoch:
+        if done_epochs >= max_epoch:
             raise TrainingSetupError(
                 "{} holds a finished run ({} of {} epochs, step {}). Pass --overwrite to move it aside and start "
                 "over, a larger --epochs to train further, or another --logdir".format(
                     logdir, done_epochs, max_epoch, step))
-        else:
-            _trim_stats(logdir, done_epochs)
-            plan = RunPlan(logdir, ckpt, step, done_epochs + 1)
-            resumes = (previous or {}).get("resumed_at", [])
-            record = dict(previous or config)
-            record["resumed_at"] = resumes + [{"step": step, "epoch": done_epochs + 1, "epochs": max_epoch,
-                                               "time": _now()}]
-            write_json_atomic(record, record_path)
-            return plan
+        _trim_stats(logdir, done_epochs)
+        record = dict(previous)
+        record["resumed_at"] = previous.get("resumed_at", []) + [
+            {"step": step, "epoch": done_epochs + 1, "epochs": max_epoch, "time": _now()}]
+        write_json_atomic(record, record_path)
+        return RunPlan(logdir, ckpt, step, done_epochs + 1)
     os.makedirs(logdir, exist_ok=True)
     record = dict(config, started=_now(), command=sys.argv, versions=package_versions())
     write_json_atomic(record, record_path)
     return RunPlan(logdir)
+
+
+def _last_checkpoint(logdir):
+    """``(prefix, global step)`` of the newest checkpoint in ``logdir``, ``(None, 0)`` without one.
+
+    A damaged checkpoint (a truncated file, an index naming a deleted
+    checkpoint) is a one-line :class:`TrainingSetupError`, not a traceback.
+    """
+    try:
+        ckpt = latest_checkpoint(logdir)
+        return (ckpt, checkpoint_step(ckpt)) if ckpt is not None else (None, 0)
+    except Exception as err:  # TensorFlow and protobuf raise several types for damaged files
+        raise TrainingSetupError(
+            "{}: its last checkpoint cannot be read ({}); use --overwrite to move the run aside, or another "
+            "--logdir".format(logdir, str(err).splitlines()[0] if str(err) else type(err).__name__)) from None
 
 
 def _now():

@@ -277,6 +277,33 @@ def test_missing_data_dir_is_one_clear_error(svhn, tmp_path, capsys):
     assert code == 2 and "not a directory" in err and "train_32x32.mat" in err
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "last checkpoint cannot be read"),
+    ("index", "last checkpoint cannot be read"),
+    ("config", "no readable config.json"),
+])
+def test_damaged_logdir_is_one_clear_error(svhn, svhn_dir, trained, tmp_path, capsys, damage, message):
+    import shutil
+
+    logdir = str(tmp_path / "copy")
+    shutil.copytree(trained, logdir)
+    if damage == "truncate":
+        for name in os.listdir(logdir):
+            if name.startswith("model-6.data"):
+                with open(os.path.join(logdir, name), "r+b") as f:
+                    f.truncate(10)
+    elif damage == "index":
+        with open(os.path.join(logdir, "checkpoint"), "w") as f:
+            f.write('model_checkpoint_path: "model-99"\n')
+    else:
+        os.remove(os.path.join(logdir, "config.json"))
+    argv = ["--dorefa", "1,2,4", "--data", svhn_dir, "--epochs", "3", "--steps-per-epoch", "3",
+            "--batch", "16", "--workers", "0", "--logdir", logdir]
+    code, _, err = run_main(svhn, argv, capsys)
+    assert code == 2 and message in err and "--overwrite" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------ kill and resume
 def test_sigkill_then_same_command_resumes(svhn_dir, tmp_path):
     logdir = str(tmp_path / "log")
