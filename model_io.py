@@ -14,11 +14,11 @@ A half-loaded model with random leftovers is never used.
 """
 import os
 import re
-import tempfile
 import zipfile
 
 import numpy as np
 
+from atomic_file import atomic_open
 from tf_setup import tf
 
 from tensorpack.tfutils.sessinit import SessionInit  # noqa: E402  (after tf_setup)
@@ -208,16 +208,5 @@ class StrictInit(SessionInit):
 
 def save_npz(weights, path):
     """Write ``{name: array}`` to ``path`` atomically (a temporary file, then a rename)."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: np.asarray(value) for name, value in sorted(weights.items())})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{name: np.asarray(value) for name, value in sorted(weights.items())})

@@ -14,10 +14,10 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 
 from tf_setup import tf
 
+from atomic_file import atomic_open  # noqa: E402
 from model_io import latest_checkpoint  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
@@ -29,14 +29,9 @@ class TrainingSetupError(RuntimeError):
 
 
 def write_json_atomic(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def package_versions():
