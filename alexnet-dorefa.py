@@ -106,6 +106,31 @@ class AlexNetModel(ImageNetModel):
         add_param_summary((".*/W", ["histogram", "rms"]))
         return logits
 
+    def packed_program(self):
+        """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
+        from packed import program as P
+
+        bit_a = self.bits[1]
+
+        def nonlin():
+            return P.relu() if bit_a == 32 else P.clip()
+
+        def activate():
+            return P.relu() if bit_a == 32 else P.activate(bit_a)
+
+        return [
+            P.normalize(self.image_mean, self.image_std),
+            P.conv("conv0", 96, 12, stride=4, padding="VALID", quantized=False, bias=True), activate(),
+            P.conv("conv1", 256, 5, groups=2, bn="bn1"), P.maxpool(3, 2, "SAME"), activate(),
+            P.conv("conv2", 384, 3, bn="bn2"), P.maxpool(3, 2, "SAME"), activate(),
+            P.conv("conv3", 384, 3, groups=2, bn="bn3"), activate(),
+            P.conv("conv4", 256, 3, groups=2, bn="bn4"), P.maxpool(3, 2, "VALID"), activate(),
+            P.fc("fc0", 4096, bias=True, bn="bnfc0", flatten="chw"), activate(),
+            P.fc("fc1", 4096, bn="bnfc1"), nonlin(),
+            P.fc("fct", 1000, quantized=False, bias=True),
+            P.softmax(),
+        ]
+
     def optimizer(self):
         return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
 

@@ -91,6 +91,15 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
     model.add_argument("--eval", action="store_true", help="evaluate the loaded model on the test/validation set")
     model.add_argument("--run", nargs="+", metavar="IMAGE", help="classify these image files")
     model.add_argument("--json", action="store_true", help="with --run: print one JSON object per image")
+    model.add_argument("--export-packed", metavar="OUT.npz",
+                       help="write the loaded model as a bit-packed file (integer weight codes, batch norm folded) "
+                            "for --engine packed; format: README, 'Packed models'")
+    model.add_argument("--first-last-dtype", choices=("float32", "float16"), default="float32",
+                       help="with --export-packed: storage of the unquantized first and last layers; float16 is "
+                            "smaller but no longer exact")
+    model.add_argument("--engine", choices=("tensorflow", "packed"), default="tensorflow",
+                       help="what runs --eval and --run: the TensorFlow graph on --load, or the bit-operation engine "
+                            "on a --export-packed file")
     return parser, groups
 
 
@@ -110,6 +119,10 @@ def check_modes(parser, args):
         parser.error("{} needs --load PATH (a logdir, checkpoint or .npz)".format(chosen[0]))
     if args.json and not args.run:
         parser.error("--json only applies to --run")
+    if args.engine == "packed" and not (args.run or args.eval):
+        parser.error("--engine packed runs --eval or --run on a --export-packed file")
+    if args.first_last_dtype != "float32" and not args.export_packed:
+        parser.error("--first-last-dtype only applies to --export-packed")
     if args.gpu is not None:
         ids = [part.strip() for part in args.gpu.split(",")]
         if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):

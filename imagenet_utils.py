@@ -37,10 +37,11 @@ from tensorpack.utils.utils import get_rng  # noqa: E402
 import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
 from image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
-from inference import (EvaluationError, TopKError, evaluate_topk, make_predictor,  # noqa: E402,F401
+from inference import (EvaluationError, TopKError, evaluate_topk, load_predictor, make_predictor,  # noqa: E402,F401
                        results_only_on_stdout, run_images, topk_wrong)
 from model_io import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
                       latest_checkpoint, read_weights)
+from packed.export import PackedExportError, export_packed  # noqa: E402
 from training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
                       select_trainer)
 
@@ -709,7 +710,7 @@ def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
 def parse_imagenet_args(parser, model_class, argv=None):
     """Parse and check the flags that need no TensorFlow device query; conflicts end in ``parser.error``."""
     args = cli.check_modes(parser, parser.parse_args(argv))
-    training = not (args.eval or args.run or args.export)
+    training = not (args.eval or args.run or args.export or args.export_packed)
     if args.fake and args.data:
         parser.error("--fake and --data cannot be combined; choose one data source")
     if (training or args.eval) and not (args.fake or args.data):
@@ -775,7 +776,7 @@ def _evaluate(model, args):
     workers = default_parallelism() if args.workers is None else args.workers
     # The data directory is checked before the (slow) weights loading, so that a typo fails at once.
     dataflow = _validation_flow(args, args.batch, workers)
-    predict = make_predictor(model, read_weights(args.load), args.load)
+    predict = load_predictor(args, model)
     result = evaluate_topk(predict, dataflow)
     print("evaluated {} images".format(result.count), file=sys.stderr)
     print("top-1 error: {:.4f}".format(result.top1))
@@ -785,7 +786,7 @@ def _evaluate(model, args):
 
 def _run(model, args):
     class_names = load_class_names()
-    predict = make_predictor(model, read_weights(args.load), args.load)
+    predict = load_predictor(args, model)
     failed = run_images(args.run, functools.partial(_preprocess_for_run, image_size=args.image_size), predict,
                         functools.partial(_describe_class, class_names), k=5, as_json=args.json)
     return 1 if failed else 0
@@ -909,9 +910,12 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
             if args.export:
                 export_weights(model, args.load, args.export)
                 return 0
+            if args.export_packed:
+                export_packed(model, args.load, args.export_packed, args.first_last_dtype)
+                return 0
             with tf.Graph().as_default():
                 return _evaluate(model, args) if args.eval else _run(model, args)
 
     return cli.run_reporting_errors(
         act, (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError,
-              EvaluationError), args.training)
+              EvaluationError, PackedExportError), args.training)

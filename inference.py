@@ -9,11 +9,11 @@ import numpy as np
 import tqdm
 
 from image_io import ImageReadError, read_image_bgr
-from model_io import StrictInit
+from model_io import ModelLoadError, StrictInit, read_weights
 from training import quiet_tensorpack, session_config
 
 __all__ = ["run_images", "top_k", "EvaluationError", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
-           "results_only_on_stdout"]
+           "make_packed_predictor", "load_predictor", "results_only_on_stdout"]
 
 
 def top_k(probs, k):
@@ -128,6 +128,39 @@ def make_predictor(model, weights, source):
                            input_names=["input"], output_names=["output"])
     predictor = OfflinePredictor(config)
     return lambda images: predictor(images)[0]
+
+
+def make_packed_predictor(path, model):
+    """``predict(images) -> probabilities`` of the packed engine on ``path`` (``--engine packed``).
+
+    The file must have been exported for the script's ``model``: the same
+    network, bit widths and input size; otherwise :class:`ModelLoadError`.
+    """
+    from packed import PackedFormatError, load_packed
+
+    try:
+        packed = load_packed(path)
+    except PackedFormatError as err:
+        raise ModelLoadError(str(err)) from None
+    bits = "{},{},{}".format(*model.bits)
+    if packed.model != model.model_name:
+        raise ModelLoadError("{}: is a packed {} model; this script runs {}".format(path, packed.model,
+                                                                                   model.model_name))
+    if packed.bits != bits:
+        raise ModelLoadError("{}: was packed at --dorefa {}, not {}; pass --dorefa {}".format(
+            path, packed.bits, bits, packed.bits))
+    height, width = model.inputs()[0].shape.as_list()[1:3]
+    if (packed.input["height"], packed.input["width"]) != (height, width):
+        raise ModelLoadError("{}: takes {}x{} images; this network takes {}x{}".format(
+            path, packed.input["height"], packed.input["width"], height, width))
+    return packed.predict
+
+
+def load_predictor(args, model):
+    """The predictor of ``--eval`` / ``--run``: ``--engine`` on ``--load``, strictly checked against ``model``."""
+    if args.engine == "packed":
+        return make_packed_predictor(args.load, model)
+    return make_predictor(model, read_weights(args.load), args.load)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,8 @@ def _checkpoint_prefix(path):
 def _read_npz(path):
     try:
         with np.load(path, allow_pickle=False) as data:
+            if "__packed__" in data.files:
+                raise ModelLoadError("{}: is a packed model (--export-packed); run it with --engine packed".format(path))
             weights = {}
             for key in data.files:
                 try:

@@ -122,6 +122,36 @@ class ResNet18Model(ImageNetModel):
             return FullyConnected("fct", x, 1000, use_bias=True)
 
 
+    def packed_program(self):
+        """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
+        from packed import program as P
+
+        bit_a = self.bits[1]   # ResNet-18 always clips, so A = 32 is activate(32): a clip
+        ops = [P.normalize(self.image_mean, self.image_std),
+               P.pad(3, 2), P.conv("conv1", 64, 7, stride=2, padding="VALID", quantized=False, bias=True),
+               P.pad(1, 1, mode="symmetric"), P.maxpool(3, 2, "VALID")]
+        for group, channels, stride in (("conv2", 64, 1), ("conv3", 128, 2), ("conv4", 256, 2), ("conv5", 512, 2)):
+            for i in (1, 2):
+                scope = "{}blk{}".format(group, i)
+                if i == 1:
+                    # x = activate(bn(pool(x))); shortcut = 1x1 conv of it; the stem continues from x
+                    if stride != 1:
+                        ops.append(P.avgpool(stride, stride))
+                    ops += [P.affine(scope + "/bn"), P.activate(bit_a),
+                            P.conv(scope + "/shortcut", channels, 1, src="x", dst="short")]
+                    stem, shortcut = "x", "short"
+                else:
+                    # x itself is the shortcut; the stem starts from activate(bn(x)) in its own register
+                    ops += [P.affine(scope + "/bn", dst="stem"), P.activate(bit_a, src="stem", dst="stem")]
+                    stem, shortcut = "stem", "x"
+                ops += [P.conv(scope + "/c3x3a", channels, 3, bn=scope + "/stembn", src=stem, dst=stem),
+                        P.activate(bit_a, src=stem, dst=stem),
+                        P.conv(scope + "/c3x3b", channels, 3, src=stem, dst=stem),
+                        P.add(shortcut, stem, dst="x")]
+        return ops + [P.affine("lastbn"), P.clip(), P.gap(), P.scale(49.0),
+                      P.fc("fct", 1000, quantized=False, bias=True), P.softmax()]
+
+
 def main(argv=None):
     """Train, evaluate, classify or export; see ``imagenet_utils.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.

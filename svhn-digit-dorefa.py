@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 from cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
 from dorefa import get_dorefa  # noqa: E402
 from image_io import ImageReadError  # noqa: E402
-from inference import EvaluationError, evaluate_topk, make_predictor, results_only_on_stdout, run_images  # noqa
+from inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images  # noqa
 from model_io import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
+from packed.export import PackedExportError, export_packed  # noqa: E402
 from svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
 from training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
 
@@ -41,6 +42,8 @@ LOGDIR_PATTERN = "train_log/svhn-dorefa-W,A,G"
 
 class SVHNModel(ModelDesc):
     """The SVHN digit net of docs/model-zoo.md for one (W, A, G)."""
+
+    model_name = "svhn-digit"
 
     def __init__(self, bits, steps_per_epoch=RECIPE_STEPS_PER_EPOCH, data_format="channels_last"):
         self.bits = bits
@@ -97,6 +100,32 @@ class SVHNModel(ModelDesc):
         total = tf.add_n([cost, wd_cost], name="cost")
         add_moving_summary(cost, wd_cost, total, tf.reduce_mean(wrong, name="train_error"))
         return total
+
+    def packed_program(self):
+        """The network of :meth:`build_graph` as a program of the packed engine (``--export-packed``)."""
+        from packed import program as P
+
+        bit_a = self.bits[1]
+
+        def nonlin():
+            return P.relu() if bit_a == 32 else P.clip()
+
+        def activate():
+            return P.relu() if bit_a == 32 else P.activate(bit_a)
+
+        return [
+            P.normalize([0, 0, 0], 256.0),
+            P.conv("conv0", 48, 5, padding="VALID", quantized=False, bias=True),
+            P.maxpool(2, 2, "SAME"), activate(),
+            P.conv("conv1", 64, 3, bn="bn1"), activate(),
+            P.conv("conv2", 64, 3, bn="bn2"), P.maxpool(2, 2, "SAME"), activate(),
+            P.conv("conv3", 128, 3, padding="VALID", bn="bn3"), activate(),
+            P.conv("conv4", 128, 3, bn="bn4"), activate(),
+            P.conv("conv5", 128, 3, padding="VALID", bn="bn5"), activate(),
+            P.conv("conv6", 512, 5, padding="VALID", bn="bn6"), nonlin(),
+            P.fc("fc1", 10, quantized=False, bias=True),
+            P.softmax(),
+        ]
 
     def optimizer(self):
         lr = tf.train.exponential_decay(
@@ -160,16 +189,14 @@ def make_dataflow(flow, train, batch, workers):
 # ------------------------------------------------------------------ modes
 def evaluate(args):
     flow = source_flow(args, "test")   # read before the weights, so that a bad --data fails at once
-    predict = make_predictor(SVHNModel(args.dorefa, data_format=args.data_format), read_weights(args.load),
-                             args.load)
+    predict = load_predictor(args, SVHNModel(args.dorefa, data_format=args.data_format))
     result = evaluate_topk(predict, make_dataflow(flow, False, args.batch, 0))
     print("test error: {:.4f}".format(result.top1))
     return 0
 
 
 def run(args):
-    predict = make_predictor(SVHNModel(args.dorefa, data_format=args.data_format), read_weights(args.load),
-                             args.load)
+    predict = load_predictor(args, SVHNModel(args.dorefa, data_format=args.data_format))
     failed = run_images(args.run, resize_like_test_data, predict, lambda c: {}, k=5, as_json=args.json)
     return 1 if failed else 0
 
@@ -219,7 +246,7 @@ def parse_args(argv=None):
     args = check_modes(parser, parser.parse_args(argv))
     if args.synthetic and args.data:
         parser.error("--synthetic and --data cannot be combined; choose one data source")
-    needs_data = not (args.run or args.export)
+    needs_data = not (args.run or args.export or args.export_packed)
     if needs_data and not (args.synthetic or args.data):
         parser.error("give --data SVHN_DIR (with train_32x32.mat and test_32x32.mat) or --synthetic")
     for flag in ("epochs", "batch", "steps_per_epoch"):
@@ -248,11 +275,15 @@ def main(argv=None):
             if args.export:
                 export_weights(SVHNModel(args.dorefa), args.load, args.export)
                 return 0
+            if args.export_packed:
+                export_packed(SVHNModel(args.dorefa), args.load, args.export_packed, args.first_last_dtype)
+                return 0
             with tf.Graph().as_default():
                 return evaluate(args) if args.eval else run(args)
 
     return run_reporting_errors(
-        act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError, EvaluationError), training)
+        act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError, EvaluationError,
+                PackedExportError), training)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,312 @@
+"""Inference on a packed model with integer bit-plane arithmetic, without TensorFlow.
+
+Between layers, quantized activations travel as their integer codes ``c`` in
+``0 .. n`` (value ``c / n``, ``n = 2^A - 1``).  A quantized layer whose input
+is codes computes exact integer sums ``acc = sum(c * q)`` and ``S = sum(c)``
+over each window, where ``q`` is the weight's code:
+
+* BWN (``w = E (2b - 1)``):        ``z = E (2 acc - S) / n``;
+* DoReFa (``w = 2 q / m - 1``):    ``z = (2 acc - m S) / (n m)``, ``m = 2^W - 1``.
+
+With few bit planes (W x A <= 8) ``acc`` is a sum of popcounts of ANDs of bit
+planes (:mod:`packed.kernels`, DoReFa-Net's bit convolution); wider settings
+(e.g. 8,8,8) use an integer matrix product, done exactly in float64.  Float
+only where the TensorFlow graph is float: the first and last layers, layers
+fed with A = 32 activations (their weights are expanded to the graph's float32
+values), batch norm maps, residual sums and pooling of float maps.
+"""
+import numpy as np
+
+from .format import read_packed, unpack_weight_planes
+
+__all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
+
+#: Quantized layers with W x A bit planes up to this use the popcount kernels; wider ones an integer GEMM.
+POPCOUNT_MAX_PLANE_PAIRS = 8
+#: Bytes of im2col rows materialised at once by the float and integer-GEMM convolutions.
+_IM2COL_BYTES = 64 << 20
+
+
+class _Map:
+    """A feature map: float32 ``values``, or integer codes with ``levels`` = n (value = code / n)."""
+
+    __slots__ = ("values", "levels")
+
+    def __init__(self, values, levels=None):
+        self.values = values
+        self.levels = levels
+
+    def as_float(self):
+        if self.levels is None:
+            return self.values
+        # the same IEEE operation as the graph's round(x * n) / n, so the values are identical
+        return self.values.astype(np.float32) / np.float32(self.levels)
+
+
+def _same_pads(size, kernel, stride):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pads(padding, h, w, kh, kw, stride):
+    if padding == "VALID":
+        return 0, 0, 0, 0
+    return _same_pads(h, kh, stride) + _same_pads(w, kw, stride)
+
+
+def _windows(x, kh, kw, stride, pads, fill=0):
+    """``[B, Ho, Wo, kh, kw, C]`` strided view of the padded NHWC map ``x``."""
+    top, bottom, left, right = pads
+    if any(pads):
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+    view = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    return view.transpose(0, 1, 2, 4, 5, 3)
+
+
+def _conv_gemm(x, weights, kh, kw, stride, pads, dtype):
+    """Convolution as blocked im2col x ``weights`` (``[kh*kw*C, out]``) in ``dtype``; also the window sums."""
+    win = _windows(x, kh, kw, stride, pads)
+    b, ho, wo = win.shape[:3]
+    k = kh * kw * x.shape[3]
+    out = np.empty((b, ho, wo, weights.shape[1]), dtype)
+    sums = np.empty((b, ho, wo), dtype)
+    per_image = max(ho * wo * k * np.dtype(dtype).itemsize, 1)
+    step = max(1, _IM2COL_BYTES // per_image)
+    for start in range(0, b, step):
+        rows = win[start:start + step].reshape(-1, k).astype(dtype)
+        out[start:start + step] = (rows @ weights).reshape(-1, ho, wo, weights.shape[1])
+        sums[start:start + step] = rows.sum(axis=1).reshape(-1, ho, wo)
+    return out, sums
+
+
+class _Layer:
+    """A conv or fc layer's weights in the forms the engine computes with."""
+
+    def __init__(self, name, spec, arrays):
+        self.name = name
+        self.kind = spec["kind"]
+        self.shape = tuple(spec["shape"])
+        self.bits = {"binary": 1, "ternary": None, "float": None}.get(self.kind, spec.get("bits"))
+        self.scale = arrays.get(name + "/scale")
+        self.shift = arrays.get(name + "/shift")
+        if self.kind == "float":
+            self.float_w = arrays[name + "/W"].astype(np.float32)
+            self.codes = None
+            return
+        planes = unpack_weight_planes(arrays[name + "/planes"], self.shape)
+        if self.kind == "ternary":
+            wp, wn = np.float32(arrays[name + "/Wp"]), np.float32(arrays[name + "/Wn"])
+            self.float_w = np.where(planes[0] == 1, wp, np.where(planes[1] == 1, -wn, np.float32(0)))
+            self.codes = None
+            return
+        weights = 1 << np.arange(planes.shape[0], dtype=np.int64)
+        self.codes = np.tensordot(weights, planes.astype(np.int64), axes=1)
+        self.levels = (1 << self.bits) - 1
+        if self.kind == "binary":
+            self.E = np.float32(arrays[name + "/E"])
+            self.float_w = np.where(self.codes == 1, self.E, -self.E).astype(np.float32)
+        else:
+            # the graph's 2 * (q / m) - 1 in float32, operation by operation
+            m = np.float32(self.levels)
+            self.float_w = np.float32(2) * (self.codes.astype(np.float32) / m) - np.float32(1)
+        self._planes = {}
+
+    def real(self, acc, sums, levels):
+        """The layer's real-valued output from integer ``acc = sum(c q)`` and ``sums = sum(c)``."""
+        acc = acc.astype(np.float64)
+        sums = sums.astype(np.float64)[..., np.newaxis]
+        if self.kind == "binary":
+            return (2.0 * acc - sums) * (float(self.E) / levels)
+        return (2.0 * acc - self.levels * sums) / float(levels * self.levels)
+
+    def epilogue(self, z):
+        if self.scale is not None:
+            z = z * self.scale
+        if self.shift is not None:
+            z = z + self.shift
+        return z.astype(np.float32, copy=False)
+
+
+class PackedModel:
+    """A packed model ready to run: ``PackedModel(path)`` or :func:`load_packed`.
+
+    ``predict(images)`` takes a batch ``[B, height, width, channels]`` of the
+    input dtype in the header (BGR, as the scripts feed their graphs) and
+    returns the softmax probabilities ``[B, classes]`` (float32).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.header, arrays = read_packed(path)
+        self.model = self.header["model"]
+        self.bits = self.header["bits"]
+        self.classes = int(self.header["classes"])
+        self.input = self.header["input"]
+        self.program = self.header["program"]
+        self.layers = {name: _Layer(name, spec, arrays) for name, spec in self.header["layers"].items()}
+        self.affines = {op["layer"]: (arrays.get(op["layer"] + "/scale"), arrays.get(op["layer"] + "/shift"))
+                        for op in self.program if op["op"] == "affine"}
+        self._trace = None
+
+    # ---------------------------------------------------------------- running
+    def predict(self, images, trace=None):
+        """Softmax probabilities of a batch.
+
+        ``trace``: a list that receives, for every quantizing ``activate`` op in
+        program order, ``(scaled, codes)``: its input clipped and multiplied by
+        ``n`` (float32, the value rounded) and the integer codes it produced.
+        Tests compare them with the TensorFlow graph to tell float-rounding ties
+        at a quantization boundary from real differences.
+        """
+        images = np.asarray(images)
+        want = (self.input["height"], self.input["width"], self.input["channels"])
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError("{}: expects images of shape [batch, {}, {}, {}], got {}".format(
+                self.path, *want, list(images.shape)))
+        self._trace = trace
+        registers = {"x": _Map(images)}
+        for op in self.program:
+            kind = op["op"]
+            src = op.get("src", "x")
+            if kind == "add":
+                result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
+            else:
+                result = getattr(self, "_" + kind)(registers[src], op)
+            registers[op.get("dst", "x")] = result
+        out = registers["x"].as_float()
+        return out.reshape(out.shape[0], -1)
+
+    __call__ = predict
+
+    # ---------------------------------------------------------------- ops
+    def _normalize(self, x, op):
+        v = x.values.astype(np.float32)
+        if "mean" in op:
+            v = v - np.asarray(op["mean"], np.float32)
+        std = np.asarray(op["std"], np.float32)
+        return _Map(v / (std[0] if std.size == 1 else std))
+
+    def _conv(self, x, op):
+        layer = self.layers[op["layer"]]
+        kh, kw = op["kernel"]
+        stride, groups = op["stride"], op["groups"]
+        pads = _pads(op["padding"], x.values.shape[1], x.values.shape[2], kh, kw, stride)
+        out_per_group = op["out"] // groups
+        parts = []
+        for g in range(groups):
+            cin = layer.shape[2]
+            xs = _Map(x.values[..., g * cin:(g + 1) * cin], x.levels)
+            sl = slice(g * out_per_group, (g + 1) * out_per_group)
+            parts.append(self._conv_group(layer, xs, sl, kh, kw, stride, pads))
+        z = parts[0] if groups == 1 else np.concatenate(parts, axis=-1)
+        return _Map(layer.epilogue(z))
+
+    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads):
+        if layer.codes is None or x.levels is None:
+            w = layer.float_w[..., out_slice]
+            z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
+            return z
+        a_bits = int(x.levels).bit_length()
+        if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+            from . import kernels
+
+            key = ("conv", out_slice.start)
+            if key not in layer._planes:
+                q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
+                layer._planes[key] = kernels.pack_planes(q.astype(np.uint8), layer.bits)
+            a = kernels.pack_planes(np.ascontiguousarray(x.values), a_bits)
+            acc, sums = kernels.conv_popcount(a, layer._planes[key], (kh, kw), stride, pads)
+        else:
+            q = layer.codes[..., out_slice].astype(np.float64)
+            acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64)
+        return layer.real(acc, sums, x.levels)
+
+    def _fc(self, x, op):
+        layer = self.layers[op["layer"]]
+        v = x.values
+        if v.ndim == 4 and op["flatten"] == "chw":
+            v = v.transpose(0, 3, 1, 2)
+        v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
+        if layer.codes is None or x.levels is None:
+            z = _Map(v, x.levels).as_float() @ layer.float_w
+        else:
+            a_bits = int(x.levels).bit_length()
+            if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+                from . import kernels
+
+                if "fc" not in layer._planes:
+                    layer._planes["fc"] = kernels.pack_planes(np.ascontiguousarray(layer.codes.T).astype(np.uint8),
+                                                              layer.bits)
+                acc, sums = kernels.gemm_popcount(kernels.pack_planes(v, a_bits), layer._planes["fc"])
+            else:
+                rows = v.astype(np.float64)
+                acc, sums = rows @ layer.codes.astype(np.float64), rows.sum(axis=1)
+            z = layer.real(acc, sums, x.levels)
+        return _Map(layer.epilogue(z))
+
+    def _affine(self, x, op):
+        scale, shift = self.affines[op["layer"]]
+        v = x.as_float()
+        if scale is not None:
+            v = v * scale
+        if shift is not None:
+            v = v + shift
+        return _Map(v.astype(np.float32, copy=False))
+
+    def _maxpool(self, x, op):
+        k, s = op["size"], op["stride"]
+        v = x.values
+        pads = _pads(op["padding"], v.shape[1], v.shape[2], k, k, s)
+        # Padded positions never win: codes are >= 0 (pad 0), floats pad with -inf.
+        fill = 0 if x.levels is not None else -np.inf
+        win = _windows(v, k, k, s, pads, fill=fill)
+        return _Map(win.max(axis=(3, 4)), x.levels)
+
+    def _avgpool(self, x, op):
+        k, s = op["size"], op["stride"]
+        v = x.as_float()
+        if op["padding"] != "VALID":
+            raise ValueError("{}: avgpool supports VALID padding only".format(self.path))
+        win = _windows(v, k, k, s, (0, 0, 0, 0))
+        return _Map(win.mean(axis=(3, 4), dtype=np.float32))
+
+    def _pad(self, x, op):
+        b, a = op["before"], op["after"]
+        mode = {"constant": "constant", "symmetric": "symmetric"}[op["mode"]]
+        return _Map(np.pad(x.values, ((0, 0), (b, a), (b, a), (0, 0)), mode=mode), x.levels)
+
+    def _relu(self, x, op):
+        return x if x.levels is not None else _Map(np.maximum(x.values, np.float32(0)))
+
+    def _clip(self, x, op):
+        return x if x.levels is not None else _Map(np.clip(x.values, np.float32(0), np.float32(1)))
+
+    def _activate(self, x, op):
+        bits = op["bits"]
+        v = np.clip(x.as_float(), np.float32(0), np.float32(1))
+        if bits == 32:
+            return _Map(v)
+        n = (1 << bits) - 1
+        scaled = v * np.float32(n)
+        codes = np.rint(scaled).astype(np.uint8 if bits <= 8 else np.uint32)
+        if self._trace is not None:
+            self._trace.append((scaled, codes))
+        return _Map(codes, n)
+
+    def _gap(self, x, op):
+        return _Map(x.as_float().mean(axis=(1, 2), dtype=np.float32))
+
+    def _scale(self, x, op):
+        return _Map(x.as_float() * np.float32(op["by"]))
+
+    def _softmax(self, x, op):
+        v = x.as_float()
+        v = v.reshape(v.shape[0], -1)
+        e = np.exp(v - v.max(axis=1, keepdims=True))
+        return _Map((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+def load_packed(path):
+    """Load a packed model file (see :mod:`packed.format`); returns a :class:`PackedModel`."""
+    return PackedModel(path)
