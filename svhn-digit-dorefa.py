@@ -264,7 +264,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    training = not (args.export or args.run or args.eval)
+    training = not (args.export or args.export_packed or args.run or args.eval)
 
     def act():
         if training:

@@ -39,8 +39,13 @@ class _Map:
     def as_float(self):
         if self.levels is None:
             return self.values
-        # the same IEEE operation as the graph's round(x * n) / n, so the values are identical
-        return self.values.astype(np.float32) / np.float32(self.levels)
+        # TensorFlow's graph optimizer turns the quantizer's round(x * n) / n into round(x * n) * (1 / n);
+        # the same float32 operation gives identical values
+        return self.values.astype(np.float32) * _reciprocal(self.levels)
+
+
+def _reciprocal(levels):
+    return np.float32(1) / np.float32(levels)
 
 
 def _same_pads(size, kernel, stride):
@@ -107,9 +112,8 @@ class _Layer:
             self.E = np.float32(arrays[name + "/E"])
             self.float_w = np.where(self.codes == 1, self.E, -self.E).astype(np.float32)
         else:
-            # the graph's 2 * (q / m) - 1 in float32, operation by operation
-            m = np.float32(self.levels)
-            self.float_w = np.float32(2) * (self.codes.astype(np.float32) / m) - np.float32(1)
+            # the graph's 2 * (q / m) - 1 in float32, with its division by a constant made a product
+            self.float_w = np.float32(2) * (self.codes.astype(np.float32) * _reciprocal(self.levels)) - np.float32(1)
         self._planes = {}
 
     def real(self, acc, sums, levels):
@@ -154,8 +158,8 @@ class PackedModel:
         """Softmax probabilities of a batch.
 
         ``trace``: a list that receives, for every quantizing ``activate`` op in
-        program order, ``(scaled, codes)``: its input clipped and multiplied by
-        ``n`` (float32, the value rounded) and the integer codes it produced.
+        program order, ``(scaled, codes, n)``: its input clipped and multiplied by
+        ``n`` (float32, the value rounded), the integer codes it produced and ``n``.
         Tests compare them with the TensorFlow graph to tell float-rounding ties
         at a quantization boundary from real differences.
         """
@@ -214,7 +218,7 @@ class PackedModel:
             key = ("conv", out_slice.start)
             if key not in layer._planes:
                 q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
-                layer._planes[key] = kernels.pack_planes(q.astype(np.uint8), layer.bits)
+                layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
             a = kernels.pack_planes(np.ascontiguousarray(x.values), a_bits)
             acc, sums = kernels.conv_popcount(a, layer._planes[key], (kh, kw), stride, pads)
         else:
@@ -236,8 +240,8 @@ class PackedModel:
                 from . import kernels
 
                 if "fc" not in layer._planes:
-                    layer._planes["fc"] = kernels.pack_planes(np.ascontiguousarray(layer.codes.T).astype(np.uint8),
-                                                              layer.bits)
+                    layer._planes["fc"] = kernels.prepare_weights(kernels.pack_planes(
+                        np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
                 acc, sums = kernels.gemm_popcount(kernels.pack_planes(v, a_bits), layer._planes["fc"])
             else:
                 rows = v.astype(np.float64)
@@ -291,7 +295,7 @@ class PackedModel:
         scaled = v * np.float32(n)
         codes = np.rint(scaled).astype(np.uint8 if bits <= 8 else np.uint32)
         if self._trace is not None:
-            self._trace.append((scaled, codes))
+            self._trace.append((scaled, codes, n))
         return _Map(codes, n)
 
     def _gap(self, x, op):

@@ -68,7 +68,11 @@ def _codes(layer, bits, w, wq, weights):
     else:
         n = (1 << bits) - 1
         q = np.rint((wq.astype(np.float64) + 1.0) / 2.0 * n).astype(np.int64)
-        rebuilt = f32(2) * (q.astype(f32) / f32(n)) - f32(1)
+        # q / n is what the quantizer writes; TensorFlow's graph optimizer computes it as q * (1 / n).
+        # Either float32 rendering identifies the same codes.
+        divided = f32(2) * (q.astype(f32) / f32(n)) - f32(1)
+        multiplied = f32(2) * (q.astype(f32) * (f32(1) / f32(n))) - f32(1)
+        rebuilt = multiplied if np.array_equal(multiplied, wq) else divided
         planes = np.stack([(q >> i) & 1 for i in range(bits)])
         kind, arrays = "dorefa", {"planes": pack_weight_planes(planes)}
     if not np.array_equal(rebuilt, wq):

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Packed models against the TensorFlow graph: file sizes and end-to-end inference speed.
+
+    python bench/packed_speed.py                                   # SVHN, AlexNet, ResNet-18; batch 1 and 128
+    python bench/packed_speed.py --models svhn --batches 1 128 --repeats 7
+
+For each (model, bits): random weights with calibrated batch norms
+(``synthetic_weights``), the float ``.npz`` of ``--export`` and the packed
+file of ``--export-packed`` (sizes and ratio), then images/s of the
+TensorFlow graph (``OfflinePredictor``, as ``--run`` / ``--eval`` use it) and
+of the packed engine on the same random batch, in the same process with the
+same number of threads, interleaved, medians of ``--repeats`` after a warm-up.
+The ``agree`` column is the fraction of the batch where both give the same
+top-1 class (a fast but wrong engine cannot hide here).  Per-layer kernel
+speed: ``bench/packed_layers.py``.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {
+    # name: (script, class, default bits, image size)
+    "svhn": ("svhn-digit-dorefa.py", "SVHNModel", ["1,2,4", "1,1,32"], 40),
+    "alexnet": ("alexnet-dorefa.py", "AlexNetModel", ["1,2,6", "1,1,32"], 224),
+    "resnet": ("resnet-dorefa.py", "ResNet18Model", ["1,4,32"], 224),
+}
+
+
+def _model(name, bits):
+    from cli import dorefa_bits
+    from script_loader import load_script
+
+    script, cls, _, size = MODELS[name]
+    model_class = getattr(load_script(script), cls)
+    bits = tuple(dorefa_bits(bits))
+    return model_class(bits) if name == "svhn" else model_class(bits, "channels_last", size)
+
+
+def _interleaved(functions, repeats):
+    """Median seconds per call of each function, run in turn (A B A B ...) after one warm-up call each."""
+    for f in functions:
+        f()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for i, f in enumerate(functions):
+            start = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def measure(name, bits, batches, repeats, workdir):
+    import numpy as np
+
+    from inference import make_predictor
+    from model_io import save_npz
+    from packed import load_packed
+    from packed.export import export_packed
+    from synthetic_weights import calibrated_weights
+    from tf_setup import tf
+
+    model = _model(name, bits)
+    spec = model.inputs()[0]
+    shape = spec.shape.as_list()[1:]
+    rng = np.random.RandomState(0)
+    weights = calibrated_weights(model, rng.uniform(0, 255, [16] + shape).astype(spec.dtype.as_numpy_dtype))
+    npz = os.path.join(workdir, "{}-{}.npz".format(name, bits))
+    packed_path = os.path.join(workdir, "{}-{}.packed.npz".format(name, bits))
+    save_npz(weights, npz)
+    export_packed(model, npz, packed_path)
+    sizes = {"model": name, "bits": bits, "npz": os.path.getsize(npz), "packed": os.path.getsize(packed_path)}
+    engine = load_packed(packed_path)
+    rows = []
+    with tf.Graph().as_default():
+        graph = make_predictor(model, weights, npz)
+        for batch in batches:
+            images = rng.uniform(0, 255, [batch] + shape).astype(spec.dtype.as_numpy_dtype)
+            t_graph, t_engine = _interleaved([lambda: graph(images), lambda: engine.predict(images)], repeats)
+            agree = float(np.mean(graph(images).argmax(1) == engine.predict(images).argmax(1)))
+            rows.append({"model": name, "bits": bits, "batch": batch, "graph": batch / t_graph,
+                         "engine": batch / t_engine, "agree": agree})
+            print("  {} {} batch {}: graph {:.1f} img/s, engine {:.1f} img/s".format(
+                name, bits, batch, batch / t_graph, batch / t_engine), file=sys.stderr, flush=True)
+    return sizes, rows
+
+
+def machine():
+    import numba
+    import numpy as np
+
+    from tf_setup import tf
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return ("{}, {} cores; TensorFlow {} (intra-op threads {}), numba {} ({} threads), numpy {}".format(
+        cpu, os.cpu_count(), tf.__version__, os.cpu_count(), numba.__version__, numba.get_num_threads(),
+        np.__version__))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--bits", nargs="+", help="bit settings (default: each model's own list)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 128])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per (model, bits, batch)")
+    args = parser.parse_args(argv)
+    sizes, rows = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models:
+            for bits in args.bits or MODELS[name][2]:
+                s, r = measure(name, bits, args.batches, args.repeats, workdir)
+                sizes.append(s)
+                rows += r
+    print("| model | bits | float .npz MB | packed MB | smaller |")
+    print("|---|---|---|---|---|")
+    for s in sizes:
+        print("| {} | {} | {:.2f} | {:.3f} | {:.1f}x |".format(s["model"], s["bits"], s["npz"] / 1e6, s["packed"] / 1e6,
+                                                             s["npz"] / s["packed"]))
+    print()
+    print("| model | bits | batch | TensorFlow img/s | packed engine img/s | speedup | same top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| {} | {} | {} | {:.1f} | {:.1f} | {:.2f}x | {:.0%} |".format(
+            r["model"], r["bits"], r["batch"], r["graph"], r["engine"], r["engine"] / r["graph"], r["agree"]))
+    print()
+    print("machine: " + machine())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Comparing the packed engine with the TensorFlow graph, activation by activation.
+
+Float32 sums in a different order can put a pre-activation on the other side
+of a rounding boundary (a tie within float error).  That one differing code
+then changes everything after it, so whole-output tolerances cannot tell a
+tie from a bug.  :func:`compare_with_graph` walks the quantized activations of
+both in order and, per image, finds the first layer where the codes differ:
+every code that differs there must be a tie in the graph's own values
+(within ``TIE`` of a rounding boundary ``(k + 0.5) / n``, in activation units;
+float32 sums of hundreds of terms and a batch norm can be that far off); anything
+else is a real difference and fails.  Images with no differing code are "clean" and must
+match to 1e-4 in probability.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from model_io import build_inference_graph
+from tf_setup import tf
+
+#: How close to a rounding boundary (in activation units, [0, 1]) a graph value must be for a differing code
+#: to be a float tie.
+TIE = 3e-5
+#: Largest allowed probability difference on clean images.
+PROB_TOL = 1e-4
+
+
+class Comparison(NamedTuple):
+    images: int
+    clean: int          # images whose every activation code equals the graph's
+    tie_images: int     # images that diverged at a rounding tie (then differ downstream)
+    root_ties: int      # differing codes at the first divergence of each image
+    activations: int    # quantized activations per batch, all layers
+    max_clean_diff: float
+    argmax_equal: int
+    max_tie_distance: float   # farthest graph value from its boundary among the root ties (activation units)
+
+
+def graph_outputs(model, weights, images):
+    """The graph's probabilities and, per quantizing activation in creation order, its scaled input ``v * n``."""
+    with tf.Graph().as_default() as graph:
+        image, _ = build_inference_graph(model)
+        rounds = [op for op in graph.get_operations()
+                  if op.type == "Round" and op.inputs[0].shape.as_list()[0] is None]   # batch-shaped: activations
+        with tf.Session() as sess:
+            for var in tf.global_variables():
+                var.load(np.asarray(weights[var.op.name], np.float32), sess)
+            probs, scaled = sess.run([graph.get_tensor_by_name("output:0"), [op.inputs[0] for op in rounds]],
+                                     {image: images})
+    return probs, scaled
+
+
+def compare_with_graph(model, weights, images, packed_model):
+    """Run both on ``images``; raise ``AssertionError`` on any real difference; return a :class:`Comparison`."""
+    p_graph, graph_scaled = graph_outputs(model, weights, images)
+    trace = []
+    p_engine = packed_model.predict(images, trace=trace)
+    assert len(trace) == len(graph_scaled), "{} quantized activations in the engine, {} in the graph".format(
+        len(trace), len(graph_scaled))
+    n = len(images)
+    diverged = np.zeros(n, bool)
+    root_ties = activations = 0
+    max_tie = 0.0
+    for layer, ((scaled, codes, levels), g_scaled) in enumerate(zip(trace, graph_scaled)):
+        g_scaled = np.asarray(g_scaled)
+        assert g_scaled.shape == scaled.shape, "activation {}: shape {} vs graph {}".format(
+            layer, scaled.shape, g_scaled.shape)
+        activations += codes.size
+        differs = (np.rint(g_scaled) != codes).reshape(n, -1)
+        for i in np.flatnonzero(differs.any(axis=1) & ~diverged):
+            g = g_scaled.reshape(n, -1)[i][differs[i]]
+            distance = np.abs(g - np.floor(g) - 0.5) / levels
+            assert distance.max() < TIE, (
+                "image {}, activation {}: {} codes differ from the graph, one {:.2e} from a rounding boundary "
+                "(graph {:.6f}, engine {:.6f} quantization steps): not a float tie".format(
+                    i, layer, int(differs[i].sum()), float(distance.max()), float(g[distance.argmax()]),
+                    float(scaled.reshape(n, -1)[i][differs[i]][distance.argmax()])))
+            root_ties += int(differs[i].sum())
+            max_tie = max(max_tie, float(distance.max()))
+            diverged[i] = True
+    clean = ~diverged
+    diff = np.abs(p_engine - p_graph).max(axis=1)
+    max_clean = float(diff[clean].max()) if clean.any() else 0.0
+    assert max_clean <= PROB_TOL, "clean images differ by up to {:.2e} in probability".format(max_clean)
+    return Comparison(n, int(clean.sum()), int(diverged.sum()), root_ties, activations, max_clean,
+                      int((p_engine.argmax(1) == p_graph.argmax(1)).sum()), max_tie)
