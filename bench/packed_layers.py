@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Popcount kernels of the packed engine against TensorFlow float32, layer by layer.
+
+    python bench/packed_layers.py                          # AlexNet and SVHN layers, batch 1 and 128
+    python bench/packed_layers.py --batches 1 --repeats 21
+    python bench/packed_layers.py --nets svhn resnet --threads 2
+
+For each quantized layer of the project's networks (shapes as the scripts build them: AlexNet at
+224 x 224, SVHN at 40 x 40, ResNet-18 at 224 x 224; AlexNet's grouped convolutions are one call per
+group) and bit widths (W1A2 = 1-bit weights, 2-bit activations; BNN = W1A1; ResNet W1A4):
+
+* TF float32: ``tf.matmul`` / ``tf.nn.conv2d`` (NHWC) on float32 variables holding the same codes, in a
+  ``tf.compat.v1`` session with ``intra_op_parallelism_threads = --threads``, inter-op 1;
+* packed: ``pack_planes`` of the activation codes (included in the time: the engine packs every
+  layer's input) + ``gemm_popcount`` / ``conv_popcount`` on ``--threads`` numba threads; the weights
+  are laid out once (``prepare_weights``, as at load time) outside the timing.
+
+Both run in this process, interleaved (one TF run, one packed run, ...), after warm-up; the table
+has the medians of ``--repeats``.  Every packed result (acc and rowsum) is checked against the
+numpy integer reference on the same random codes before its row is printed, so a fast but wrong
+kernel cannot report a speedup.  Prints a markdown table and the machine (load average included:
+the timings are only as quiet as the machine).
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (net, layer, kind, input [H, W, Cin] or [K], output channels, kernel, stride, padding, (k, m))
+W1A2, BNN, W1A4 = (1, 2), (1, 1), (1, 4)
+LAYERS = [
+    ("alexnet", "fc0", "fc", (9216,), 4096, None, None, None, W1A2),
+    ("alexnet", "fc1", "fc", (4096,), 4096, None, None, None, W1A2),
+    ("alexnet", "conv1 (1 of 2 groups)", "conv", (54, 54, 48), 128, (5, 5), 1, "SAME", W1A2),
+    ("alexnet", "conv2", "conv", (27, 27, 256), 384, (3, 3), 1, "SAME", W1A2),
+    ("alexnet", "conv3 (1 of 2 groups)", "conv", (14, 14, 192), 192, (3, 3), 1, "SAME", W1A2),
+    ("alexnet", "conv4 (1 of 2 groups)", "conv", (14, 14, 192), 128, (3, 3), 1, "SAME", W1A2),
+    ("alexnet", "fc0", "fc", (9216,), 4096, None, None, None, BNN),
+    ("alexnet", "fc1", "fc", (4096,), 4096, None, None, None, BNN),
+    ("alexnet", "conv2", "conv", (27, 27, 256), 384, (3, 3), 1, "SAME", BNN),
+    ("svhn", "conv1", "conv", (18, 18, 48), 64, (3, 3), 1, "SAME", W1A2),
+    ("svhn", "conv2", "conv", (18, 18, 64), 64, (3, 3), 1, "SAME", W1A2),
+    ("svhn", "conv3", "conv", (9, 9, 64), 128, (3, 3), 1, "VALID", W1A2),
+    ("svhn", "conv4", "conv", (7, 7, 128), 128, (3, 3), 1, "SAME", W1A2),
+    ("svhn", "conv5", "conv", (7, 7, 128), 128, (3, 3), 1, "VALID", W1A2),
+    ("svhn", "conv6", "conv", (5, 5, 128), 512, (5, 5), 1, "VALID", W1A2),
+    ("svhn", "conv2", "conv", (18, 18, 64), 64, (3, 3), 1, "SAME", BNN),
+    ("svhn", "conv6", "conv", (5, 5, 128), 512, (5, 5), 1, "VALID", BNN),
+    ("resnet", "conv 56x56x64", "conv", (56, 56, 64), 64, (3, 3), 1, "SAME", W1A4),
+    ("resnet", "conv 28x28x128", "conv", (28, 28, 128), 128, (3, 3), 1, "SAME", W1A4),
+    ("resnet", "conv 14x14x256", "conv", (14, 14, 256), 256, (3, 3), 1, "SAME", W1A4),
+    ("resnet", "conv 7x7x512", "conv", (7, 7, 512), 512, (3, 3), 1, "SAME", W1A4),
+    ("resnet", "shortcut 1x1/2 to 28x28x128", "conv", (56, 56, 64), 128, (1, 1), 2, "SAME", W1A4),
+]
+
+
+def tf_pads(size, kernel, stride, padding):
+    """(before, after) zero padding of one spatial axis, as TensorFlow's SAME / VALID."""
+    if padding == "VALID":
+        return 0, 0
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def bits_name(bits):
+    return {W1A2: "W1A2", BNN: "W1A1 (BNN)", W1A4: "W1A4"}.get(bits, "W%dA%d" % bits)
+
+
+def measure(layer, batch, repeats, threads, tf, kernels, np):
+    """Median ms of TF float32 and of the packed layer (+ its packing share), after checking it."""
+    _, name, kind, shape, cout, kernel, stride, padding, (k_bits, m_bits) = layer
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2 ** m_bits, (batch,) + shape, dtype=np.uint8)
+    if kind == "fc":
+        q = rng.integers(0, 2 ** k_bits, (cout,) + shape, dtype=np.uint8)          # [C, K]
+        w_float = q.T.astype(np.float32)
+    else:
+        q = rng.integers(0, 2 ** k_bits, (cout,) + kernel + shape[-1:], dtype=np.uint8)  # [Cout, kh, kw, Cin]
+        w_float = q.transpose(1, 2, 3, 0).astype(np.float32)
+        pads = tf_pads(shape[0], kernel[0], stride, padding) + tf_pads(shape[1], kernel[1], stride, padding)
+    w_planes = kernels.pack_planes(q, k_bits)
+    prepared = kernels.prepare_weights(w_planes)
+
+    def packed():
+        a = kernels.pack_planes(codes, m_bits)
+        if kind == "fc":
+            return kernels.gemm_popcount(a, prepared)
+        return kernels.conv_popcount(a, prepared, kernel, stride, pads)
+
+    def pack_only():
+        return kernels.pack_planes(codes, m_bits)
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x_in = tf.placeholder(tf.float32, codes.shape)
+        w_in = tf.placeholder(tf.float32, w_float.shape)
+        x = tf.Variable(x_in)
+        w = tf.Variable(w_in)
+        y = tf.matmul(x, w) if kind == "fc" else tf.nn.conv2d(x, w, [1, stride, stride, 1], padding)
+        config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
+        with tf.Session(graph=graph, config=config) as sess:
+            sess.run(tf.global_variables_initializer(), {x_in: codes.astype(np.float32), w_in: w_float})
+            tf_run = lambda: sess.run(y.op)  # noqa: E731
+            for _ in range(2):
+                tf_run()
+                result = packed()
+                pack_only()
+            tf_ms, packed_ms, pack_ms = [], [], []
+            for _ in range(repeats):
+                for fn, times in ((tf_run, tf_ms), (packed, packed_ms), (pack_only, pack_ms)):
+                    start = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - start) * 1e3)
+    a = kernels.pack_planes(codes, m_bits)
+    if kind == "fc":
+        expected = kernels.reference_gemm(a, w_planes)
+    else:
+        expected = kernels.reference_conv(a, w_planes, kernel, stride, pads)
+    for got, want, what in zip(result, expected, ("acc", "rowsum")):
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise SystemExit("packed %s of %s %s batch %d differs from the integer reference"
+                             % (what, name, bits_name((k_bits, m_bits)), batch))
+    if kind == "fc":
+        desc = "%d -> %d" % (shape[0], cout)
+    else:
+        desc = "%dx%d/%d %s, %dx%dx%d -> %d" % (kernel + (stride, padding) + shape + (cout,))
+    return desc, statistics.median(tf_ms), statistics.median(packed_ms), statistics.median(pack_ms)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each (median); default 7")
+    parser.add_argument("--threads", type=int, default=2, help="TF intra-op threads = numba threads; default 2")
+    parser.add_argument("--nets", nargs="+", choices=["alexnet", "svhn", "resnet"], default=["alexnet", "svhn"])
+    args = parser.parse_args(argv)
+
+    import numba
+    import numpy as np
+
+    from packed import kernels
+    from tf_setup import tf
+
+    numba.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    kernels.conv_popcount(kernels.pack_planes(np.zeros((1, 3, 3, 3), np.uint8), 2),
+                          kernels.pack_planes(np.zeros((1, 3, 3, 3), np.uint8), 1), (3, 3), 1, (1, 1, 1, 1))
+    first_call = time.perf_counter() - start
+
+    print("| layer | bits | shape | batch | TF float32 ms | packed ms | of which packing ms | speedup |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for layer in LAYERS:
+        if layer[0] not in args.nets:
+            continue
+        for batch in args.batches:
+            desc, tf_ms, packed_ms, pack_ms = measure(layer, batch, args.repeats, args.threads, tf, kernels, np)
+            print("| %s %s | %s | %s | %d | %.3f | %.3f | %.3f | %.1fx |"
+                  % (layer[0], layer[1], bits_name(layer[8]), desc, batch, tf_ms, packed_ms, pack_ms,
+                     tf_ms / packed_ms), flush=True)
+    load_after = os.getloadavg()
+    print()
+    print("packed ms = pack_planes(activation codes) + popcount kernel (weights laid out once, untimed); "
+          "both checked equal to the integer reference.  Medians of %d runs, TF and packed interleaved."
+          % args.repeats)
+    print("Machine: %s, %d cores; TensorFlow %s, numba %s, numpy %s, Python %s; %d threads (TF intra-op "
+          "and numba); load average %.2f before, %.2f after; first kernel call %.2f s (JIT or cache load)."
+          % (cpu_model(), os.cpu_count(), tf.__version__ if hasattr(tf, "__version__") else _tf_version(),
+             numba.__version__, np.__version__, platform.python_version(), args.threads, load_before[0],
+             load_after[0], first_call))
+
+
+def _tf_version():
+    import tensorflow
+
+    return tensorflow.__version__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,695 @@
+"""Bit-operation kernels of the packed inference engine: bit planes and popcount GEMM / convolution.
+
+numpy + numba only (no TensorFlow).  All results are exact integers.
+
+Codes and bit planes
+--------------------
+An ``m``-bit activation is an integer code ``ia`` in ``[0, 2^m - 1]`` and a ``k``-bit quantized
+weight an integer code ``q`` in ``[0, 2^k - 1]``.  Plane ``b`` of a code array holds bit ``b`` of
+every code.  Planes are packed along the reduction axis (channels), little-endian within 64-bit
+words: element ``c`` of a row is bit ``c % 64`` of word ``c // 64``; rows are zero-padded to whole
+words (a code of 0 adds nothing to any sum below, so the padding is exact).
+
+* :func:`pack_planes` ``codes [..., C] -> uint64 [bits, ..., ceil(C / 64)]``; :func:`unpack_planes`
+  is its inverse.
+* :func:`gemm_popcount` (fully-connected layers) and :func:`conv_popcount` (NHWC convolutions, TF
+  ``conv2d`` cross-correlation) return ``acc = sum ia * q`` and ``rowsum = sum ia`` over each
+  output's reduction, computed as ``sum_{i,j} 2^(i+j) popcount(a_j & w_i)``.
+* :func:`prepare_weights` lays weight planes out for the kernels.  Both kernels take either the
+  ``[k, C, ...]`` planes (laid out again on every call) or its result (laid out once, at load time).
+* :func:`reference_gemm` / :func:`reference_conv`: numpy references computed on the unpacked codes.
+
+How the kernels compute
+-----------------------
+Both are one GEMM on bit planes, with the output channels in SIMD lanes.  The weights are laid out
+in panels of 32 output channels, ``[k, C / 32, K, 32]``, so that the 32 channels of one reduction
+word are four 512-bit vectors.  A "virtual row" is one activation row (an FC input row, or the
+window of one output pixel) in one plane ``j``.  A register tile takes 4 virtual rows x 32
+channels: for each reduction word, 4 weight vectors are loaded and each row's word is broadcast
+against them; ``acc += popcount(a & w)`` accumulates in 16 vector registers (``vpandq`` +
+``vpopcntq`` + ``vpaddq`` with AVX512_VPOPCNTDQ; numba compiles for the host CPU, other CPUs get
+LLVM's generic lowering).  At the end of a tile the 16 accumulators are shifted by ``i + j``
+(weight plane ``i``) and added to the ``int32`` output.  The vectors are an LLVM ``<8 x i64>`` type
+of their own (``_Vec8Type``) so that the tile is exactly this code, independent of the
+auto-vectoriser.
+
+A convolution gathers the windows of a block of output pixels into a small buffer (a blocked
+im2col, zero outside the map; a fully-connected layer is the 1 x 1 case) and runs the tiles on it.
+Tasks (pixel block x channel block) are handed out dynamically to the calling thread and
+``numba.get_num_threads() - 1`` pool threads running the same ``nogil`` function.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from llvmlite import ir
+from numba import get_num_threads, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+__all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
+           "conv_popcount", "reference_gemm", "reference_conv"]
+
+_JIT = dict(nogil=True, cache=True)
+_PANEL = 32                                 # output channels per weight panel (4 vectors of 8)
+
+
+# ---------------------------------------------------------------------------------------- intrinsics
+def _element_pointer(context, builder, array_type, array, index):
+    """Pointer to element ``index`` of a C-contiguous 1-D array (no bounds or wraparound logic)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [index])
+
+
+def _is_flat(array_type, dtype):
+    return isinstance(array_type, types.Array) and array_type.ndim == 1 and array_type.dtype == dtype
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """``llvm.ctpop.i64`` of an integer (``popcnt``)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(context.cast(builder, args[0], signature.args[0], types.uint64))
+
+    return types.uint64(x), codegen
+
+
+@intrinsic
+def _load(typingctx, array, index):
+    """``array[index]`` of a flat uint64 array, without numba's negative-index fix-up."""
+    if not _is_flat(array, types.uint64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1]))
+
+    return types.uint64(array, types.intp), codegen
+
+
+class _Vec8Type(types.Type):
+    """Eight uint64 lanes, an LLVM ``<8 x i64>`` value (a zmm register with AVX-512)."""
+
+    def __init__(self):
+        super().__init__(name="uint64x8")
+
+
+_vec8 = _Vec8Type()
+_V8 = ir.VectorType(ir.IntType(64), 8)
+
+
+@register_model(_Vec8Type)
+class _Vec8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8)
+
+
+def _splat(builder, value, vector_type):
+    undef = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
+                                                          [0] * vector_type.count))
+
+
+@intrinsic
+def _vzero(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_V8, [0] * 8)
+
+    return _vec8(), codegen
+
+
+@intrinsic
+def _vload(typingctx, array, index):
+    """``array[index:index + 8]`` of a flat uint64 array as a vector."""
+    if not _is_flat(array, types.uint64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(pointer, _V8.as_pointer()), align=8)
+
+    return _vec8(array, types.intp), codegen
+
+
+@intrinsic
+def _vpopadd(typingctx, acc, word, weights):
+    """``acc + popcount(word & weights)`` lane-wise, ``word`` broadcast (vpandq, vpopcntq, vpaddq)."""
+    if not (acc == _vec8 and weights == _vec8 and isinstance(word, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_v, word_v, weights_v = args
+        word_v = context.cast(builder, word_v, signature.args[1], types.uint64)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64")
+        both = builder.and_(_splat(builder, word_v, _V8), weights_v)
+        return builder.add(acc_v, builder.call(ctpop, [both]))
+
+    return _vec8(acc, word, weights), codegen
+
+
+@intrinsic
+def _vfold(typingctx, out, index, acc, shift):
+    """``out[index:index + 8] += int32(acc << shift)`` for a flat int32 array."""
+    if not (_is_flat(out, types.int32) and acc == _vec8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        out_v, index_v, acc_v, shift_v = args
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        pointer = builder.bitcast(_element_pointer(context, builder, signature.args[0], out_v, index_v),
+                                  v32.as_pointer())
+        shift_v = context.cast(builder, shift_v, signature.args[3], types.uint64)
+        add = builder.trunc(builder.shl(acc_v, _splat(builder, shift_v, _V8)), v32)
+        builder.store(builder.add(builder.load(pointer, align=4), add), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, types.intp, acc, types.intp), codegen
+
+
+@intrinsic
+def _bits_of_64_bytes(typingctx, codes, start, bit):
+    """uint64 whose bit ``i`` is bit ``bit`` of ``codes[start + i]`` for ``i < 64``.
+
+    One 64-byte load, an AND and a compare to a ``<64 x i1>`` mask (``vptestmb`` + ``kmovq`` with
+    AVX-512BW).  ``codes`` is a contiguous 1-D ``uint8`` array with ``start + 64 <= codes.size``.
+    """
+    if not _is_flat(codes, types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        _, start_v, bit_v = args
+        i8 = ir.IntType(8)
+        vec = ir.VectorType(i8, 64)
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], start_v)
+        loaded = builder.load(builder.bitcast(pointer, vec.as_pointer()), align=1)
+        mask = builder.trunc(builder.shl(ir.Constant(bit_v.type, 1), bit_v), i8)
+        nonzero = builder.icmp_unsigned("!=", builder.and_(loaded, _splat(builder, mask, vec)),
+                                        ir.Constant(vec, [0] * 64))
+        return builder.bitcast(nonzero, ir.IntType(64))
+
+    return types.uint64(codes, types.intp, types.intp), codegen
+
+
+@intrinsic
+def _next_task(typingctx, counter):
+    """Atomically ``counter[0] += 1``; returns the old value (the task this thread takes next)."""
+    if not _is_flat(counter, types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], ir.Constant(ir.IntType(64), 0))
+        return builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+# ------------------------------------------------------------------------------------------ threads
+# Each kernel is a serial numba function (nogil) that takes tasks from a shared atomic counter until
+# none is left; the calling thread and get_num_threads() - 1 pool threads run it together.  Dynamic
+# hand-out keeps both cores busy when another process takes one for a while, and serial functions
+# compile in about a third of the time of numba's parallel=True (parfor) versions.
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _run_workers(worker, n_tasks, *args):
+    """worker(counter, n_tasks, *args) on min(get_num_threads(), n_tasks) threads; waits for all."""
+    global _pool
+    counter = np.zeros(1, np.int64)
+    helpers = min(get_num_threads(), n_tasks) - 1
+    futures = []
+    if helpers > 0:
+        with _pool_lock:
+            if _pool is None or _pool._max_workers < helpers:
+                _pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="packed-kernels")
+            pool = _pool
+        futures = [pool.submit(worker, counter, n_tasks, *args) for _ in range(helpers)]
+    try:
+        worker(counter, n_tasks, *args)
+    finally:
+        for future in futures:
+            future.result()
+
+
+# ------------------------------------------------------------------------------------------- packing
+@njit(**_JIT)
+def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
+    """Rows of flat (uint8 codes [R * width], C order) -> out: uint64 [bits, R, Cw]; task = row block."""
+    rows, words = out.shape[1], out.shape[2]
+    full = width // 64
+    tail = np.zeros(64, np.uint8)
+    task = _next_task(counter)
+    while task < n_tasks:
+        for r in range(task * row_block, min(rows, (task + 1) * row_block)):
+            base = r * width
+            for w in range(full):
+                for b in range(bits):
+                    out[b, r, w] = _bits_of_64_bytes(flat, base + 64 * w, b)
+            if full < words:
+                for c in range(width - 64 * full):
+                    tail[c] = flat[base + 64 * full + c]
+                for b in range(bits):
+                    out[b, r, full] = _bits_of_64_bytes(tail, 0, b)
+        task = _next_task(counter)
+
+
+def pack_planes(codes, bits):
+    """Bit planes of integer codes, packed along the last axis.
+
+    ``codes``: integer array ``[..., C]`` with values in ``[0, 2^bits - 1]`` (not checked: bits at and
+    above ``bits`` are ignored).  Returns ``uint64 [bits, ..., ceil(C / 64)]``: word ``w`` of plane
+    ``b`` holds bit ``b`` of codes ``64 w .. 64 w + 63`` (code ``64 w + t`` in bit ``t``), zero-padded.
+    """
+    bits = int(bits)
+    if not 1 <= bits <= 8:
+        raise ValueError("bits must be in 1..8, got %d" % bits)
+    codes = np.asarray(codes)
+    if codes.ndim == 0:
+        raise ValueError("codes must have at least one axis (the packed one)")
+    if codes.dtype != np.uint8:
+        if not np.issubdtype(codes.dtype, np.integer) and codes.dtype != np.bool_:
+            raise ValueError("codes must be integers, got %s" % codes.dtype)
+        codes = codes.astype(np.uint8)         # bits >= 8 are ignored anyway
+    lead, width = codes.shape[:-1], codes.shape[-1]
+    words = (width + 63) // 64
+    out = np.empty((bits,) + lead + (words,), np.uint64)
+    rows = int(np.prod(lead, dtype=np.int64))
+    if rows and words:
+        flat = np.ascontiguousarray(codes).reshape(-1)
+        row_block = max(1, min(256, -(-rows // (4 * get_num_threads()))))
+        _run_workers(_pack_worker, -(-rows // row_block), flat, width, bits, out.reshape(bits, rows, words),
+                     row_block)
+    return out
+
+
+def unpack_planes(planes, width):
+    """Inverse of :func:`pack_planes`: ``uint64 [bits, ..., Cw] -> uint8 codes [..., width]``."""
+    planes = np.ascontiguousarray(planes, dtype=np.uint64)
+    bits = planes.shape[0]
+    if planes.shape[-1] * 64 < width:
+        raise ValueError("%d words cannot hold %d codes" % (planes.shape[-1], width))
+    unpacked = np.unpackbits(planes.view(np.uint8), axis=-1, bitorder="little")[..., :width]
+    codes = np.zeros(planes.shape[1:-1] + (width,), np.uint8)
+    for b in range(bits):
+        codes |= unpacked[b] << np.uint8(b)
+    return codes
+
+
+# ----------------------------------------------------------------------------------- weight layout
+class PreparedWeights:
+    """Weight planes laid out for the kernels (see :func:`prepare_weights`).
+
+    ``panels``: flat uint64 ``[k, ceil(C / 32), K, 32]`` (channels beyond ``C`` zero); ``shape``: the
+    shape of the planes it came from, ``(k, C, Kw)`` or ``(k, Cout, kh, kw, Cw)``.
+    """
+
+    __slots__ = ("panels", "shape")
+
+    def __init__(self, panels, shape):
+        self.panels = panels
+        self.shape = tuple(shape)
+
+    def __repr__(self):
+        return "PreparedWeights(shape=%s)" % (self.shape,)
+
+
+@njit(**_JIT)
+def _to_panels(w, out):
+    """w: uint64 [k, C, K] -> out: [k, ceil(C / 32), K, 32], zero beyond channel C."""
+    k, chans, depth = w.shape
+    for i in range(k):
+        for panel in range(out.shape[1]):
+            for kk in range(depth):
+                for e in range(_PANEL):
+                    c = panel * _PANEL + e
+                    out[i, panel, kk, e] = w[i, c, kk] if c < chans else np.uint64(0)
+
+
+def prepare_weights(w_planes):
+    """Lay weight planes out for :func:`gemm_popcount` / :func:`conv_popcount` (once, at load time).
+
+    ``w_planes``: ``uint64 [k, C, Kw]`` (fully-connected) or ``[k, Cout, kh, kw, Cw]`` (convolution),
+    as :func:`pack_planes` returns them for codes ``[C, K]`` / ``[Cout, kh, kw, Cin]``.  Returns a
+    :class:`PreparedWeights`; a :class:`PreparedWeights` is returned as it is.
+    """
+    if isinstance(w_planes, PreparedWeights):
+        return w_planes
+    w = np.asarray(w_planes)
+    if w.dtype != np.uint64 or w.ndim not in (3, 5):
+        raise ValueError("weight planes must be uint64 [k, C, Kw] or [k, Cout, kh, kw, Cw], got %s %s"
+                         % (w.dtype, w.shape))
+    k, chans = w.shape[:2]
+    flat = np.ascontiguousarray(w).reshape(k, chans, -1)
+    panels = np.empty((k, -(-chans // _PANEL), flat.shape[2], _PANEL), np.uint64)
+    if panels.size:
+        _to_panels(flat, panels)
+    return PreparedWeights(panels.reshape(-1), w.shape)
+
+
+# ------------------------------------------------------------------------------------ tile kernels
+@njit(inline="always", **_JIT)
+def _tile4(words, r0, r1, r2, r3, kh, span, pitch, wp, wbase, out, o0, o1, o2, o3, s0, s1, s2, s3):
+    """4 virtual rows x one 32-channel weight panel, 16 accumulators in registers.
+
+    Virtual row l's window: ``kh`` runs of ``span`` words, run dy at words[r_l + dy * pitch:][:span];
+    the panel's 32 channels of reduction word kk are wp[wbase + 32 kk:][:32].  Adds the counts of
+    row l, shifted by s_l, to out[o_l:o_l + 32].
+    """
+    x00 = _vzero()
+    x01 = _vzero()
+    x02 = _vzero()
+    x03 = _vzero()
+    x10 = _vzero()
+    x11 = _vzero()
+    x12 = _vzero()
+    x13 = _vzero()
+    x20 = _vzero()
+    x21 = _vzero()
+    x22 = _vzero()
+    x23 = _vzero()
+    x30 = _vzero()
+    x31 = _vzero()
+    x32 = _vzero()
+    x33 = _vzero()
+    w = wbase
+    for dy in range(kh):
+        run = dy * pitch
+        for t in range(run, run + span):
+            w0 = _vload(wp, w)
+            w1 = _vload(wp, w + 8)
+            w2 = _vload(wp, w + 16)
+            w3 = _vload(wp, w + 24)
+            a = _load(words, r0 + t)
+            x00 = _vpopadd(x00, a, w0)
+            x01 = _vpopadd(x01, a, w1)
+            x02 = _vpopadd(x02, a, w2)
+            x03 = _vpopadd(x03, a, w3)
+            a = _load(words, r1 + t)
+            x10 = _vpopadd(x10, a, w0)
+            x11 = _vpopadd(x11, a, w1)
+            x12 = _vpopadd(x12, a, w2)
+            x13 = _vpopadd(x13, a, w3)
+            a = _load(words, r2 + t)
+            x20 = _vpopadd(x20, a, w0)
+            x21 = _vpopadd(x21, a, w1)
+            x22 = _vpopadd(x22, a, w2)
+            x23 = _vpopadd(x23, a, w3)
+            a = _load(words, r3 + t)
+            x30 = _vpopadd(x30, a, w0)
+            x31 = _vpopadd(x31, a, w1)
+            x32 = _vpopadd(x32, a, w2)
+            x33 = _vpopadd(x33, a, w3)
+            w += _PANEL
+    _vfold(out, o0, x00, s0)
+    _vfold(out, o0 + 8, x01, s0)
+    _vfold(out, o0 + 16, x02, s0)
+    _vfold(out, o0 + 24, x03, s0)
+    _vfold(out, o1, x10, s1)
+    _vfold(out, o1 + 8, x11, s1)
+    _vfold(out, o1 + 16, x12, s1)
+    _vfold(out, o1 + 24, x13, s1)
+    _vfold(out, o2, x20, s2)
+    _vfold(out, o2 + 8, x21, s2)
+    _vfold(out, o2 + 16, x22, s2)
+    _vfold(out, o2 + 24, x23, s2)
+    _vfold(out, o3, x30, s3)
+    _vfold(out, o3 + 8, x31, s3)
+    _vfold(out, o3 + 16, x32, s3)
+    _vfold(out, o3 + 24, x33, s3)
+
+
+@njit(inline="always", **_JIT)
+def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
+    """One virtual row x one panel (as _tile4): the rows _tile4 leaves over."""
+    x0 = _vzero()
+    x1 = _vzero()
+    x2 = _vzero()
+    x3 = _vzero()
+    w = wbase
+    for dy in range(kh):
+        run = dy * pitch
+        for t in range(run, run + span):
+            a = _load(words, r0 + t)
+            x0 = _vpopadd(x0, a, _vload(wp, w))
+            x1 = _vpopadd(x1, a, _vload(wp, w + 8))
+            x2 = _vpopadd(x2, a, _vload(wp, w + 16))
+            x3 = _vpopadd(x3, a, _vload(wp, w + 24))
+            w += _PANEL
+    _vfold(out, o0, x0, s0)
+    _vfold(out, o0 + 8, x1, s0)
+    _vfold(out, o0 + 16, x2, s0)
+    _vfold(out, o0 + 24, x3, s0)
+
+
+# ------------------------------------------------------------------------------------- the worker
+@njit(**_JIT)
+def _prep_worker(counter, n_tasks, a, padded, sums, top, left):
+    """Copy a [m, B, H, W, Cw] into the zero-padded ``padded`` (unless it is ``a``) and set the flat
+    int32 map ``sums`` [B, Hp, Wp] to each pixel's sum of codes (0 in the padding); task = (b, y)."""
+    m, batch, height, width, cw = a.shape
+    p_height, p_width = padded.shape[2], padded.shape[3]
+    copy = padded.shape != a.shape
+    source = a.reshape(-1)
+    target = padded.reshape(-1)
+    run = width * cw
+    task = _next_task(counter)
+    while task < n_tasks:
+        b = task // height
+        y = task % height
+        at_sum = (b * p_height + top + y) * p_width + left
+        for j in range(m):
+            src = (j * batch * height + b * height + y) * run
+            if copy:
+                dst = ((j * batch + b) * p_height + top + y) * p_width * cw + left * cw
+                for t in range(run):
+                    target[dst + t] = source[src + t]
+            for x in range(width):
+                ones = 0
+                for u in range(src + x * cw, src + x * cw + cw):
+                    ones += _popcount(_load(source, u))
+                sums[at_sum + x] += ones << j
+        task = _next_task(counter)
+
+
+@njit(**_JIT)
+def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, out_h, out_w, pix_block,
+                 panel_block):
+    """Popcount GEMM of a convolution (a fully-connected layer is a 1 x 1 one on a 1 x 1 map).
+
+    a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
+    of each pixel; wp: weight panels, flat [k, P, kh*kw*Cw, 32]; out: flat int32 [B*Ho*Wo, 32 P]
+    (zeros); rowsum: int32 [B*Ho*Wo].  A task is (block of output
+    pixels, block of panels).  Virtual row v of a task is (pixel p0 + v // m, plane v % m); the
+    tiles read its window straight from ``a`` and add to the output with shift i + v % m for
+    weight plane i.
+    """
+    m, _, height, width, cw = a.shape
+    depth = kh * kw * cw
+    span = kw * cw
+    pitch = width * cw
+    image = height * pitch
+    plane = a.shape[1] * image
+    n_pix = rowsum.shape[0]
+    n_panels = wp.shape[0] // (k * depth * _PANEL)
+    ldo = n_panels * _PANEL
+    n_cb = (n_panels + panel_block - 1) // panel_block
+    words = a.reshape(-1)
+    task = _next_task(counter)
+    while task < n_tasks:
+        p0 = task // n_cb * pix_block
+        p1 = min(n_pix, p0 + pix_block)
+        q0 = task % n_cb * panel_block
+        q1 = min(n_panels, q0 + panel_block)
+        nv = (p1 - p0) * m
+        row_at = np.empty(nv, np.int64)           # virtual row v: first word of its window
+        out_at = np.empty(nv, np.int64)           # and of its output row
+        shift = np.empty(nv, np.int64)            # and its plane
+        b = p0 // (out_h * out_w)
+        y = p0 // out_w % out_h
+        x = p0 % out_w
+        v = 0
+        for p in range(p0, p1):
+            at = b * image + y * stride * pitch + x * stride * cw
+            for j in range(m):
+                row_at[v] = j * plane + at
+                out_at[v] = p * ldo
+                shift[v] = j
+                v += 1
+            if q0 == 0:                             # rowsum: the window's sum in the sums map
+                total = 0
+                corner = (b * height + y * stride) * width + x * stride
+                for dy in range(kh):
+                    for dx in range(corner + dy * width, corner + dy * width + kw):
+                        total += sums[dx]
+                rowsum[p] = total
+            x += 1
+            if x == out_w:
+                x = 0
+                y += 1
+                if y == out_h:
+                    y = 0
+                    b += 1
+        full = nv // 4 * 4
+        for i in range(k):
+            for q in range(q0, q1):
+                wbase = (i * n_panels + q) * depth * _PANEL
+                c0 = q * _PANEL
+                for v in range(0, full, 4):
+                    _tile4(words, row_at[v], row_at[v + 1], row_at[v + 2], row_at[v + 3], kh, span, pitch,
+                           wp, wbase, out, out_at[v] + c0, out_at[v + 1] + c0, out_at[v + 2] + c0,
+                           out_at[v + 3] + c0, i + shift[v], i + shift[v + 1], i + shift[v + 2],
+                           i + shift[v + 3])
+                for v in range(full, nv):
+                    _tile1(words, row_at[v], kh, span, pitch, wp, wbase, out, out_at[v] + c0, i + shift[v])
+        task = _next_task(counter)
+
+
+def _check_planes(name, planes, ndim):
+    planes = np.asarray(planes)
+    if planes.dtype != np.uint64 or planes.ndim != ndim:
+        raise ValueError("%s must be uint64 with %d axes, got %s %s" % (name, ndim, planes.dtype, planes.shape))
+    return np.ascontiguousarray(planes)
+
+
+def _blocks(n_pix, n_panels, depth, m, k, threads):
+    """(pixels, panels) per task: weights and rows of a task fit in L2, and every thread has work."""
+    panel_bytes = depth * _PANEL * 8 * k
+    panel_block = n_panels if n_panels * panel_bytes <= (512 << 10) else max(1, (256 << 10) // panel_bytes)
+    n_cb = -(-n_panels // panel_block)
+    max_rows = min(256, max(8, (64 << 10) // (m * depth * 8)))      # gathered rows ~64 KiB
+    want = 4 * threads                                                # tasks: balance on a busy machine
+    pix_block = max(1, min(max_rows, -(-n_pix // -(-want // n_cb))))
+    n_pb = -(-n_pix // pix_block)
+    if n_pb * n_cb < want:                                            # few pixels (batch 1): split channels
+        panel_block = max(1, -(-n_panels // -(-want // n_pb)))
+    return pix_block, panel_block
+
+
+def _run(a, w, kernel, stride, pads, out_shape):
+    """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution."""
+    kh, kw = kernel
+    top, _, left, _ = pads
+    m = a.shape[0]
+    k, chans = w.shape[:2]
+    depth = kh * kw * a.shape[-1]
+    n_pix = int(np.prod(out_shape, dtype=np.int64))
+    panels = w.panels
+    if chans == 0:              # no output: one zero panel still yields the row sums
+        k, panels = 1, np.zeros(depth * _PANEL, np.uint64)
+    n_panels = -(-max(chans, 1) // _PANEL)
+    acc = np.zeros((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
+    rowsum = np.zeros(n_pix, np.int32)
+    if n_pix:
+        pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, get_num_threads())
+        n_tasks = -(-n_pix // pix_block) * -(-n_panels // panel_block)
+        m, batch, height, width, cw = a.shape
+        if any(pads):
+            padded = np.zeros((m, batch, top + height + pads[1], left + width + pads[3], cw), np.uint64)
+        else:
+            padded = a
+        sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
+        _run_workers(_prep_worker, batch * height, a, padded, sums, top, left)
+        _run_workers(_conv_worker, n_tasks, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw, stride,
+                     out_shape[-2], out_shape[-1], pix_block, panel_block)
+    if acc.shape[1] != chans:
+        acc = np.ascontiguousarray(acc[:, :chans])
+    return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
+
+
+# ------------------------------------------------------------------------------------- public API
+def gemm_popcount(a_planes, w_planes):
+    """Fully-connected layer on bit planes.
+
+    ``a_planes``: ``uint64 [m, N, Kw]`` (activation codes ``[N, K]`` packed); ``w_planes``:
+    ``uint64 [k, C, Kw]`` (weight codes ``[C, K]`` packed) or :func:`prepare_weights` of it.
+    Returns ``(acc, rowsum)``: ``acc`` int32 ``[N, C]`` = ``sum_K ia * q`` and ``rowsum`` int32 ``[N]``
+    = ``sum_K ia``.
+    """
+    a = _check_planes("a_planes", a_planes, 3)
+    w = prepare_weights(w_planes)
+    m, n_rows, words = a.shape
+    if len(w.shape) != 3 or w.shape[2] != words:
+        raise ValueError("weight planes %s do not match activation planes %s (need [k, C, %d])"
+                         % (w.shape, a.shape, words))
+    acc, rowsum = _run(a.reshape(m, n_rows, 1, 1, words), w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1))
+    return acc.reshape(n_rows, -1), rowsum.reshape(n_rows)
+
+
+def conv_popcount(a_planes, w_planes, kernel, stride, pads):
+    """NHWC convolution (TF ``conv2d``: cross-correlation) on bit planes, zero padding (code 0).
+
+    ``a_planes``: ``uint64 [m, B, H, W, Cw]`` (activation codes ``[B, H, W, Cin]`` packed);
+    ``w_planes``: ``uint64 [k, Cout, kh, kw, Cw]`` (weight codes ``[Cout, kh, kw, Cin]`` packed) or
+    :func:`prepare_weights` of it; ``kernel = (kh, kw)``; ``stride``: int; ``pads = (top, bottom,
+    left, right)``.  Returns ``(acc, rowsum)``: ``acc`` int32 ``[B, Ho, Wo, Cout]`` = sum over the
+    window and channels of ``ia * q``, ``rowsum`` int32 ``[B, Ho, Wo]`` = sum of the codes in each
+    window; ``Ho = (H + top + bottom - kh) // stride + 1``, likewise ``Wo``.
+    """
+    a = _check_planes("a_planes", a_planes, 5)
+    kh, kw = (int(v) for v in kernel)
+    stride = int(stride)
+    pads = tuple(int(v) for v in pads)
+    if kh < 1 or kw < 1 or stride < 1 or len(pads) != 4 or min(pads) < 0:
+        raise ValueError("bad kernel %s / stride %d / pads %s" % ((kh, kw), stride, pads))
+    w = prepare_weights(w_planes)
+    m, batch, height, width, cw = a.shape
+    if len(w.shape) != 5 or w.shape[2:] != (kh, kw, cw):
+        raise ValueError("weight planes %s do not match kernel %s and activation planes %s "
+                         "(need [k, Cout, %d, %d, %d])" % (w.shape, (kh, kw), a.shape, kh, kw, cw))
+    top, bottom, left, right = pads
+    out_h = (height + top + bottom - kh) // stride + 1
+    out_w = (width + left + right - kw) // stride + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError("kernel %s larger than the padded map %s" % ((kh, kw), (height, width)))
+    return _run(a, w, (kh, kw), stride, pads, (batch, out_h, out_w))
+
+
+# ------------------------------------------------------------------------------------- references
+def _exact_matmul(x, y, bound):
+    """Integer x @ y through float64 BLAS when every partial sum is exact (< 2^53), else int64."""
+    if bound < 2 ** 53:
+        return np.rint(x.astype(np.float64) @ y.astype(np.float64)).astype(np.int64)
+    return x.astype(np.int64) @ y.astype(np.int64)
+
+
+def reference_gemm(a_planes, w_planes):
+    """numpy reference of :func:`gemm_popcount` (int64 results) from the unpacked codes."""
+    a_planes, w_planes = np.asarray(a_planes), np.asarray(w_planes)
+    width = a_planes.shape[-1] * 64
+    ia = unpack_planes(a_planes, width).astype(np.int64)           # [N, K]
+    q = unpack_planes(w_planes, width).astype(np.int64)            # [C, K]
+    bound = width * (2 ** a_planes.shape[0] - 1) * (2 ** w_planes.shape[0] - 1)
+    return _exact_matmul(ia, q.T, bound), ia.sum(axis=1)
+
+
+def reference_conv(a_planes, w_planes, kernel, stride, pads):
+    """numpy reference of :func:`conv_popcount` (int64 results) from the unpacked codes."""
+    a_planes, w_planes = np.asarray(a_planes), np.asarray(w_planes)
+    kh, kw = kernel
+    top, bottom, left, right = pads
+    width = a_planes.shape[-1] * 64
+    ia = unpack_planes(a_planes, width)                            # [B, H, W, Cin] uint8
+    q = unpack_planes(w_planes, width).astype(np.int64)            # [Cout, kh, kw, Cin]
+    ia = np.pad(ia, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, height, wide, cin = ia.shape
+    out_h = (height - kh) // stride + 1
+    out_w = (wide - kw) // stride + 1
+    q = q.reshape(q.shape[0], -1).T                                # [kh * kw * Cin, Cout]
+    bound = q.shape[0] * (2 ** a_planes.shape[0] - 1) * (2 ** w_planes.shape[0] - 1)
+    acc = np.empty((batch, out_h, out_w, q.shape[1]), np.int64)
+    rowsum = np.empty((batch, out_h, out_w), np.int64)
+    step = max(1, (1 << 22) // max(1, out_h * out_w * q.shape[0]))  # im2col of ~4M codes at a time
+    for b0 in range(0, batch, step):
+        part = ia[b0:b0 + step]
+        cols = np.empty((part.shape[0], out_h, out_w, kh, kw, cin), np.int64)
+        for dy in range(kh):
+            for dx in range(kw):
+                cols[:, :, :, dy, dx, :] = part[:, dy:dy + stride * (out_h - 1) + 1:stride,
+                                                dx:dx + stride * (out_w - 1) + 1:stride, :]
+        cols = cols.reshape(part.shape[0] * out_h * out_w, -1)
+        acc[b0:b0 + step] = _exact_matmul(cols, q, bound).reshape(part.shape[0], out_h, out_w, -1)
+        rowsum[b0:b0 + step] = cols.sum(axis=1).reshape(part.shape[0], out_h, out_w)
+    return acc, rowsum

@@ -1,0 +1,196 @@
+"""packed.kernels: bit planes and the popcount GEMM / convolution against plain numpy integer references.
+
+The references here work on the integer codes (no bit planes): ``sum ia * q`` with int64 einsum, the
+convolution window by window, and an independent packer built on ``np.packbits``.
+"""
+import numpy as np
+import pytest
+
+from packed import kernels
+
+BITS = [(1, 1), (1, 2), (1, 4), (2, 2), (3, 2)]          # (k weight bits, m activation bits)
+
+
+def codes(rng, bits, shape):
+    return rng.integers(0, 2 ** bits, shape, dtype=np.uint8)
+
+
+def packbits_planes(c, bits):
+    """Reference packer: plane b = bit b of every code, little-endian in uint64 words, zero-padded."""
+    width = c.shape[-1]
+    words = -(-width // 64)
+    padded = np.zeros(c.shape[:-1] + (words * 64,), np.uint8)
+    padded[..., :width] = c
+    planes = [np.packbits((padded >> b) & 1, axis=-1, bitorder="little").view("<u8") for b in range(bits)]
+    return np.stack(planes).astype(np.uint64)
+
+
+def gemm_reference(ia, q):
+    """ia [N, K], q [C, K] -> (sum_K ia * q [N, C], sum_K ia [N]) in int64."""
+    ia, q = ia.astype(np.int64), q.astype(np.int64)
+    return np.einsum("nk,ck->nc", ia, q), ia.sum(axis=1)
+
+
+def conv_reference(ia, q, kernel, stride, pads):
+    """TF conv2d (NHWC cross-correlation) of codes ia [B, H, W, Cin] with q [Cout, kh, kw, Cin]."""
+    kh, kw = kernel
+    top, bottom, left, right = pads
+    x = np.pad(ia.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h = (x.shape[1] - kh) // stride + 1
+    out_w = (x.shape[2] - kw) // stride + 1
+    acc = np.zeros((x.shape[0], out_h, out_w, q.shape[0]), np.int64)
+    rowsum = np.zeros((x.shape[0], out_h, out_w), np.int64)
+    for dy in range(kh):
+        for dx in range(kw):
+            window = x[:, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride, :]
+            acc += np.einsum("bhwc,oc->bhwo", window, q[:, dy, dx, :].astype(np.int64))
+            rowsum += window.sum(axis=-1)
+    return acc, rowsum
+
+
+# ------------------------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("width", [1, 3, 48, 63, 64, 65, 128, 200])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_planes_layout_and_round_trip(width, bits):
+    rng = np.random.default_rng(width * 10 + bits)
+    c = codes(rng, bits, (2, 3, width))
+    planes = kernels.pack_planes(c, bits)
+    assert planes.dtype == np.uint64 and planes.shape == (bits, 2, 3, -(-width // 64))
+    np.testing.assert_array_equal(planes, packbits_planes(c, bits))
+    np.testing.assert_array_equal(kernels.unpack_planes(planes, width), c)
+
+
+def test_pack_planes_bit_positions():
+    # code c of a row is bit c % 64 of word c // 64 (little-endian), plane b holds bit b
+    c = np.zeros((3, 130), np.uint8)
+    c[0, 0] = 1           # plane 0, word 0, bit 0
+    c[1, 64 + 5] = 2      # plane 1, word 1, bit 5
+    c[2, 129] = 3         # planes 0 and 1, word 2, bit 1
+    planes = kernels.pack_planes(c, 2)
+    expected = np.zeros((2, 3, 3), np.uint64)
+    expected[0, 0, 0] = 1
+    expected[1, 1, 1] = 1 << 5
+    expected[0, 2, 2] = expected[1, 2, 2] = 1 << 1
+    np.testing.assert_array_equal(planes, expected)
+    assert kernels.pack_planes(np.full((1, 64), 1, np.uint8), 1)[0, 0, 0] == np.uint64(2 ** 64 - 1)
+
+
+def test_pack_planes_accepts_other_integer_dtypes_and_views():
+    rng = np.random.default_rng(1)
+    c = codes(rng, 3, (4, 5, 70))
+    expected = kernels.pack_planes(c, 3)
+    np.testing.assert_array_equal(kernels.pack_planes(c.astype(np.int64), 3), expected)
+    wide = codes(rng, 3, (4, 5, 140))
+    np.testing.assert_array_equal(kernels.pack_planes(wide[..., 70:], 3), packbits_planes(wide[..., 70:], 3))
+    # bits at and above `bits` are ignored
+    np.testing.assert_array_equal(kernels.pack_planes(c | 8, 3), expected)
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1])
+def test_pack_planes_rejects_bad_bit_widths(bits):
+    with pytest.raises(ValueError):
+        kernels.pack_planes(np.zeros((2, 3), np.uint8), bits)
+
+
+def test_pack_planes_empty():
+    assert kernels.pack_planes(np.zeros((0, 5), np.uint8), 2).shape == (2, 0, 1)
+    assert kernels.pack_planes(np.zeros((3, 0), np.uint8), 2).shape == (2, 3, 0)
+
+
+# --------------------------------------------------------------------------------------------- GEMM
+@pytest.mark.parametrize("k_bits,m_bits", BITS)
+@pytest.mark.parametrize("n,c,depth", [(1, 70, 200), (5, 32, 64), (9, 300, 65), (2, 5, 3), (13, 64, 130)])
+def test_gemm_popcount_matches_integer_reference(k_bits, m_bits, n, c, depth):
+    rng = np.random.default_rng(n * 1000 + c + depth + 10 * k_bits + m_bits)
+    ia, q = codes(rng, m_bits, (n, depth)), codes(rng, k_bits, (c, depth))
+    acc, rowsum = kernels.gemm_popcount(kernels.pack_planes(ia, m_bits), kernels.pack_planes(q, k_bits))
+    want_acc, want_rowsum = gemm_reference(ia, q)
+    assert acc.dtype == np.int32 and acc.shape == (n, c) and rowsum.dtype == np.int32 and rowsum.shape == (n,)
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+def test_gemm_popcount_extremes_and_prepared_weights():
+    # all-ones codes: every word 2^64 - 1, the largest sums (9216 * 7 * 3) still exact in int32
+    ia = np.full((3, 9216), 7, np.uint8)
+    q = np.full((40, 9216), 3, np.uint8)
+    q[1] = 0
+    w = kernels.pack_planes(q, 2)
+    acc, rowsum = kernels.gemm_popcount(kernels.pack_planes(ia, 3), kernels.prepare_weights(w))
+    want_acc, want_rowsum = gemm_reference(ia, q)
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_array_equal(rowsum, want_rowsum)
+    assert acc[0, 0] == 9216 * 21 and acc[0, 1] == 0
+
+
+def test_gemm_popcount_rejects_mismatched_planes():
+    a = kernels.pack_planes(np.zeros((2, 100), np.uint8), 2)
+    with pytest.raises(ValueError):
+        kernels.gemm_popcount(a, kernels.pack_planes(np.zeros((3, 200), np.uint8), 1))
+    with pytest.raises(ValueError):
+        kernels.gemm_popcount(a.astype(np.int64), kernels.pack_planes(np.zeros((3, 100), np.uint8), 1))
+
+
+# -------------------------------------------------------------------------------------- convolution
+CONVS = [
+    # batch, (H, W, Cin), Cout, (kh, kw), stride, (top, bottom, left, right)
+    (2, (9, 7, 70), 24, (3, 2), 2, (1, 0, 2, 1)),
+    (1, (5, 5, 3), 9, (5, 5), 1, (0, 0, 0, 0)),
+    (3, (12, 12, 130), 40, (3, 3), 4, (2, 2, 1, 1)),
+    (2, (6, 8, 64), 33, (1, 3), 1, (0, 0, 1, 1)),
+    (1, (7, 7, 128), 64, (3, 3), 1, (1, 1, 1, 1)),
+    (5, (4, 6, 48), 8, (2, 4), 2, (3, 0, 0, 2)),
+]
+
+
+@pytest.mark.parametrize("k_bits,m_bits", BITS)
+@pytest.mark.parametrize("batch,shape,cout,kernel,stride,pads", CONVS)
+def test_conv_popcount_matches_integer_reference(k_bits, m_bits, batch, shape, cout, kernel, stride, pads):
+    rng = np.random.default_rng(batch + shape[0] * 7 + cout * 31 + stride + k_bits * 3 + m_bits)
+    ia = codes(rng, m_bits, (batch,) + shape)
+    q = codes(rng, k_bits, (cout,) + kernel + shape[-1:])
+    acc, rowsum = kernels.conv_popcount(kernels.pack_planes(ia, m_bits), kernels.pack_planes(q, k_bits),
+                                        kernel, stride, pads)
+    want_acc, want_rowsum = conv_reference(ia, q, kernel, stride, pads)
+    assert acc.dtype == np.int32 and rowsum.dtype == np.int32
+    assert acc.shape == want_acc.shape and rowsum.shape == want_rowsum.shape
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+def test_conv_popcount_fully_connected_as_one_by_one_and_prepared_weights():
+    rng = np.random.default_rng(5)
+    ia, q = codes(rng, 2, (4, 1, 1, 300)), codes(rng, 1, (70, 1, 1, 300))
+    w = kernels.prepare_weights(kernels.pack_planes(q, 1))
+    acc, rowsum = kernels.conv_popcount(kernels.pack_planes(ia, 2), w, (1, 1), 1, (0, 0, 0, 0))
+    want_acc, want_rowsum = gemm_reference(ia.reshape(4, 300), q.reshape(70, 300))
+    np.testing.assert_array_equal(acc.reshape(4, 70), want_acc)
+    np.testing.assert_array_equal(rowsum.reshape(4), want_rowsum)
+
+
+def test_conv_popcount_rejects_bad_arguments():
+    a = kernels.pack_planes(np.zeros((1, 4, 4, 10), np.uint8), 2)
+    w = kernels.pack_planes(np.zeros((3, 3, 3, 10), np.uint8), 1)
+    with pytest.raises(ValueError):
+        kernels.conv_popcount(a, w, (3, 2), 1, (0, 0, 0, 0))        # kernel does not match the planes
+    with pytest.raises(ValueError):
+        kernels.conv_popcount(a, kernels.pack_planes(np.zeros((3, 5, 5, 10), np.uint8), 1), (5, 5), 1,
+                              (0, 0, 0, 0))                            # larger than the map
+    with pytest.raises(ValueError):
+        kernels.conv_popcount(a, w, (3, 3), 0, (0, 0, 0, 0))        # stride
+    with pytest.raises(ValueError):
+        kernels.conv_popcount(a, w, (3, 3), 1, (0, -1, 0, 0))       # pads
+
+
+# ---------------------------------------------------------------------------------------- references
+def test_module_references_match_the_test_references():
+    """The bench checks the kernels with kernels.reference_*; they must agree with these."""
+    rng = np.random.default_rng(9)
+    ia, q = codes(rng, 3, (6, 100)), codes(rng, 2, (11, 100))
+    got = kernels.reference_gemm(kernels.pack_planes(ia, 3), kernels.pack_planes(q, 2))
+    for g, w in zip(got, gemm_reference(ia, q)):
+        np.testing.assert_array_equal(g, w)
+    ia, q = codes(rng, 2, (3, 8, 7, 20)), codes(rng, 1, (5, 3, 2, 20))
+    got = kernels.reference_conv(kernels.pack_planes(ia, 2), kernels.pack_planes(q, 1), (3, 2), 2, (1, 2, 0, 1))
+    for g, w in zip(got, conv_reference(ia, q, (3, 2), 2, (1, 2, 0, 1))):
+        np.testing.assert_array_equal(g, w)
