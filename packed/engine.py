@@ -17,6 +17,7 @@ values), batch norm maps, residual sums and pooling of float maps.
 """
 import numpy as np
 
+from . import elementwise
 from .format import read_packed, unpack_weight_planes
 
 __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
@@ -60,11 +61,11 @@ def _pads(padding, h, w, kh, kw, stride):
     return _same_pads(h, kh, stride) + _same_pads(w, kw, stride)
 
 
-def _windows(x, kh, kw, stride, pads, fill=0):
+def _windows(x, kh, kw, stride, pads):
     """``[B, Ho, Wo, kh, kw, C]`` strided view of the padded NHWC map ``x``."""
     top, bottom, left, right = pads
     if any(pads):
-        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     view = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
     return view.transpose(0, 1, 2, 4, 5, 3)
 
@@ -115,20 +116,31 @@ class _Layer:
             # the graph's 2 * (q / m) - 1 in float32, with its division by a constant made a product
             self.float_w = np.float32(2) * (self.codes.astype(np.float32) * _reciprocal(self.levels)) - np.float32(1)
         self._planes = {}
+        self._affine = {}
 
-    def real(self, acc, sums, levels):
-        """The layer's real-valued output from integer ``acc = sum(c q)`` and ``sums = sum(c)``."""
-        acc = acc.astype(np.float64)
-        sums = sums.astype(np.float64)[..., np.newaxis]
-        if self.kind == "binary":
-            return (2.0 * acc - sums) * (float(self.E) / levels)
-        return (2.0 * acc - self.levels * sums) / float(levels * self.levels)
+    def accumulators_to_output(self, acc, sums, levels, channels):
+        """The layer's output (bias and batch norm applied) from ``acc = sum(c q)`` and ``sums = sum(c)``.
 
-    def epilogue(self, z):
+        ``z = k1 acc + k2 sums`` (module docstring) and ``y = z scale + shift``
+        become one float64 affine map per channel, evaluated in one pass.
+        """
+        key = (levels, channels.start, channels.stop)
+        if key not in self._affine:
+            if self.kind == "binary":
+                k1, k2 = 2.0 * float(self.E) / levels, -float(self.E) / levels
+            else:
+                k1, k2 = 2.0 / (levels * self.levels), -1.0 / levels
+            scale = np.ones(self.shape[-1]) if self.scale is None else self.scale.astype(np.float64)
+            shift = np.zeros(self.shape[-1]) if self.shift is None else self.shift.astype(np.float64)
+            self._affine[key] = (k1 * scale[channels], k2 * scale[channels], shift[channels])
+        return elementwise.affine_accumulators(acc, sums, *self._affine[key])
+
+    def epilogue(self, z, channels=slice(None)):
+        """Bias and batch norm on a float output ``z`` (float32, as the graph)."""
         if self.scale is not None:
-            z = z * self.scale
+            z = z * self.scale[channels]
         if self.shift is not None:
-            z = z + self.shift
+            z = z + self.shift[channels]
         return z.astype(np.float32, copy=False)
 
 
@@ -203,14 +215,14 @@ class PackedModel:
             xs = _Map(x.values[..., g * cin:(g + 1) * cin], x.levels)
             sl = slice(g * out_per_group, (g + 1) * out_per_group)
             parts.append(self._conv_group(layer, xs, sl, kh, kw, stride, pads))
-        z = parts[0] if groups == 1 else np.concatenate(parts, axis=-1)
-        return _Map(layer.epilogue(z))
+        return _Map(parts[0] if groups == 1 else np.concatenate(parts, axis=-1))
 
     def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads):
+        """One group's output channels ``out_slice``, bias and batch norm applied."""
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]
             z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
-            return z
+            return layer.epilogue(z, out_slice)
         a_bits = int(x.levels).bit_length()
         if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
             from . import kernels
@@ -224,7 +236,8 @@ class PackedModel:
         else:
             q = layer.codes[..., out_slice].astype(np.float64)
             acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64)
-        return layer.real(acc, sums, x.levels)
+            acc, sums = acc.astype(np.int64), sums.astype(np.int64)
+        return layer.accumulators_to_output(acc, sums, x.levels, out_slice)
 
     def _fc(self, x, op):
         layer = self.layers[op["layer"]]
@@ -233,21 +246,19 @@ class PackedModel:
             v = v.transpose(0, 3, 1, 2)
         v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
         if layer.codes is None or x.levels is None:
-            z = _Map(v, x.levels).as_float() @ layer.float_w
-        else:
-            a_bits = int(x.levels).bit_length()
-            if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
-                from . import kernels
+            return _Map(layer.epilogue(_Map(v, x.levels).as_float() @ layer.float_w))
+        a_bits = int(x.levels).bit_length()
+        if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+            from . import kernels
 
-                if "fc" not in layer._planes:
-                    layer._planes["fc"] = kernels.prepare_weights(kernels.pack_planes(
-                        np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
-                acc, sums = kernels.gemm_popcount(kernels.pack_planes(v, a_bits), layer._planes["fc"])
-            else:
-                rows = v.astype(np.float64)
-                acc, sums = rows @ layer.codes.astype(np.float64), rows.sum(axis=1)
-            z = layer.real(acc, sums, x.levels)
-        return _Map(layer.epilogue(z))
+            if "fc" not in layer._planes:
+                layer._planes["fc"] = kernels.prepare_weights(kernels.pack_planes(
+                    np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
+            acc, sums = kernels.gemm_popcount(kernels.pack_planes(v, a_bits), layer._planes["fc"])
+        else:
+            rows = v.astype(np.float64)
+            acc, sums = (rows @ layer.codes.astype(np.float64)).astype(np.int64), rows.sum(axis=1).astype(np.int64)
+        return _Map(layer.accumulators_to_output(acc, sums, x.levels, slice(None)))
 
     def _affine(self, x, op):
         scale, shift = self.affines[op["layer"]]
@@ -262,10 +273,7 @@ class PackedModel:
         k, s = op["size"], op["stride"]
         v = x.values
         pads = _pads(op["padding"], v.shape[1], v.shape[2], k, k, s)
-        # Padded positions never win: codes are >= 0 (pad 0), floats pad with -inf.
-        fill = 0 if x.levels is not None else -np.inf
-        win = _windows(v, k, k, s, pads, fill=fill)
-        return _Map(win.max(axis=(3, 4)), x.levels)
+        return _Map(elementwise.maxpool(v, k, s, pads), x.levels)
 
     def _avgpool(self, x, op):
         k, s = op["size"], op["stride"]
@@ -288,14 +296,13 @@ class PackedModel:
 
     def _activate(self, x, op):
         bits = op["bits"]
-        v = np.clip(x.as_float(), np.float32(0), np.float32(1))
         if bits == 32:
-            return _Map(v)
+            return _Map(np.clip(x.as_float(), np.float32(0), np.float32(1)))
         n = (1 << bits) - 1
-        scaled = v * np.float32(n)
-        codes = np.rint(scaled).astype(np.uint8 if bits <= 8 else np.uint32)
+        codes = elementwise.quantize(x.as_float(), n, np.uint8 if bits <= 8 else np.uint32)
         if self._trace is not None:
-            self._trace.append((scaled, codes, n))
+            clipped = np.clip(x.as_float(), np.float32(0), np.float32(1))
+            self._trace.append((clipped * np.float32(n), codes, n))
         return _Map(codes, n)
 
     def _gap(self, x, op):
