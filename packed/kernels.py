@@ -170,6 +170,46 @@ def _vfold(typingctx, out, index, acc, shift):
 
 
 @intrinsic
+def _vput(typingctx, out, index, acc):
+    """``out[index:index + 8] = int32(acc)`` for a flat int32 array."""
+    if not (_is_flat(out, types.int32) and acc == _vec8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        pointer = builder.bitcast(_element_pointer(context, builder, signature.args[0], args[0], args[1]),
+                                  v32.as_pointer())
+        builder.store(builder.trunc(args[2], v32), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, types.intp, acc), codegen
+
+
+@intrinsic
+def _vshl(typingctx, acc, shift):
+    """``acc << shift`` lane-wise."""
+    if acc != _vec8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        shift_v = context.cast(builder, args[1], signature.args[1], types.uint64)
+        return builder.shl(args[0], _splat(builder, shift_v, _V8))
+
+    return _vec8(acc, types.intp), codegen
+
+
+@intrinsic
+def _vadd(typingctx, x, y):
+    if not (x == _vec8 and y == _vec8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+
+    return _vec8(x, y), codegen
+
+
+@intrinsic
 def _bits_of_64_bytes(typingctx, codes, start, bit):
     """uint64 whose bit ``i`` is bit ``bit`` of ``codes[start + i]`` for ``i < 64``.
 
@@ -215,11 +255,12 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
-def _run_workers(worker, n_tasks, *args):
-    """worker(counter, n_tasks, *args) on min(get_num_threads(), n_tasks) threads; waits for all."""
+def _run_workers(worker, n_tasks, parallel, *args):
+    """worker(counter, n_tasks, *args) on min(get_num_threads(), n_tasks) threads, or on the calling
+    thread alone unless ``parallel`` (handing work to the pool costs tens of microseconds)."""
     global _pool
     counter = np.zeros(1, np.int64)
-    helpers = min(get_num_threads(), n_tasks) - 1
+    helpers = min(get_num_threads(), n_tasks) - 1 if parallel else 0
     futures = []
     if helpers > 0:
         with _pool_lock:
@@ -240,6 +281,8 @@ def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
     """Rows of flat (uint8 codes [R * width], C order) -> out: uint64 [bits, R, Cw]; task = row block."""
     rows, words = out.shape[1], out.shape[2]
     full = width // 64
+    rest = width - 64 * full
+    keep = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)      # the rest's bits of a last word
     tail = np.zeros(64, np.uint8)
     task = _next_task(counter)
     while task < n_tasks:
@@ -248,11 +291,16 @@ def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
             for w in range(full):
                 for b in range(bits):
                     out[b, r, w] = _bits_of_64_bytes(flat, base + 64 * w, b)
-            if full < words:
-                for c in range(width - 64 * full):
-                    tail[c] = flat[base + 64 * full + c]
-                for b in range(bits):
-                    out[b, r, full] = _bits_of_64_bytes(tail, 0, b)
+            if rest:
+                start = base + 64 * full
+                if start + 64 <= flat.shape[0]:      # read on into the next row, keep `rest` bits
+                    for b in range(bits):
+                        out[b, r, full] = _bits_of_64_bytes(flat, start, b) & keep
+                else:                               # the array's last bytes: through a zeroed copy
+                    for c in range(rest):
+                        tail[c] = flat[start + c]
+                    for b in range(bits):
+                        out[b, r, full] = _bits_of_64_bytes(tail, 0, b)
         task = _next_task(counter)
 
 
@@ -280,8 +328,8 @@ def pack_planes(codes, bits):
     if rows and words:
         flat = np.ascontiguousarray(codes).reshape(-1)
         row_block = max(1, min(256, -(-rows // (4 * get_num_threads()))))
-        _run_workers(_pack_worker, -(-rows // row_block), flat, width, bits, out.reshape(bits, rows, words),
-                     row_block)
+        _run_workers(_pack_worker, -(-rows // row_block), flat.size * bits > (1 << 20), flat, width, bits,
+                     out.reshape(bits, rows, words), row_block)
     return out
 
 
@@ -351,6 +399,21 @@ def prepare_weights(w_planes):
 
 # ------------------------------------------------------------------------------------ tile kernels
 @njit(inline="always", **_JIT)
+def _add_panel(out, index, y0, y1, y2, y3, first):
+    """out[index:index + 32] (int32) = the four vectors if ``first``, else += them."""
+    if first:
+        _vput(out, index, y0)
+        _vput(out, index + 8, y1)
+        _vput(out, index + 16, y2)
+        _vput(out, index + 24, y3)
+    else:
+        _vfold(out, index, y0, 0)
+        _vfold(out, index + 8, y1, 0)
+        _vfold(out, index + 16, y2, 0)
+        _vfold(out, index + 24, y3, 0)
+
+
+@njit(inline="always", **_JIT)
 def _tile4(words, r0, r1, r2, r3, kh, span, pitch, wp, wbase, out, o0, o1, o2, o3, s0, s1, s2, s3):
     """4 virtual rows x one 32-channel weight panel, 16 accumulators in registers.
 
@@ -403,22 +466,50 @@ def _tile4(words, r0, r1, r2, r3, kh, span, pitch, wp, wbase, out, o0, o1, o2, o
             x32 = _vpopadd(x32, a, w2)
             x33 = _vpopadd(x33, a, w3)
             w += _PANEL
-    _vfold(out, o0, x00, s0)
-    _vfold(out, o0 + 8, x01, s0)
-    _vfold(out, o0 + 16, x02, s0)
-    _vfold(out, o0 + 24, x03, s0)
-    _vfold(out, o1, x10, s1)
-    _vfold(out, o1 + 8, x11, s1)
-    _vfold(out, o1 + 16, x12, s1)
-    _vfold(out, o1 + 24, x13, s1)
-    _vfold(out, o2, x20, s2)
-    _vfold(out, o2 + 8, x21, s2)
-    _vfold(out, o2 + 16, x22, s2)
-    _vfold(out, o2 + 24, x23, s2)
-    _vfold(out, o3, x30, s3)
-    _vfold(out, o3 + 8, x31, s3)
-    _vfold(out, o3 + 16, x32, s3)
-    _vfold(out, o3 + 24, x33, s3)
+    # Rows of one output row are consecutive (its planes): sum them before adding to the output.
+    # The group holding plane 0 of weight plane 0 (shift 0) comes first and stores (out is empty).
+    first = s0 == 0
+    y0 = _vshl(x00, s0)
+    y1 = _vshl(x01, s0)
+    y2 = _vshl(x02, s0)
+    y3 = _vshl(x03, s0)
+    if o1 != o0:
+        _add_panel(out, o0, y0, y1, y2, y3, first)
+        first = s1 == 0
+        y0 = _vshl(x10, s1)
+        y1 = _vshl(x11, s1)
+        y2 = _vshl(x12, s1)
+        y3 = _vshl(x13, s1)
+    else:
+        y0 = _vadd(y0, _vshl(x10, s1))
+        y1 = _vadd(y1, _vshl(x11, s1))
+        y2 = _vadd(y2, _vshl(x12, s1))
+        y3 = _vadd(y3, _vshl(x13, s1))
+    if o2 != o1:
+        _add_panel(out, o1, y0, y1, y2, y3, first)
+        first = s2 == 0
+        y0 = _vshl(x20, s2)
+        y1 = _vshl(x21, s2)
+        y2 = _vshl(x22, s2)
+        y3 = _vshl(x23, s2)
+    else:
+        y0 = _vadd(y0, _vshl(x20, s2))
+        y1 = _vadd(y1, _vshl(x21, s2))
+        y2 = _vadd(y2, _vshl(x22, s2))
+        y3 = _vadd(y3, _vshl(x23, s2))
+    if o3 != o2:
+        _add_panel(out, o2, y0, y1, y2, y3, first)
+        first = s3 == 0
+        y0 = _vshl(x30, s3)
+        y1 = _vshl(x31, s3)
+        y2 = _vshl(x32, s3)
+        y3 = _vshl(x33, s3)
+    else:
+        y0 = _vadd(y0, _vshl(x30, s3))
+        y1 = _vadd(y1, _vshl(x31, s3))
+        y2 = _vadd(y2, _vshl(x32, s3))
+        y3 = _vadd(y3, _vshl(x33, s3))
+    _add_panel(out, o3, y0, y1, y2, y3, first)
 
 
 @njit(inline="always", **_JIT)
@@ -438,10 +529,7 @@ def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
             x2 = _vpopadd(x2, a, _vload(wp, w + 16))
             x3 = _vpopadd(x3, a, _vload(wp, w + 24))
             w += _PANEL
-    _vfold(out, o0, x0, s0)
-    _vfold(out, o0 + 8, x1, s0)
-    _vfold(out, o0 + 16, x2, s0)
-    _vfold(out, o0 + 24, x3, s0)
+    _add_panel(out, o0, _vshl(x0, s0), _vshl(x1, s0), _vshl(x2, s0), _vshl(x3, s0), s0 == 0)
 
 
 # ------------------------------------------------------------------------------------- the worker
@@ -481,10 +569,10 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
     of each pixel; wp: weight panels, flat [k, P, kh*kw*Cw, 32]; out: flat int32 [B*Ho*Wo, 32 P]
-    (zeros); rowsum: int32 [B*Ho*Wo].  A task is (block of output
-    pixels, block of panels).  Virtual row v of a task is (pixel p0 + v // m, plane v % m); the
-    tiles read its window straight from ``a`` and add to the output with shift i + v % m for
-    weight plane i.
+    (uninitialised: the first contribution to each output row stores); rowsum: int32 [B*Ho*Wo].
+    A task is (block of output pixels, block of panels).  Virtual row v of a task is (pixel
+    p0 + v // m, plane v % m); the tiles read its window straight from ``a`` and add to the output
+    with shift i + v % m for weight plane i.
     """
     m, _, height, width, cw = a.shape
     depth = kh * kw * cw
@@ -580,7 +668,7 @@ def _run(a, w, kernel, stride, pads, out_shape):
     if chans == 0:              # no output: one zero panel still yields the row sums
         k, panels = 1, np.zeros(depth * _PANEL, np.uint64)
     n_panels = -(-max(chans, 1) // _PANEL)
-    acc = np.zeros((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
+    acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
     rowsum = np.zeros(n_pix, np.int32)
     if n_pix:
         pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, get_num_threads())
@@ -591,9 +679,10 @@ def _run(a, w, kernel, stride, pads, out_shape):
         else:
             padded = a
         sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
-        _run_workers(_prep_worker, batch * height, a, padded, sums, top, left)
-        _run_workers(_conv_worker, n_tasks, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw, stride,
-                     out_shape[-2], out_shape[-1], pix_block, panel_block)
+        _run_workers(_prep_worker, batch * height, a.size > (1 << 17), a, padded, sums, top, left)
+        word_pairs = n_pix * m * k * depth * n_panels * _PANEL
+        _run_workers(_conv_worker, n_tasks, word_pairs > (3 << 20), padded, sums, panels, k, acc.reshape(-1),
+                     rowsum, kh, kw, stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
     return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)

@@ -194,3 +194,16 @@ def test_module_references_match_the_test_references():
     got = kernels.reference_conv(kernels.pack_planes(ia, 2), kernels.pack_planes(q, 1), (3, 2), 2, (1, 2, 0, 1))
     for g, w in zip(got, conv_reference(ia, q, (3, 2), 2, (1, 2, 0, 1))):
         np.testing.assert_array_equal(g, w)
+
+
+def test_outputs_do_not_depend_on_reused_memory():
+    """The kernels write their output without zeroing it first: a freed buffer full of other values
+    (which the allocator is likely to hand back for the same size) must not leak into the result."""
+    rng = np.random.default_rng(11)
+    ia, q = codes(rng, 3, (2, 6, 6, 64)), codes(rng, 2, (64, 3, 3, 64))
+    want = conv_reference(ia, q, (3, 3), 1, (1, 1, 1, 1))[0]
+    a, w = kernels.pack_planes(ia, 3), kernels.prepare_weights(kernels.pack_planes(q, 2))
+    for _ in range(3):
+        junk = np.full(want.size, 0x5A5A5A5A, np.int32)
+        del junk
+        np.testing.assert_array_equal(kernels.conv_popcount(a, w, (3, 3), 1, (1, 1, 1, 1))[0], want)
