@@ -534,20 +534,21 @@ def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
 
 # ------------------------------------------------------------------------------------- the worker
 @njit(**_JIT)
-def _prep_worker(counter, n_tasks, a, padded, sums, top, left):
+def _prep_worker(counter, n_tasks, a, padded, sums, top, left, kw):
     """Copy a [m, B, H, W, Cw] into the zero-padded ``padded`` (unless it is ``a``) and set the flat
-    int32 map ``sums`` [B, Hp, Wp] to each pixel's sum of codes (0 in the padding); task = (b, y)."""
+    int32 map ``sums`` [B, Hp, Wp] to the sum of the codes of the kw pixels (x .. x + kw - 1) of the
+    padded map (zeros where there is no input row); task = input row (b, y)."""
     m, batch, height, width, cw = a.shape
     p_height, p_width = padded.shape[2], padded.shape[3]
     copy = padded.shape != a.shape
     source = a.reshape(-1)
     target = padded.reshape(-1)
     run = width * cw
+    pixel = np.zeros(p_width + kw, np.int64)        # codes' sum of each pixel of the padded row
     task = _next_task(counter)
     while task < n_tasks:
         b = task // height
         y = task % height
-        at_sum = (b * p_height + top + y) * p_width + left
         for j in range(m):
             src = (j * batch * height + b * height + y) * run
             if copy:
@@ -558,7 +559,18 @@ def _prep_worker(counter, n_tasks, a, padded, sums, top, left):
                 ones = 0
                 for u in range(src + x * cw, src + x * cw + cw):
                     ones += _popcount(_load(source, u))
-                sums[at_sum + x] += ones << j
+                if j == 0:
+                    pixel[left + x] = ones
+                else:
+                    pixel[left + x] += ones << j
+        at = (b * p_height + top + y) * p_width
+        window = 0
+        for x in range(kw - 1):
+            window += pixel[x]
+        for x in range(p_width - kw + 1):
+            window += pixel[x + kw - 1]
+            sums[at + x] = window
+            window -= pixel[x]
         task = _next_task(counter)
 
 
@@ -568,7 +580,7 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     """Popcount GEMM of a convolution (a fully-connected layer is a 1 x 1 one on a 1 x 1 map).
 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
-    of each pixel; wp: weight panels, flat [k, P, kh*kw*Cw, 32]; out: flat int32 [B*Ho*Wo, 32 P]
+    of pixels x .. x + kw - 1 (of row y, image b); wp: weight panels, flat [k, P, kh*kw*Cw, 32]; out: flat int32 [B*Ho*Wo, 32 P]
     (uninitialised: the first contribution to each output row stores); rowsum: int32 [B*Ho*Wo].
     A task is (block of output pixels, block of panels).  Virtual row v of a task is (pixel
     p0 + v // m, plane v % m); the tiles read its window straight from ``a`` and add to the output
@@ -606,13 +618,6 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 out_at[v] = p * ldo
                 shift[v] = j
                 v += 1
-            if q0 == 0:                             # rowsum: the window's sum in the sums map
-                total = 0
-                corner = (b * height + y * stride) * width + x * stride
-                for dy in range(kh):
-                    for dx in range(corner + dy * width, corner + dy * width + kw):
-                        total += sums[dx]
-                rowsum[p] = total
             x += 1
             if x == out_w:
                 x = 0
@@ -620,6 +625,23 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 if y == out_h:
                     y = 0
                     b += 1
+        if q0 == 0:                                 # rowsum: kh row sums of the sums map
+            b = p0 // (out_h * out_w)
+            y = p0 // out_w % out_h
+            x = p0 % out_w
+            for p in range(p0, p1):
+                at = (b * height + y * stride) * width + x * stride
+                total = 0
+                for dy in range(kh):
+                    total += sums[at + dy * width]
+                rowsum[p] = total
+                x += 1
+                if x == out_w:
+                    x = 0
+                    y += 1
+                    if y == out_h:
+                        y = 0
+                        b += 1
         full = nv // 4 * 4
         for i in range(k):
             for q in range(q0, q1):
@@ -679,7 +701,7 @@ def _run(a, w, kernel, stride, pads, out_shape):
         else:
             padded = a
         sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
-        _run_workers(_prep_worker, batch * height, a.size > (1 << 17), a, padded, sums, top, left)
+        _run_workers(_prep_worker, batch * height, a.size > (1 << 15), a, padded, sums, top, left, kw)
         word_pairs = n_pix * m * k * depth * n_panels * _PANEL
         _run_workers(_conv_worker, n_tasks, word_pairs > (3 << 20), padded, sums, panels, k, acc.reshape(-1),
                      rowsum, kh, kw, stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
