@@ -38,6 +38,7 @@ im2col, zero outside the map; a fully-connected layer is the 1 x 1 case) and run
 Tasks (pixel block x channel block) are handed out dynamically to the calling thread and
 ``numba.get_num_threads() - 1`` pool threads running the same ``nogil`` function.
 """
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -251,22 +252,27 @@ def _next_task(typingctx, counter):
 # none is left; the calling thread and get_num_threads() - 1 pool threads run it together.  Dynamic
 # hand-out keeps both cores busy when another process takes one for a while, and serial functions
 # compile in about a third of the time of numba's parallel=True (parfor) versions.
-_pool = None
+_pool = None                # (ThreadPoolExecutor, pid that made it): a forked child makes its own
 _pool_lock = threading.Lock()
+
+
+def _helpers(count):
+    """The pool of helper threads, with at least ``count`` workers."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[1] != os.getpid() or _pool[0]._max_workers < count:
+            _pool = (ThreadPoolExecutor(max_workers=count, thread_name_prefix="packed-kernels"), os.getpid())
+        return _pool[0]
 
 
 def _run_workers(worker, n_tasks, parallel, *args):
     """worker(counter, n_tasks, *args) on min(get_num_threads(), n_tasks) threads, or on the calling
     thread alone unless ``parallel`` (handing work to the pool costs tens of microseconds)."""
-    global _pool
     counter = np.zeros(1, np.int64)
     helpers = min(get_num_threads(), n_tasks) - 1 if parallel else 0
     futures = []
     if helpers > 0:
-        with _pool_lock:
-            if _pool is None or _pool._max_workers < helpers:
-                _pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="packed-kernels")
-            pool = _pool
+        pool = _helpers(helpers)
         futures = [pool.submit(worker, counter, n_tasks, *args) for _ in range(helpers)]
     try:
         worker(counter, n_tasks, *args)
@@ -390,7 +396,7 @@ def prepare_weights(w_planes):
         raise ValueError("weight planes must be uint64 [k, C, Kw] or [k, Cout, kh, kw, Cw], got %s %s"
                          % (w.dtype, w.shape))
     k, chans = w.shape[:2]
-    flat = np.ascontiguousarray(w).reshape(k, chans, -1)
+    flat = np.ascontiguousarray(w).reshape(k, chans, int(np.prod(w.shape[2:])))
     panels = np.empty((k, -(-chans // _PANEL), flat.shape[2], _PANEL), np.uint64)
     if panels.size:
         _to_panels(flat, panels)
@@ -686,6 +692,8 @@ def _run(a, w, kernel, stride, pads, out_shape):
     k, chans = w.shape[:2]
     depth = kh * kw * a.shape[-1]
     n_pix = int(np.prod(out_shape, dtype=np.int64))
+    if depth * 64 * (2 ** m - 1) * (2 ** k - 1) >= 2 ** 31:
+        raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
     panels = w.panels
     if chans == 0:              # no output: one zero panel still yields the row sums
         k, panels = 1, np.zeros(depth * _PANEL, np.uint64)

@@ -207,3 +207,36 @@ def test_outputs_do_not_depend_on_reused_memory():
         junk = np.full(want.size, 0x5A5A5A5A, np.int32)
         del junk
         np.testing.assert_array_equal(kernels.conv_popcount(a, w, (3, 3), 1, (1, 1, 1, 1))[0], want)
+
+
+def test_large_call_on_several_threads_and_after_fork():
+    """Big enough for the helper threads (dynamic task hand-out); a forked child gets its own pool."""
+    import os
+    import signal
+
+    rng = np.random.default_rng(12)
+    ia, q = codes(rng, 2, (8, 16, 16, 128)), codes(rng, 1, (64, 3, 3, 128))
+    a, w = kernels.pack_planes(ia, 2), kernels.prepare_weights(kernels.pack_planes(q, 1))
+    want = conv_reference(ia, q, (3, 3), 1, (1, 1, 1, 1))
+    for got, expected in zip(kernels.conv_popcount(a, w, (3, 3), 1, (1, 1, 1, 1)), want):
+        np.testing.assert_array_equal(got, expected)
+    pid = os.fork()
+    if pid == 0:                                    # child: must not wait on the parent's threads
+        signal.alarm(60)
+        ok = np.array_equal(kernels.conv_popcount(a, w, (3, 3), 1, (1, 1, 1, 1))[0], want[0])
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_no_output_channels_and_int32_bound():
+    rng = np.random.default_rng(13)
+    ia = codes(rng, 2, (2, 5, 5, 10))
+    acc, rowsum = kernels.conv_popcount(kernels.pack_planes(ia, 2), np.zeros((1, 0, 3, 3, 1), np.uint64),
+                                        (3, 3), 1, (1, 1, 1, 1))
+    assert acc.shape == (2, 5, 5, 0)
+    np.testing.assert_array_equal(rowsum, conv_reference(ia, np.zeros((0, 3, 3, 10), np.uint8), (3, 3), 1,
+                                                         (1, 1, 1, 1))[1])
+    a = kernels.pack_planes(np.zeros((1, 40000), np.uint8), 8)          # 40000 * 255 * 255 > 2^31
+    with pytest.raises(ValueError, match="int32"):
+        kernels.gemm_popcount(a, kernels.pack_planes(np.zeros((1, 40000), np.uint8), 8))
