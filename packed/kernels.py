@@ -21,22 +21,24 @@ words (a code of 0 adds nothing to any sum below, so the padding is exact).
 
 How the kernels compute
 -----------------------
-Both are one GEMM on bit planes, with the output channels in SIMD lanes.  The weights are laid out
-in panels of 32 output channels, ``[k, C / 32, K, 32]``, so that the 32 channels of one reduction
-word are four 512-bit vectors.  A "virtual row" is one activation row (an FC input row, or the
-window of one output pixel) in one plane ``j``.  A register tile takes 4 virtual rows x 32
-channels: for each reduction word, 4 weight vectors are loaded and each row's word is broadcast
-against them; ``acc += popcount(a & w)`` accumulates in 16 vector registers (``vpandq`` +
-``vpopcntq`` + ``vpaddq`` with AVX512_VPOPCNTDQ; numba compiles for the host CPU, other CPUs get
-LLVM's generic lowering).  At the end of a tile the 16 accumulators are shifted by ``i + j``
-(weight plane ``i``) and added to the ``int32`` output.  The vectors are an LLVM ``<8 x i64>`` type
-of their own (``_Vec8Type``) so that the tile is exactly this code, independent of the
-auto-vectoriser.
+Both are one GEMM on bit planes with the output channels in SIMD lanes (a fully-connected layer is
+a 1 x 1 convolution of a 1 x 1 map).  The weights are laid out in panels of 32 output channels,
+``[k, C / 32, K, 32]``, so that the 32 channels of one reduction word are four 512-bit vectors.  A
+"virtual row" is the window of one output pixel (an FC input row) in one activation plane ``j``;
+its words are read in place from the input planes, zero-padded once per call.  A register tile
+takes 4 virtual rows x 32 channels: for each reduction word, 4 weight vectors are loaded and each
+row's word is broadcast against them; ``acc += popcount(a & w)`` accumulates in 16 vector registers
+(``vpandq`` + ``vpopcntq`` + ``vpaddq`` with AVX512_VPOPCNTDQ; numba compiles for the host CPU,
+other CPUs get LLVM's generic lowering of the same vector code).  At the end of a tile the rows of
+one output pixel are summed with their shifts ``i + j`` (weight plane ``i``) and stored, or added,
+to the ``int32`` output.  The vectors are an LLVM ``<8 x i64>`` type of their own
+(``_Vec8Type``), so the tile compiles to exactly this code, independent of the auto-vectoriser.
+``rowsum`` comes from per-pixel code sums (popcounts) taken while padding the input.
 
-A convolution gathers the windows of a block of output pixels into a small buffer (a blocked
-im2col, zero outside the map; a fully-connected layer is the 1 x 1 case) and runs the tiles on it.
-Tasks (pixel block x channel block) are handed out dynamically to the calling thread and
-``numba.get_num_threads() - 1`` pool threads running the same ``nogil`` function.
+Work is split into (pixel block x channel block) tasks, handed out through an atomic counter to the
+calling thread and ``numba.get_num_threads() - 1`` pool threads running the same ``nogil``
+function (small calls stay on the calling thread).  Every kernel is a plain serial numba function:
+about 3 s of JIT on first use, cached on disk (``cache=True``) after that.
 """
 import os
 import threading
@@ -285,7 +287,7 @@ def _run_workers(worker, n_tasks, parallel, *args):
 @njit(**_JIT)
 def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
     """Rows of flat (uint8 codes [R * width], C order) -> out: uint64 [bits, R, Cw]; task = row block."""
-    rows, words = out.shape[1], out.shape[2]
+    rows = out.shape[1]
     full = width // 64
     rest = width - 64 * full
     keep = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)      # the rest's bits of a last word
@@ -538,7 +540,7 @@ def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
     _add_panel(out, o0, _vshl(x0, s0), _vshl(x1, s0), _vshl(x2, s0), _vshl(x3, s0), s0 == 0)
 
 
-# ------------------------------------------------------------------------------------- the worker
+# ------------------------------------------------------------------------------------ the workers
 @njit(**_JIT)
 def _prep_worker(counter, n_tasks, a, padded, sums, top, left, kw):
     """Copy a [m, B, H, W, Cw] into the zero-padded ``padded`` (unless it is ``a``) and set the flat
@@ -586,8 +588,9 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     """Popcount GEMM of a convolution (a fully-connected layer is a 1 x 1 one on a 1 x 1 map).
 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
-    of pixels x .. x + kw - 1 (of row y, image b); wp: weight panels, flat [k, P, kh*kw*Cw, 32]; out: flat int32 [B*Ho*Wo, 32 P]
-    (uninitialised: the first contribution to each output row stores); rowsum: int32 [B*Ho*Wo].
+    of pixels x .. x + kw - 1 (of row y, image b); wp: weight panels, flat [k, P, kh*kw*Cw, 32];
+    out: flat int32 [B*Ho*Wo, 32 P] (uninitialised: the first contribution to each output row
+    stores); rowsum: int32 [B*Ho*Wo].
     A task is (block of output pixels, block of panels).  Virtual row v of a task is (pixel
     p0 + v // m, plane v % m); the tiles read its window straight from ``a`` and add to the output
     with shift i + v % m for weight plane i.
@@ -711,7 +714,7 @@ def _run(a, w, kernel, stride, pads, out_shape):
         sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
         _run_workers(_prep_worker, batch * height, a.size > (1 << 15), a, padded, sums, top, left, kw)
         word_pairs = n_pix * m * k * depth * n_panels * _PANEL
-        _run_workers(_conv_worker, n_tasks, word_pairs > (3 << 20), padded, sums, panels, k, acc.reshape(-1),
+        _run_workers(_conv_worker, n_tasks, word_pairs > (1 << 20), padded, sums, panels, k, acc.reshape(-1),
                      rowsum, kh, kw, stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
