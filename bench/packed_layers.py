@@ -18,7 +18,8 @@ group) and bit widths (W1A2 = 1-bit weights, 2-bit activations; BNN = W1A1; ResN
 Both run in this process, interleaved (one TF run, one packed run, ...), after warm-up; the table
 has the medians of ``--repeats``.  Every packed result (acc and rowsum) is checked against the
 numpy integer reference on the same random codes before its row is printed, so a fast but wrong
-kernel cannot report a speedup.  Prints a markdown table and the machine (load average included:
+kernel cannot report a speedup (and TF's float32 result against it too, to be sure both compute the
+same layer).  Prints a markdown table and the machine (load average included:
 the timings are only as quiet as the machine).
 """
 import argparse
@@ -117,6 +118,7 @@ def measure(layer, batch, repeats, threads, tf, kernels, np):
                     start = time.perf_counter()
                     fn()
                     times.append((time.perf_counter() - start) * 1e3)
+            tf_result = sess.run(y)
     a = kernels.pack_planes(codes, m_bits)
     if kind == "fc":
         expected = kernels.reference_gemm(a, w_planes)
@@ -126,6 +128,9 @@ def measure(layer, batch, repeats, threads, tf, kernels, np):
         if got.shape != want.shape or not np.array_equal(got, want):
             raise SystemExit("packed %s of %s %s batch %d differs from the integer reference"
                              % (what, name, bits_name((k_bits, m_bits)), batch))
+    # TF computes the same sums (exactly, in float32, while they stay below 2^24)
+    if np.abs(expected[0]).max() < 2 ** 24 and not np.array_equal(tf_result, expected[0]):
+        raise SystemExit("TF float32 and the packed kernel compute different things for %s" % name)
     if kind == "fc":
         desc = "%d -> %d" % (shape[0], cout)
     else:
@@ -178,8 +183,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     print()
     print("packed ms = pack_planes(activation codes) + popcount kernel (weights laid out once, untimed); "
-          "both checked equal to the integer reference.  Medians of %d runs, TF and packed interleaved."
-          % args.repeats)
+          "its acc and rowsum checked equal to the integer reference, and TF's float32 output to that acc.  "
+          "Medians of %d runs, TF and packed interleaved." % args.repeats)
     print("Machine: %s, %d cores; TensorFlow %s, numba %s, numpy %s, Python %s; %d threads (TF intra-op "
           "and numba); load average %.2f before, %.2f after; first kernel call %.2f s (JIT or cache load)."
           % (cpu_model(), os.cpu_count(), tf.__version__ if hasattr(tf, "__version__") else _tf_version(),
