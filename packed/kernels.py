@@ -40,6 +40,7 @@ calling thread and ``numba.get_num_threads() - 1`` pool threads running the same
 function (small calls stay on the calling thread).  Every kernel is a plain serial numba function:
 about 3 s of JIT on first use, cached on disk (``cache=True``) after that.
 """
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -267,11 +268,13 @@ def _helpers(count):
         return _pool[0]
 
 
-def _run_workers(worker, n_tasks, parallel, *args):
-    """worker(counter, n_tasks, *args) on min(get_num_threads(), n_tasks) threads, or on the calling
-    thread alone unless ``parallel`` (handing work to the pool costs tens of microseconds)."""
+def _run_workers(worker, n_tasks, threads, *args):
+    """worker(counter, n_tasks, *args) on min(threads, n_tasks) threads: the calling one and helpers.
+
+    Callers pass ``threads = 1`` for small calls (handing work to the pool costs tens of microseconds).
+    """
     counter = np.zeros(1, np.int64)
-    helpers = min(get_num_threads(), n_tasks) - 1 if parallel else 0
+    helpers = min(threads, n_tasks) - 1
     futures = []
     if helpers > 0:
         pool = _helpers(helpers)
@@ -332,11 +335,12 @@ def pack_planes(codes, bits):
     lead, width = codes.shape[:-1], codes.shape[-1]
     words = (width + 63) // 64
     out = np.empty((bits,) + lead + (words,), np.uint64)
-    rows = int(np.prod(lead, dtype=np.int64))
+    rows = math.prod(lead)
     if rows and words:
         flat = np.ascontiguousarray(codes).reshape(-1)
-        row_block = max(1, min(256, -(-rows // (4 * get_num_threads()))))
-        _run_workers(_pack_worker, -(-rows // row_block), flat.size * bits > (1 << 20), flat, width, bits,
+        threads = get_num_threads() if flat.size * bits > (1 << 20) else 1
+        row_block = max(1, min(256, -(-rows // (4 * threads))))
+        _run_workers(_pack_worker, -(-rows // row_block), threads, flat, width, bits,
                      out.reshape(bits, rows, words), row_block)
     return out
 
@@ -694,7 +698,7 @@ def _run(a, w, kernel, stride, pads, out_shape):
     m = a.shape[0]
     k, chans = w.shape[:2]
     depth = kh * kw * a.shape[-1]
-    n_pix = int(np.prod(out_shape, dtype=np.int64))
+    n_pix = math.prod(out_shape)
     if depth * 64 * (2 ** m - 1) * (2 ** k - 1) >= 2 ** 31:
         raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
     panels = w.panels
@@ -704,18 +708,20 @@ def _run(a, w, kernel, stride, pads, out_shape):
     acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
     rowsum = np.zeros(n_pix, np.int32)
     if n_pix:
-        pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, get_num_threads())
-        n_tasks = -(-n_pix // pix_block) * -(-n_panels // panel_block)
         m, batch, height, width, cw = a.shape
+        word_pairs = n_pix * m * k * depth * n_panels * _PANEL
+        threads = get_num_threads() if word_pairs > (1 << 20) else 1
+        pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
+        n_tasks = -(-n_pix // pix_block) * -(-n_panels // panel_block)
         if any(pads):
             padded = np.zeros((m, batch, top + height + pads[1], left + width + pads[3], cw), np.uint64)
         else:
             padded = a
         sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
-        _run_workers(_prep_worker, batch * height, a.size > (1 << 15), a, padded, sums, top, left, kw)
-        word_pairs = n_pix * m * k * depth * n_panels * _PANEL
-        _run_workers(_conv_worker, n_tasks, word_pairs > (1 << 20), padded, sums, panels, k, acc.reshape(-1),
-                     rowsum, kh, kw, stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
+        _run_workers(_prep_worker, batch * height, threads if a.size > (1 << 15) else 1, a, padded, sums,
+                     top, left, kw)
+        _run_workers(_conv_worker, n_tasks, threads, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw,
+                     stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
     return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
