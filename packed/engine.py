@@ -70,19 +70,20 @@ def _windows(x, kh, kw, stride, pads):
     return view.transpose(0, 1, 2, 4, 5, 3)
 
 
-def _conv_gemm(x, weights, kh, kw, stride, pads, dtype):
-    """Convolution as blocked im2col x ``weights`` (``[kh*kw*C, out]``) in ``dtype``; also the window sums."""
+def _conv_gemm(x, weights, kh, kw, stride, pads, dtype, with_sums=False):
+    """Convolution as blocked im2col x ``weights`` (``[kh*kw*C, out]``) in ``dtype``; optionally the window sums."""
     win = _windows(x, kh, kw, stride, pads)
     b, ho, wo = win.shape[:3]
     k = kh * kw * x.shape[3]
     out = np.empty((b, ho, wo, weights.shape[1]), dtype)
-    sums = np.empty((b, ho, wo), dtype)
+    sums = np.empty((b, ho, wo), dtype) if with_sums else None
     per_image = max(ho * wo * k * np.dtype(dtype).itemsize, 1)
     step = max(1, _IM2COL_BYTES // per_image)
     for start in range(0, b, step):
-        rows = win[start:start + step].reshape(-1, k).astype(dtype)
-        out[start:start + step] = (rows @ weights).reshape(-1, ho, wo, weights.shape[1])
-        sums[start:start + step] = rows.sum(axis=1).reshape(-1, ho, wo)
+        rows = win[start:start + step].reshape(-1, k).astype(dtype, copy=False)
+        np.matmul(rows, weights, out=out[start:start + step].reshape(-1, weights.shape[1]))
+        if with_sums:
+            sums[start:start + step] = rows.sum(axis=1).reshape(-1, ho, wo)
     return out, sums
 
 
@@ -118,7 +119,7 @@ class _Layer:
         self._planes = {}
         self._affine = {}
 
-    def accumulators_to_output(self, acc, sums, levels, channels):
+    def accumulators_to_output(self, acc, sums, levels, channels, out=None):
         """The layer's output (bias and batch norm applied) from ``acc = sum(c q)`` and ``sums = sum(c)``.
 
         ``z = k1 acc + k2 sums`` (module docstring) and ``y = z scale + shift``
@@ -133,7 +134,7 @@ class _Layer:
             scale = np.ones(self.shape[-1]) if self.scale is None else self.scale.astype(np.float64)
             shift = np.zeros(self.shape[-1]) if self.shift is None else self.shift.astype(np.float64)
             self._affine[key] = (k1 * scale[channels], k2 * scale[channels], shift[channels])
-        return elementwise.affine_accumulators(acc, sums, *self._affine[key])
+        return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out)
 
     def epilogue(self, z, channels=slice(None)):
         """Bias and batch norm on a float output ``z`` (float32, as the graph)."""
@@ -208,21 +209,30 @@ class PackedModel:
         kh, kw = op["kernel"]
         stride, groups = op["stride"], op["groups"]
         pads = _pads(op["padding"], x.values.shape[1], x.values.shape[2], kh, kw, stride)
-        out_per_group = op["out"] // groups
-        parts = []
+        if groups == 1:
+            return _Map(self._conv_group(layer, x, slice(None), kh, kw, stride, pads))
+        cin, per_group = layer.shape[2], op["out"] // groups
+        batch, height, width = x.values.shape[:3]
+        out_h = (height + pads[0] + pads[1] - kh) // stride + 1
+        out_w = (width + pads[2] + pads[3] - kw) // stride + 1
+        out = np.empty((batch, out_h, out_w, op["out"]), np.float32)
+        rows = out.reshape(-1, op["out"])
         for g in range(groups):
-            cin = layer.shape[2]
-            xs = _Map(x.values[..., g * cin:(g + 1) * cin], x.levels)
-            sl = slice(g * out_per_group, (g + 1) * out_per_group)
-            parts.append(self._conv_group(layer, xs, sl, kh, kw, stride, pads))
-        return _Map(parts[0] if groups == 1 else np.concatenate(parts, axis=-1))
+            xs = _Map(np.ascontiguousarray(x.values[..., g * cin:(g + 1) * cin]), x.levels)
+            channels = slice(g * per_group, (g + 1) * per_group)
+            self._conv_group(layer, xs, channels, kh, kw, stride, pads, out=rows[:, channels])
+        return _Map(out)
 
-    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads):
-        """One group's output channels ``out_slice``, bias and batch norm applied."""
+    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, out=None):
+        """One group's output channels ``out_slice``, bias and batch norm applied (into ``out`` if given)."""
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]
             z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
-            return layer.epilogue(z, out_slice)
+            y = layer.epilogue(z, out_slice)
+            if out is None:
+                return y
+            out[...] = y.reshape(out.shape)
+            return out
         a_bits = int(x.levels).bit_length()
         if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
             from . import kernels
@@ -235,9 +245,10 @@ class PackedModel:
             acc, sums = kernels.conv_popcount(a, layer._planes[key], (kh, kw), stride, pads)
         else:
             q = layer.codes[..., out_slice].astype(np.float64)
-            acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64)
+            acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64,
+                                   with_sums=True)
             acc, sums = acc.astype(np.int64), sums.astype(np.int64)
-        return layer.accumulators_to_output(acc, sums, x.levels, out_slice)
+        return layer.accumulators_to_output(acc, sums, x.levels, out_slice, out=out)
 
     def _fc(self, x, op):
         layer = self.layers[op["layer"]]
