@@ -4,16 +4,27 @@
     python bench/train_speed.py                              # SVHN, AlexNet, ResNet-18; default bits
     python bench/train_speed.py --models svhn --steps 20 --repeats 7
     python bench/train_speed.py --models alexnet --bits 32,32,32 1,2,6 --batch 32
+    python bench/train_speed.py --models svhn --rounds 3     # shared machine: interleaved repeats
 
 Each (model, bits) runs in its own process (so peak memory is its own): a
 training step on in-graph random data (no feeding), inference at batch 1 and
 at the training batch, medians of ``--repeats`` timings of ``--steps`` steps
 after warm-up steps; start-up and graph building are excluded.  The ratio
-column is each training rate against 32,32,32 of the same model measured in
-the same command.  The dataflow rows time the real input pipelines alone
-(SVHN built-in digits with their training augmentation and workers; ImageNet
-validation decoding of generated JPEGs).  Prints a markdown table and the
-machine.
+column is each training step's time against 32,32,32 of the same model
+measured in the same command; with ``--rounds R`` every (model, bits) process
+runs R times, interleaved (A B C A B C ...), each figure is the median over
+the rounds and the ratio the median of the per-round ratios, which is what
+to use on a machine shared with other work.
+
+"% of bound" is the training rate against the machine's arithmetic bound:
+the floating-point operations of one training image (the convolutions and
+matrix products of the forward pass, of the weight gradients and of the
+input gradients, counted from the graph's ops and shapes) at
+``--peak-gflops`` (default 200, about a 2-core AVX2/AVX-512 CPU).
+
+The dataflow rows time the real input pipelines alone (SVHN built-in digits
+with their training augmentation and workers; ImageNet validation decoding
+of generated JPEGs).  Prints a markdown table, the machine and its load.
 """
 import argparse
 import json
@@ -38,6 +49,58 @@ MODELS = {
 
 
 # ------------------------------------------------------------------ one measurement (child process)
+_CONV_OPS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+
+
+def graph_flops(fetch):
+    """``(forward, training)`` floating-point operations of one ``session.run(fetch)``.
+
+    Every Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter and MatMul op that
+    the run executes (``fetch``'s ancestors: tf.gradients also builds input
+    gradients nobody uses, such as that of the first layer, fed by the image)
+    counts ``2 * multiply-adds``: a convolution 2 * N*Ho*Wo*Cout * kh*kw*Cin
+    (its input and filter gradients the same, from their out_backprop and filter
+    shapes), a matmul 2 * M*K*N.  Forward is the ops outside ``gradients/``.
+    Needs static shapes.
+    """
+    forward = total = 0
+    for op in _ancestors(fetch):
+        if op.type in _CONV_OPS:
+            filter_shape = (op.inputs[1] if op.type != "Conv2DBackpropFilter" else op.outputs[0]).shape.as_list()
+            out = (op.outputs[0] if op.type == "Conv2D" else op.inputs[2]).shape.as_list()
+            kh, kw, cin = filter_shape[:3]
+            flops = 2 * _prod(out) * kh * kw * cin
+        elif op.type == "MatMul":
+            a = op.inputs[0].shape.as_list()
+            k = a[0] if op.get_attr("transpose_a") else a[1]
+            flops = 2 * _prod(op.outputs[0].shape.as_list()) * k
+        else:
+            continue
+        total += flops
+        if not op.name.startswith("gradients"):
+            forward += flops
+    return forward, total
+
+
+def _ancestors(fetch):
+    seen, stack = set(), [fetch]
+    while stack:
+        op = stack.pop()
+        if op in seen:
+            continue
+        seen.add(op)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return seen
+
+
+def _prod(dims):
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
+
+
 def _timed(run, steps, repeats, warmup):
     for _ in range(warmup):
         run()
@@ -89,8 +152,15 @@ def measure(name, bits_text, batch, steps, repeats, data_format):
         image, label = random_inputs(model, batch)
         with TowerContext("", is_training=True):
             cost = model.build_graph(image, label)
-        step = model.optimizer().minimize(cost, global_step=tf.train.get_or_create_global_step())
+        # as tensorpack's trainers compute gradients (no gating: unused input gradients are not run)
+        opt = model.optimizer()
+        grads = opt.compute_gradients(cost, gate_gradients=False, colocate_gradients_with_ops=True)
+        step = opt.apply_gradients([(g, v) for g, v in grads if g is not None],
+                                                 global_step=tf.train.get_or_create_global_step())
         step = tf.group(step, *tf.get_collection(tf.GraphKeys.UPDATE_OPS))
+        forward, training = graph_flops(step)
+        result["fwd_gflop_per_img"] = forward / batch / 1e9
+        result["train_gflop_per_img"] = training / batch / 1e9
         with tf.Session(config=session_config()) as sess:
             sess.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
             result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=3)
@@ -182,6 +252,13 @@ def machine():
                                                           platform.python_version())
 
 
+def _load():
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -190,6 +267,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="training batch (default: svhn 128, others 32)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings per figure (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved runs of every (model, bits) process; medians over the rounds")
+    parser.add_argument("--peak-gflops", type=float, default=200.0,
+                        help="the machine's arithmetic peak for the '%% of bound' column (GFLOP/s)")
     parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"])
     parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -212,25 +293,45 @@ def main(argv=None):
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error("--models: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(MODELS)))
-    print("machine: {}\n".format(machine()))
-    print("| model | bits | batch | train img/s | vs 32,32,32 | infer img/s (b=1) | infer img/s (b=batch) "
-          "| peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    train_rates = {}
-    for name in models:
-        bits_list = args.bits or MODELS[name][1]
-        batch = args.batch or MODELS[name][2]
-        base = None
-        for bits in bits_list:
-            r = _child(["model", name, bits, str(batch), str(args.steps), str(args.repeats), args.data_format])
-            if bits == "32,32,32":
-                base = r["train_img_s"]
-            train_rates[name, bits] = r["train_img_s"]
-            ratio = "{:.2f}x".format(base / r["train_img_s"]) if base else "-"
-            print("| {} | {} | {} | {:.1f} | {} | {:.1f} | {:.1f} | {:.0f} |".format(
-                name, bits, batch, r["train_img_s"], ratio, r["infer_img_s_b1"], r["infer_img_s_bN"],
-                r["peak_rss_mb"]), flush=True)
-    print("\n'vs 32,32,32' is the time of a training step relative to the same model at 32,32,32.\n")
+    if args.rounds < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--rounds, --steps and --repeats must be at least 1")
+    print("machine: {}".format(machine()))
+    print("load average (1, 5, 15 min) at start: {}\n".format(_load()), flush=True)
+
+    runs = [(name, bits, args.batch or MODELS[name][2]) for name in models for bits in (args.bits or MODELS[name][1])]
+    results = {run: [] for run in runs}
+    for _ in range(args.rounds):
+        for run in runs:
+            name, bits, batch = run
+            results[run].append(_child(["model", name, bits, str(batch), str(args.steps), str(args.repeats),
+                                        args.data_format]))
+
+    print("| model | bits | batch | train img/s | vs 32,32,32 | % of bound | infer img/s (b=1) "
+          "| infer img/s (b=batch) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    train_rates, bounds = {}, {}
+    for run in runs:
+        name, bits, batch = run
+        rs = results[run]
+        rate = statistics.median(r["train_img_s"] for r in rs)
+        train_rates[name, bits] = rate
+        base = results.get((name, "32,32,32", batch))
+        # the step-time ratio, per round (paired), then the median
+        ratio = "{:.2f}x".format(statistics.median(b["train_img_s"] / r["train_img_s"] for b, r in zip(base, rs))) \
+            if base else "-"
+        gflop = rs[0]["train_gflop_per_img"]
+        bounds[name] = (rs[0]["fwd_gflop_per_img"], gflop)
+        print("| {} | {} | {} | {:.1f} | {} | {:.0f}% | {:.1f} | {:.1f} | {:.0f} |".format(
+            name, bits, batch, rate, ratio, 100.0 * rate * gflop / args.peak_gflops,
+            statistics.median(r["infer_img_s_b1"] for r in rs), statistics.median(r["infer_img_s_bN"] for r in rs),
+            max(r["peak_rss_mb"] for r in rs)), flush=True)
+    print("\n'vs 32,32,32' is the time of a training step relative to the same model at 32,32,32{}.".format(
+        " (median of {} interleaved rounds)".format(args.rounds) if args.rounds > 1 else ""))
+    for name, (fwd, train) in bounds.items():
+        print("{}: {:.4f} GFLOP per image forward, {:.4f} per training image (forward, weight and input gradients "
+              "of the convolutions and matmuls); at {:.0f} GFLOP/s the bound is {:.0f} training images/s.".format(
+                  name, fwd, train, args.peak_gflops, args.peak_gflops / train))
+    print()
     print("| input pipeline | img/s | consumer img/s | ratio | peak RSS MB |")
     print("|---|---|---|---|---|")
     if "svhn" in models:
@@ -242,6 +343,7 @@ def main(argv=None):
     if "alexnet" in models or "resnet" in models:
         d = _child(["imagenet-decoding", "128", str(max(1, args.repeats // 2))])
         print("| {} | {:.0f} | - | - | {:.0f} |".format(d["what"], d["img_s"], d["peak_rss_mb"]))
+    print("\nload average (1, 5, 15 min) at end: {}".format(_load()))
     return 0
 
 
