@@ -338,7 +338,7 @@ def pack_planes(codes, bits):
     rows = math.prod(lead)
     if rows and words:
         flat = np.ascontiguousarray(codes).reshape(-1)
-        threads = get_num_threads() if flat.size * bits > (1 << 20) else 1
+        threads = get_num_threads() if flat.size * bits > (1 << 23) else 1      # ~1 ms of work
         row_block = max(1, min(256, -(-rows // (4 * threads))))
         _run_workers(_pack_worker, -(-rows // row_block), threads, flat, width, bits,
                      out.reshape(bits, rows, words), row_block)
