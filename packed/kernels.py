@@ -255,7 +255,7 @@ def _next_task(typingctx, counter):
 # none is left; the calling thread and get_num_threads() - 1 pool threads run it together.  Dynamic
 # hand-out keeps both cores busy when another process takes one for a while, and serial functions
 # compile in about a third of the time of numba's parallel=True (parfor) versions.
-_pool = None                # (ThreadPoolExecutor, pid that made it): a forked child makes its own
+_pool = None                # (ThreadPoolExecutor, its workers, pid that made it): a forked child makes its own
 _pool_lock = threading.Lock()
 
 
@@ -263,8 +263,8 @@ def _helpers(count):
     """The pool of helper threads, with at least ``count`` workers."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[1] != os.getpid() or _pool[0]._max_workers < count:
-            _pool = (ThreadPoolExecutor(max_workers=count, thread_name_prefix="packed-kernels"), os.getpid())
+        if _pool is None or _pool[1] < count or _pool[2] != os.getpid():
+            _pool = (ThreadPoolExecutor(max_workers=count, thread_name_prefix="packed-kernels"), count, os.getpid())
         return _pool[0]
 
 
