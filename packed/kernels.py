@@ -682,7 +682,7 @@ def _blocks(n_pix, n_panels, depth, m, k, threads):
     panel_bytes = depth * _PANEL * 8 * k
     panel_block = n_panels if n_panels * panel_bytes <= (512 << 10) else max(1, (256 << 10) // panel_bytes)
     n_cb = -(-n_panels // panel_block)
-    max_rows = min(256, max(8, (64 << 10) // (m * depth * 8)))      # gathered rows ~64 KiB
+    max_rows = min(256, max(8, (64 << 10) // max(1, m * depth * 8)))  # rows of a task ~64 KiB
     want = 4 * threads                                                # tasks: balance on a busy machine
     pix_block = max(1, min(max_rows, -(-n_pix // -(-want // n_cb))))
     n_pb = -(-n_pix // pix_block)
@@ -707,7 +707,9 @@ def _run(a, w, kernel, stride, pads, out_shape):
     n_panels = -(-max(chans, 1) // _PANEL)
     acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
     rowsum = np.zeros(n_pix, np.int32)
-    if n_pix:
+    if depth == 0:              # no input channel: nothing to add up
+        acc[:] = 0
+    elif n_pix:
         m, batch, height, width, cw = a.shape
         word_pairs = n_pix * m * k * depth * n_panels * _PANEL
         threads = get_num_threads() if word_pairs > (1 << 20) else 1

@@ -229,6 +229,13 @@ def test_large_call_on_several_threads_and_after_fork():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
+def test_no_input_channels():
+    a = kernels.pack_planes(np.zeros((3, 0), np.uint8), 2)
+    acc, rowsum = kernels.gemm_popcount(a, kernels.pack_planes(np.zeros((5, 0), np.uint8), 1))
+    np.testing.assert_array_equal(acc, np.zeros((3, 5)))
+    np.testing.assert_array_equal(rowsum, np.zeros(3))
+
+
 def test_no_output_channels_and_int32_bound():
     rng = np.random.default_rng(13)
     ia = codes(rng, 2, (2, 5, 5, 10))
