@@ -8,16 +8,19 @@ For each (model, bits): random weights with calibrated batch norms
 (``synthetic_weights``), the float ``.npz`` of ``--export`` and the packed
 file of ``--export-packed`` (sizes and ratio), then images/s of the
 TensorFlow graph (``OfflinePredictor``, as ``--run`` / ``--eval`` use it) and
-of the packed engine on the same random batch, in the same process with the
-same number of threads, interleaved, medians of ``--repeats`` after a warm-up.
-The ``agree`` column is the fraction of the batch where both give the same
-top-1 class (a fast but wrong engine cannot hide here).  Per-layer kernel
-speed: ``bench/packed_layers.py``.
+of the packed engine on the same random batch, with the same number of
+threads.  Each timing runs in its own process (TensorFlow's spinning thread
+pool would slow an engine sharing its process), the two alternate for
+``--rounds`` rounds, and each figure is the median over rounds of the median
+of ``--repeats`` calls after a warm-up.  The "same top-1" column is the
+fraction of the batch where both give the same class (a fast but wrong engine
+cannot hide here).  Per-layer kernel speed: ``bench/packed_layers.py``.
 """
 import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,20 +46,51 @@ def _model(name, bits):
     return model_class(bits) if name == "svhn" else model_class(bits, "channels_last", size)
 
 
-def _interleaved(functions, repeats):
-    """Median seconds per call of each function, run in turn (A B A B ...) after one warm-up call each."""
-    for f in functions:
-        f()
-    times = [[] for _ in functions]
+def _time_calls(predict, images, repeats):
+    predict(images)
+    times = []
     for _ in range(repeats):
-        for i, f in enumerate(functions):
-            start = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+        start = time.perf_counter()
+        predict(images)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def measure(name, bits, batches, repeats, workdir):
+def child(kind, name, bits, path, batch, repeats):
+    """One timing in this process: ``kind`` is ``graph`` (TensorFlow on the .npz) or ``engine`` (packed file)."""
+    import numpy as np
+
+    rng = np.random.RandomState(1)
+    if kind == "engine":
+        from packed import load_packed
+
+        engine = load_packed(path)
+        shape = [engine.input["height"], engine.input["width"], engine.input["channels"]]
+        images = rng.uniform(0, 255, [batch] + shape).astype(engine.input["dtype"])
+        seconds = _time_calls(engine.predict, images, repeats)
+    else:
+        from inference import make_predictor
+        from model_io import read_weights
+        from tf_setup import tf
+
+        model = _model(name, bits)
+        spec = model.inputs()[0]
+        images = rng.uniform(0, 255, [batch] + spec.shape.as_list()[1:]).astype(spec.dtype.as_numpy_dtype)
+        with tf.Graph().as_default():
+            seconds = _time_calls(make_predictor(model, read_weights(path), path), images, repeats)
+    print("RESULT {}".format(batch / seconds))
+
+
+def _run_child(*args):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + [str(a) for a in args],
+                         capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError("child {} failed:\n{}".format(args, out.stderr[-3000:]))
+    return float(lines[-1].split()[1])
+
+
+def measure(name, bits, batches, repeats, rounds, workdir):
     import numpy as np
 
     from inference import make_predictor
@@ -76,18 +110,20 @@ def measure(name, bits, batches, repeats, workdir):
     save_npz(weights, npz)
     export_packed(model, npz, packed_path)
     sizes = {"model": name, "bits": bits, "npz": os.path.getsize(npz), "packed": os.path.getsize(packed_path)}
-    engine = load_packed(packed_path)
-    rows = []
+    check = rng.uniform(0, 255, [32] + shape).astype(spec.dtype.as_numpy_dtype)
     with tf.Graph().as_default():
-        graph = make_predictor(model, weights, npz)
-        for batch in batches:
-            images = rng.uniform(0, 255, [batch] + shape).astype(spec.dtype.as_numpy_dtype)
-            t_graph, t_engine = _interleaved([lambda: graph(images), lambda: engine.predict(images)], repeats)
-            agree = float(np.mean(graph(images).argmax(1) == engine.predict(images).argmax(1)))
-            rows.append({"model": name, "bits": bits, "batch": batch, "graph": batch / t_graph,
-                         "engine": batch / t_engine, "agree": agree})
-            print("  {} {} batch {}: graph {:.1f} img/s, engine {:.1f} img/s".format(
-                name, bits, batch, batch / t_graph, batch / t_engine), file=sys.stderr, flush=True)
+        graph_top1 = make_predictor(model, weights, npz)(check).argmax(1)
+    agree = float(np.mean(graph_top1 == load_packed(packed_path).predict(check).argmax(1)))
+    rows = []
+    for batch in batches:
+        graph, engine = [], []
+        for _ in range(rounds):
+            graph.append(_run_child("graph", name, bits, npz, batch, repeats))
+            engine.append(_run_child("engine", name, bits, packed_path, batch, repeats))
+        rows.append({"model": name, "bits": bits, "batch": batch, "graph": statistics.median(graph),
+                     "engine": statistics.median(engine), "agree": agree})
+        print("  {} {} batch {}: graph {:.1f} img/s, engine {:.1f} img/s".format(
+            name, bits, batch, rows[-1]["graph"], rows[-1]["engine"]), file=sys.stderr, flush=True)
     return sizes, rows
 
 
@@ -113,13 +149,20 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--bits", nargs="+", help="bit settings (default: each model's own list)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 128])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per (model, bits, batch)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch")
+    parser.add_argument("--child", nargs=6, metavar=("KIND", "MODEL", "BITS", "PATH", "BATCH", "REPEATS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        kind, name, bits, path, batch, repeats = args.child
+        child(kind, name, bits, path, int(batch), int(repeats))
+        return 0
     sizes, rows = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models:
             for bits in args.bits or MODELS[name][2]:
-                s, r = measure(name, bits, args.batches, args.repeats, workdir)
+                s, r = measure(name, bits, args.batches, args.repeats, args.rounds, workdir)
                 sizes.append(s)
                 rows += r
     print("| model | bits | float .npz MB | packed MB | smaller |")
@@ -128,7 +171,7 @@ def main(argv=None):
         print("| {} | {} | {:.2f} | {:.3f} | {:.1f}x |".format(s["model"], s["bits"], s["npz"] / 1e6, s["packed"] / 1e6,
                                                              s["npz"] / s["packed"]))
     print()
-    print("| model | bits | batch | TensorFlow img/s | packed engine img/s | speedup | same top-1 |")
+    print("| model | bits | batch | TensorFlow img/s | packed engine img/s | speedup | same top-1 (32 images) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| {} | {} | {} | {:.1f} | {:.1f} | {:.2f}x | {:.0%} |".format(
