@@ -16,7 +16,8 @@ group) and bit widths (W1A2 = 1-bit weights, 2-bit activations; BNN = W1A1; ResN
   are laid out once (``prepare_weights``, as at load time) outside the timing.
 
 Both run in this process, interleaved (one TF run, one packed run, ...), after warm-up; the table
-has the medians of ``--repeats``.  Every packed result (acc and rowsum) is checked against the
+has the medians of ``--repeats`` and their ratio, and the ratio of the fastest runs (on a shared
+machine the medians move with whatever else runs).  Every packed result (acc and rowsum) is checked against the
 numpy integer reference on the same random codes before its row is printed, so a fast but wrong
 kernel cannot report a speedup (and TF's float32 result against it too, to be sure both compute the
 same layer).  Prints a markdown table and the machine (load average included:
@@ -135,7 +136,8 @@ def measure(layer, batch, repeats, threads, tf, kernels, np):
         desc = "%d -> %d" % (shape[0], cout)
     else:
         desc = "%dx%d/%d %s, %dx%dx%d -> %d" % (kernel + (stride, padding) + shape + (cout,))
-    return desc, statistics.median(tf_ms), statistics.median(packed_ms), statistics.median(pack_ms)
+    return (desc, statistics.median(tf_ms), statistics.median(packed_ms), statistics.median(pack_ms),
+            min(tf_ms) / min(packed_ms))
 
 
 def cpu_model():
@@ -170,21 +172,24 @@ def main(argv=None):
                           kernels.pack_planes(np.zeros((1, 3, 3, 3), np.uint8), 1), (3, 3), 1, (1, 1, 1, 1))
     first_call = time.perf_counter() - start
 
-    print("| layer | bits | shape | batch | TF float32 ms | packed ms | of which packing ms | speedup |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| layer | bits | shape | batch | TF float32 ms | packed ms | of which packing ms | speedup "
+          "| speedup of the fastest runs |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for layer in LAYERS:
         if layer[0] not in args.nets:
             continue
         for batch in args.batches:
-            desc, tf_ms, packed_ms, pack_ms = measure(layer, batch, args.repeats, args.threads, tf, kernels, np)
-            print("| %s %s | %s | %s | %d | %.3f | %.3f | %.3f | %.1fx |"
+            desc, tf_ms, packed_ms, pack_ms, best = measure(layer, batch, args.repeats, args.threads, tf, kernels,
+                                                            np)
+            print("| %s %s | %s | %s | %d | %.3f | %.3f | %.3f | %.1fx | %.1fx |"
                   % (layer[0], layer[1], bits_name(layer[8]), desc, batch, tf_ms, packed_ms, pack_ms,
-                     tf_ms / packed_ms), flush=True)
+                     tf_ms / packed_ms, best), flush=True)
     load_after = os.getloadavg()
     print()
     print("packed ms = pack_planes(activation codes) + popcount kernel (weights laid out once, untimed); "
           "its acc and rowsum checked equal to the integer reference, and TF's float32 output to that acc.  "
-          "Medians of %d runs, TF and packed interleaved." % args.repeats)
+          "Times are medians of %d runs, TF and packed interleaved; the last column is the ratio of the "
+          "fastest runs (less sensitive to other processes)." % args.repeats)
     print("Machine: %s, %d cores; TensorFlow %s, numba %s, numpy %s, Python %s; %d threads (TF intra-op "
           "and numba); load average %.2f before, %.2f after; first kernel call %.2f s (JIT or cache load)."
           % (cpu_model(), os.cpu_count(), tf.__version__ if hasattr(tf, "__version__") else _tf_version(),
