@@ -238,16 +238,23 @@ def _bits_of_64_bytes(typingctx, codes, start, bit):
 
 
 @intrinsic
-def _next_task(typingctx, counter):
-    """Atomically ``counter[0] += 1``; returns the old value (the task this thread takes next)."""
+def _fetch_add(typingctx, counter, index, value):
+    """Atomically ``counter[index] += value``; returns the old value."""
     if not _is_flat(counter, types.int64):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], ir.Constant(ir.IntType(64), 0))
-        return builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "monotonic")
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", pointer, context.cast(builder, args[2], signature.args[2], types.int64),
+                                  "monotonic")
 
-    return types.int64(counter), codegen
+    return types.int64(counter, types.intp, types.int64), codegen
+
+
+@njit(inline="always", **_JIT)
+def _next_task(counter):
+    """The task a worker takes next: counter[0] is the next task to hand out."""
+    return _fetch_add(counter, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------ threads
@@ -272,8 +279,11 @@ def _run_workers(worker, n_tasks, threads, *args):
     """worker(counter, n_tasks, *args) on min(threads, n_tasks) threads: the calling one and helpers.
 
     Callers pass ``threads = 1`` for small calls (handing work to the pool costs tens of microseconds).
+    Once the calling thread runs out of tasks it waits for the helpers that started (they are
+    finishing their last task) and cancels the others: on a busy machine a helper can take
+    milliseconds to start, and it would only find that no task is left.
     """
-    counter = np.zeros(1, np.int64)
+    counter = np.zeros(1, np.int64)            # the next task to hand out
     helpers = min(threads, n_tasks) - 1
     futures = []
     if helpers > 0:
@@ -283,7 +293,8 @@ def _run_workers(worker, n_tasks, threads, *args):
         worker(counter, n_tasks, *args)
     finally:
         for future in futures:
-            future.result()
+            if not future.cancel():
+                future.result()
 
 
 # ------------------------------------------------------------------------------------------- packing
