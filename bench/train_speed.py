@@ -5,6 +5,7 @@
     python bench/train_speed.py --models svhn --steps 20 --repeats 7
     python bench/train_speed.py --models alexnet --bits 32,32,32 1,2,6 --batch 32
     python bench/train_speed.py --models svhn --rounds 3     # shared machine: interleaved repeats
+    python bench/train_speed.py --models svhn --no-xla       # quantizers from plain TF ops, to compare
 
 Each (model, bits) runs in its own process (so peak memory is its own): a
 training step on in-graph random data (no feeding), inference at batch 1 and
@@ -230,9 +231,9 @@ def measure_imagenet_decoding(batch, batches, repeats):
 
 
 # ------------------------------------------------------------------ the driver
-def _child(args_list):
+def _child(args_list, env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child"] + args_list
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError("benchmark child {} failed:\n{}".format(" ".join(args_list), proc.stderr[-3000:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -273,6 +274,8 @@ def main(argv=None):
                         help="the machine's arithmetic peak for the '%% of bound' column (GFLOP/s)")
     parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"])
     parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="build the quantizers from plain TensorFlow ops (DOREFA_XLA=0), for comparison")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -295,8 +298,12 @@ def main(argv=None):
         parser.error("--models: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(MODELS)))
     if args.rounds < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--rounds, --steps and --repeats must be at least 1")
+    env = dict(os.environ, DOREFA_XLA="0") if args.no_xla else None
+    xla = "off" if args.no_xla or os.environ.get("DOREFA_XLA", "1").strip().lower() in ("0", "false", "no", "off") \
+        else "on"
     print("machine: {}".format(machine()))
-    print("load average (1, 5, 15 min) at start: {}\n".format(_load()), flush=True)
+    print("load average (1, 5, 15 min) at start: {}; quantizers' XLA kernels: {}\n".format(_load(), xla),
+          flush=True)
 
     runs = [(name, bits, args.batch or MODELS[name][2]) for name in models for bits in (args.bits or MODELS[name][1])]
     results = {run: [] for run in runs}
@@ -304,7 +311,7 @@ def main(argv=None):
         for run in runs:
             name, bits, batch = run
             results[run].append(_child(["model", name, bits, str(batch), str(args.steps), str(args.repeats),
-                                        args.data_format]))
+                                        args.data_format], env))
 
     print("| model | bits | batch | train img/s | vs 32,32,32 | % of bound | infer img/s (b=1) "
           "| infer img/s (b=batch) | peak RSS MB |")
