@@ -43,9 +43,11 @@ __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bit
 #: The weight "bit width" that selects Trained Ternary Quantization.
 TERNARY = "t"
 
-#: Build the quantizers' element-wise backward passes (and BWN's sign select) as
-#: XLA-compiled functions; read when a graph is built.  ``DOREFA_XLA=0`` in the
-#: environment turns it off.
+#: Build the quantizers' element-wise work (the backward passes, BWN's sign select,
+#: quantize_clipped's codes) as XLA-compiled functions; read when a graph is built.
+#: ``DOREFA_XLA=0`` in the environment turns it off.  The two settings give the same
+#: forward values and gradients, except that fg draws its noise from different
+#: generators (XLA's ThreeFry or TensorFlow's Philox, both i.i.d. Uniform per element).
 USE_XLA = os.environ.get("DOREFA_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
