@@ -108,10 +108,10 @@ class SVHNModel(ModelDesc):
         bit_a = self.bits[1]
 
         def nonlin():
-            return P.relu() if bit_a == 32 else P.clip()
+            return P.nonlin_relu_at_32(bit_a)
 
         def activate():
-            return P.relu() if bit_a == 32 else P.activate(bit_a)
+            return P.activate_relu_at_32(bit_a)
 
         return [
             P.normalize([0, 0, 0], 256.0),

@@ -17,7 +17,8 @@ Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
 * ``add`` (sum of the registers in ``src``), ``softmax``.
 """
 
-__all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate", "gap",
+__all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
+           "nonlin_relu_at_32", "activate_relu_at_32", "gap",
            "scale", "add", "softmax", "OPS", "validate_program"]
 
 
@@ -83,6 +84,16 @@ def clip(**reg):
 def activate(bits, **reg):
     """``clip(x, 0, 1)``, then ``round(x * n) / n`` with ``n = 2^bits - 1`` (no quantization for 32)."""
     return _op("activate", bits=int(bits), **reg)
+
+
+def nonlin_relu_at_32(bits):
+    """``nonlin`` of the AlexNet and SVHN nets: ``relu`` when A is 32, else a clip to [0, 1]."""
+    return relu() if bits == 32 else clip()
+
+
+def activate_relu_at_32(bits):
+    """``activate`` (``fa(nonlin(x))``) of the AlexNet and SVHN nets: ``relu`` when A is 32."""
+    return relu() if bits == 32 else activate(bits)
 
 
 def gap(**reg):
