@@ -17,7 +17,7 @@ values), batch norm maps, residual sums and pooling of float maps.
 """
 import numpy as np
 
-from . import elementwise
+from . import elementwise, float_conv
 from .format import read_packed, unpack_weight_planes
 
 __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
@@ -70,6 +70,10 @@ def _windows(x, kh, kw, stride, pads):
     return view.transpose(0, 1, 2, 4, 5, 3)
 
 
+def _channels(values, channels):
+    return None if values is None else values[channels]
+
+
 def _conv_gemm(x, weights, kh, kw, stride, pads, dtype, with_sums=False):
     """Convolution as blocked im2col x ``weights`` (``[kh*kw*C, out]``) in ``dtype``; optionally the window sums."""
     win = _windows(x, kh, kw, stride, pads)
@@ -119,11 +123,12 @@ class _Layer:
         self._planes = {}
         self._affine = {}
 
-    def accumulators_to_output(self, acc, sums, levels, channels, out=None):
+    def accumulators_to_output(self, acc, sums, levels, channels, out=None, quantize_levels=None):
         """The layer's output (bias and batch norm applied) from ``acc = sum(c q)`` and ``sums = sum(c)``.
 
         ``z = k1 acc + k2 sums`` (module docstring) and ``y = z scale + shift``
-        become one float64 affine map per channel, evaluated in one pass.
+        become one float64 affine map per channel, evaluated in one pass.  With
+        ``quantize_levels`` = n the result is the uint8 codes of the float32 output.
         """
         key = (levels, channels.start, channels.stop)
         if key not in self._affine:
@@ -134,7 +139,7 @@ class _Layer:
             scale = np.ones(self.shape[-1]) if self.scale is None else self.scale.astype(np.float64)
             shift = np.zeros(self.shape[-1]) if self.shift is None else self.shift.astype(np.float64)
             self._affine[key] = (k1 * scale[channels], k2 * scale[channels], shift[channels])
-        return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out)
+        return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
 
     def epilogue(self, z, channels=slice(None)):
         """Bias and batch norm on a float output ``z`` (float32, as the graph)."""
@@ -183,18 +188,53 @@ class PackedModel:
                 self.path, *want, list(images.shape)))
         self._trace = trace
         registers = {"x": _Map(images)}
-        for op in self.program:
+        program = self.program
+        i = 0
+        while i < len(program):
+            op = program[i]
             kind = op["op"]
             src = op.get("src", "x")
             if kind == "add":
                 result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
+            elif trace is None and self._fused_span(i):
+                # conv / fc / maxpool followed by a quantizing activate that replaces its input: the
+                # codes come straight from the float32 results (no float map stored in between).  A
+                # max pooling in between pools the codes: quantizing is monotone, so it commutes with
+                # max.  The trace needs the float maps, so tracing runs the ops one by one; a test
+                # checks that both give the same output.
+                span = self._fused_span(i)
+                result = getattr(self, "_" + kind)(registers[src], op, levels=(1 << program[i + span]["bits"]) - 1)
+                if span == 2:
+                    result = self._maxpool(result, program[i + 1])
+                i += span
+                op = program[i]
             else:
                 result = getattr(self, "_" + kind)(registers[src], op)
             registers[op.get("dst", "x")] = result
+            i += 1
         out = registers["x"].as_float()
         return out.reshape(out.shape[0], -1)
 
     __call__ = predict
+
+    def _fused_span(self, i):
+        """How many ops after op ``i`` it runs fused with: 1 for ``activate``, 2 for ``maxpool, activate``; else 0."""
+        program = self.program
+        if program[i]["op"] not in ("conv", "fc", "maxpool"):
+            return 0
+        dst = program[i].get("dst", "x")
+        for span in (1, 2):
+            if i + span >= len(program):
+                return 0
+            nxt = program[i + span]
+            # each op must read the previous result and overwrite it: nothing else reads the float map
+            if nxt.get("src", "x") != dst or nxt.get("dst", "x") != dst:
+                return 0
+            if nxt["op"] == "activate":
+                return span if 1 <= nxt["bits"] <= 8 else 0
+            if nxt["op"] != "maxpool" or program[i]["op"] != "conv":
+                return 0
+        return 0
 
     # ---------------------------------------------------------------- ops
     def _normalize(self, x, op):
@@ -204,13 +244,15 @@ class PackedModel:
         std = np.asarray(op["std"], np.float32)
         return _Map(v / (std[0] if std.size == 1 else std))
 
-    def _conv(self, x, op):
+    def _conv(self, x, op, levels=None):
+        """The conv op; with ``levels`` (a fused activate), its output's codes at ``levels``."""
         layer = self.layers[op["layer"]]
         kh, kw = op["kernel"]
         stride, groups = op["stride"], op["groups"]
         pads = _pads(op["padding"], x.values.shape[1], x.values.shape[2], kh, kw, stride)
         if groups == 1:
-            return _Map(self._conv_group(layer, x, slice(None), kh, kw, stride, pads))
+            return self._quantized(self._conv_group(layer, x, slice(None), kh, kw, stride, pads, levels=levels),
+                                   levels)
         cin, per_group = layer.shape[2], op["out"] // groups
         batch, height, width = x.values.shape[:3]
         out_h = (height + pads[0] + pads[1] - kh) // stride + 1
@@ -221,14 +263,32 @@ class PackedModel:
             xs = _Map(np.ascontiguousarray(x.values[..., g * cin:(g + 1) * cin]), x.levels)
             channels = slice(g * per_group, (g + 1) * per_group)
             self._conv_group(layer, xs, channels, kh, kw, stride, pads, out=rows[:, channels])
-        return _Map(out)
+        return self._quantized(out, levels)
 
-    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, out=None):
-        """One group's output channels ``out_slice``, bias and batch norm applied (into ``out`` if given)."""
+    @staticmethod
+    def _quantized(values, levels):
+        """``values`` as a map: float32 as they are, or (``levels`` given) quantized to codes if still float."""
+        if levels is None:
+            return _Map(values)
+        if values.dtype != np.uint8:
+            values = elementwise.quantize(values, levels)
+        return _Map(values, levels)
+
+    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, out=None, levels=None):
+        """One group's output channels ``out_slice``, bias and batch norm applied (into ``out`` if given).
+
+        With ``levels`` (and no ``out``), a popcount layer returns the codes of its output at once;
+        other paths return float32 and leave the quantizing to the caller.
+        """
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]
-            z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
-            y = layer.epilogue(z, out_slice)
+            if w.shape[-1] % float_conv.LANES == 0:
+                y = float_conv.conv2d_affine(x.as_float(), w, _channels(layer.scale, out_slice),
+                                             _channels(layer.shift, out_slice), stride, pads,
+                                             levels=levels if out is None else None)
+            else:
+                z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
+                y = layer.epilogue(z, out_slice)
             if out is None:
                 return y
             out[...] = y.reshape(out.shape)
@@ -248,16 +308,17 @@ class PackedModel:
             acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64,
                                    with_sums=True)
             acc, sums = acc.astype(np.int64), sums.astype(np.int64)
-        return layer.accumulators_to_output(acc, sums, x.levels, out_slice, out=out)
+        return layer.accumulators_to_output(acc, sums, x.levels, out_slice, out=out,
+                                            quantize_levels=levels if out is None else None)
 
-    def _fc(self, x, op):
+    def _fc(self, x, op, levels=None):
         layer = self.layers[op["layer"]]
         v = x.values
         if v.ndim == 4 and op["flatten"] == "chw":
             v = v.transpose(0, 3, 1, 2)
         v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
         if layer.codes is None or x.levels is None:
-            return _Map(layer.epilogue(_Map(v, x.levels).as_float() @ layer.float_w))
+            return self._quantized(layer.epilogue(_Map(v, x.levels).as_float() @ layer.float_w), levels)
         a_bits = int(x.levels).bit_length()
         if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
             from . import kernels
@@ -269,7 +330,8 @@ class PackedModel:
         else:
             rows = v.astype(np.float64)
             acc, sums = (rows @ layer.codes.astype(np.float64)).astype(np.int64), rows.sum(axis=1).astype(np.int64)
-        return _Map(layer.accumulators_to_output(acc, sums, x.levels, slice(None)))
+        return self._quantized(layer.accumulators_to_output(acc, sums, x.levels, slice(None), quantize_levels=levels),
+                               levels)
 
     def _affine(self, x, op):
         scale, shift = self.affines[op["layer"]]
@@ -280,11 +342,15 @@ class PackedModel:
             v = v + shift
         return _Map(v.astype(np.float32, copy=False))
 
-    def _maxpool(self, x, op):
+    def _maxpool(self, x, op, levels=None):
         k, s = op["size"], op["stride"]
         v = x.values
         pads = _pads(op["padding"], v.shape[1], v.shape[2], k, k, s)
-        return _Map(elementwise.maxpool(v, k, s, pads), x.levels)
+        if x.levels is not None:
+            # pooling codes: max commutes with the (monotone) dequantization
+            pooled = _Map(elementwise.maxpool(v, k, s, pads), x.levels)
+            return pooled if levels is None else self._activate(pooled, {"bits": levels.bit_length()})
+        return _Map(elementwise.maxpool(v, k, s, pads, levels=levels), levels)
 
     def _avgpool(self, x, op):
         k, s = op["size"], op["stride"]

@@ -1,0 +1,267 @@
+"""Direct float32 convolution with the layer's affine map applied in registers (numba, AVX-512 where present).
+
+The engine's float layers (a net's first convolution above all) took most of
+the packed SVHN net's time through im2col + BLAS: a 75-wide im2col copy of the
+whole batch, a skinny matrix product and two more passes for bias and batch
+norm.  This kernel reads the input map in place and keeps a register tile of
+6 output pixels x 48 output channels (18 ``<16 x float>`` accumulators): for
+each (ky, kx, c) of the window one weight vector is loaded and each pixel's
+input value broadcast against it (``acc += x * w``, fused multiply-add).  The
+tile is then multiplied by the channels' ``scale`` and added ``shift`` (two
+float32 operations, as the engine's numpy epilogue did) and stored.
+
+Summation order differs from TensorFlow's (as any two float32 convolutions'
+do); the engine's exactness tests bound what that can change.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import get_num_threads, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from .kernels import _element_pointer, _is_flat, _next_task, _run_workers, _splat
+
+__all__ = ["LANES", "conv2d_affine"]
+
+_JIT = dict(nogil=True, cache=True)
+#: Output channels per vector; the kernel needs a multiple of this.
+LANES = 16
+_PIXELS = 6                             # output pixels per register tile (36 and 54 wide maps: no tail)
+
+
+class _F16Type(types.Type):
+    """Sixteen float32 lanes, an LLVM ``<16 x float>`` value (a zmm register with AVX-512)."""
+
+    def __init__(self):
+        super().__init__(name="float32x16")
+
+
+_f16 = _F16Type()
+_VF = ir.VectorType(ir.FloatType(), LANES)
+
+
+@register_model(_F16Type)
+class _F16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF)
+
+
+@intrinsic
+def _fzero(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_VF, [0.0] * LANES)
+
+    return _f16(), codegen
+
+
+@intrinsic
+def _fload(typingctx, array, index):
+    """``array[index:index + 16]`` of a flat float32 array as a vector."""
+    if not _is_flat(array, types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(pointer, _VF.as_pointer()), align=4)
+
+    return _f16(array, types.intp), codegen
+
+
+@intrinsic
+def _fstore(typingctx, array, index, value):
+    """``array[index:index + 16] = value`` for a flat float32 array."""
+    if not (_is_flat(array, types.float32) and value == _f16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(pointer, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, types.intp, value), codegen
+
+
+@intrinsic
+def _fma_at(typingctx, array, index, weights, acc):
+    """``acc + array[index] * weights``, the scalar broadcast to all lanes (one fused multiply-add)."""
+    if not (_is_flat(array, types.float32) and weights == _f16 and acc == _f16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        scalar = builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1]))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]),
+                                             "llvm.fma.v16f32")
+        return builder.call(fma, [_splat(builder, scalar, _VF), args[2], args[3]])
+
+    return _f16(array, types.intp, weights, acc), codegen
+
+
+@intrinsic
+def _affine(typingctx, acc, scale, shift):
+    """``acc * scale + shift`` lane-wise, two float32 roundings (no contraction to an FMA)."""
+    if not (acc == _f16 and scale == _f16 and shift == _f16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(builder.fmul(args[0], args[1]), args[2])
+
+    return _f16(acc, scale, shift), codegen
+
+
+@intrinsic
+def _fstore_codes(typingctx, codes, index, value, levels):
+    """``codes[index:index + 16] = rint(min(max(value, 0), 1) * levels)`` for a flat uint8 array.
+
+    The engine's quantizer (:func:`packed.elementwise.quantize`) on a vector: float32 clip and
+    product, round half to even.
+    """
+    if not (_is_flat(codes, types.uint8) and value == _f16 and levels == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        module = builder.module
+        unary = ir.FunctionType(_VF, [_VF])
+        binary = ir.FunctionType(_VF, [_VF, _VF])
+        maxnum = cgutils.get_or_insert_function(module, binary, "llvm.maxnum.v16f32")
+        minnum = cgutils.get_or_insert_function(module, binary, "llvm.minnum.v16f32")
+        rint = cgutils.get_or_insert_function(module, unary, "llvm.rint.v16f32")
+        clipped = builder.call(minnum, [builder.call(maxnum, [args[2], ir.Constant(_VF, [0.0] * LANES)]),
+                                        ir.Constant(_VF, [1.0] * LANES)])
+        rounded = builder.call(rint, [builder.fmul(clipped, _splat(builder, args[3], _VF))])
+        bytes_v = ir.VectorType(ir.IntType(8), LANES)
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store(builder.fptoui(rounded, bytes_v), builder.bitcast(pointer, bytes_v.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(codes, types.intp, value, types.float32), codegen
+
+
+@njit(inline="always", **_JIT)
+def _emit(out, codes, levels, index, acc, scale, shift):
+    """The tile's vector with the affine map applied: into ``out`` (float32) or, if ``levels`` > 0, ``codes``."""
+    y = _affine(acc, scale, shift)
+    if levels > 0:
+        _fstore_codes(codes, index, y, levels)
+    else:
+        _fstore(out, index, y)
+
+
+@njit(inline="always", **_JIT)
+def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o, scale, shift, ob):
+    """6 output pixels x 48 channels: 18 accumulators, 3 weight loads and 6 broadcasts per input value."""
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = _fzero()
+    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = _fzero()
+    # within one kernel row, the (kx, c) inputs are contiguous in x and their weights in w: one loop
+    span = kw * cin
+    for ky in range(kh):
+        p0 = base + ky * row_in
+        w0 = wrow + ky * span * n_out
+        for j in range(span):
+            wa = _fload(w, w0 + j * n_out)
+            wb = _fload(w, w0 + j * n_out + 16)
+            wc = _fload(w, w0 + j * n_out + 32)
+            p = p0 + j
+            a00 = _fma_at(x, p, wa, a00)
+            a01 = _fma_at(x, p, wb, a01)
+            a02 = _fma_at(x, p, wc, a02)
+            a10 = _fma_at(x, p + step, wa, a10)
+            a11 = _fma_at(x, p + step, wb, a11)
+            a12 = _fma_at(x, p + step, wc, a12)
+            a20 = _fma_at(x, p + 2 * step, wa, a20)
+            a21 = _fma_at(x, p + 2 * step, wb, a21)
+            a22 = _fma_at(x, p + 2 * step, wc, a22)
+            a30 = _fma_at(x, p + 3 * step, wa, a30)
+            a31 = _fma_at(x, p + 3 * step, wb, a31)
+            a32 = _fma_at(x, p + 3 * step, wc, a32)
+            a40 = _fma_at(x, p + 4 * step, wa, a40)
+            a41 = _fma_at(x, p + 4 * step, wb, a41)
+            a42 = _fma_at(x, p + 4 * step, wc, a42)
+            a50 = _fma_at(x, p + 5 * step, wa, a50)
+            a51 = _fma_at(x, p + 5 * step, wb, a51)
+            a52 = _fma_at(x, p + 5 * step, wc, a52)
+    sa, sb, sc = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32)
+    ta, tb, tc = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32)
+    for px, (va, vb, vc) in enumerate(((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32),
+                                       (a40, a41, a42), (a50, a51, a52))):
+        q = o + px * n_out
+        _emit(out, codes, levels, q, va, sa, ta)
+        _emit(out, codes, levels, q + 16, vb, sb, tb)
+        _emit(out, codes, levels, q + 32, vc, sc, tc)
+
+
+@njit(inline="always", **_JIT)
+def _tile1x1(x, w, base, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o, scale, shift, ob):
+    """One output pixel x 16 channels (the tails)."""
+    acc = _fzero()
+    span = kw * cin
+    for ky in range(kh):
+        p0 = base + ky * row_in
+        w0 = wrow + ky * span * n_out
+        for j in range(span):
+            acc = _fma_at(x, p0 + j, _fload(w, w0 + j * n_out), acc)
+    _emit(out, codes, levels, o, acc, _fload(scale, ob), _fload(shift, ob))
+
+
+@njit(**_JIT)
+def _conv_worker(counter, n_tasks, x, width, cin, w, scale, shift, kh, kw, stride, out_h, out_w, out, codes,
+                 levels):
+    """Tasks are output rows (image, oy); ``x`` is the flat padded NHWC input whose rows are ``width`` pixels."""
+    n_out = scale.size
+    row_in = width * cin
+    step = stride * cin
+    wide = n_out - n_out % 48
+    while True:
+        task = _next_task(counter)
+        if task >= n_tasks:
+            break
+        image, oy = task // out_h, task % out_h
+        row_base = (image * ((out_h - 1) * stride + kh) + oy * stride) * row_in
+        out_base = task * out_w * n_out
+        ox = 0
+        while ox + _PIXELS <= out_w:
+            for ob in range(0, wide, 48):
+                _tile6x3(x, w, row_base + ox * step, step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
+                         out_base + ox * n_out + ob, scale, shift, ob)
+            for ob in range(wide, n_out, 16):
+                for px in range(ox, ox + _PIXELS):
+                    _tile1x1(x, w, row_base + px * step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
+                             out_base + px * n_out + ob, scale, shift, ob)
+            ox += _PIXELS
+        for px in range(ox, out_w):
+            for ob in range(0, n_out, 16):
+                _tile1x1(x, w, row_base + px * step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
+                         out_base + px * n_out + ob, scale, shift, ob)
+
+
+def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
+    """``conv2d(x, w) * scale + shift`` per output channel (NHWC, TensorFlow's cross-correlation), float32.
+
+    ``x [B, H, W, C]``, ``w [kh, kw, C, O]`` with ``O % 16 == 0``; ``scale`` and
+    ``shift`` are ``[O]`` (or None: 1 and 0); ``pads`` = (top, bottom, left, right).
+    With ``levels`` = n, returns instead the uint8 codes ``round(clip(y, 0, 1) * n)``
+    of that float32 result ``y``.
+    """
+    kh, kw, cin, n_out = w.shape
+    if n_out % LANES:
+        raise ValueError("conv2d_affine needs a multiple of {} output channels, got {}".format(LANES, n_out))
+    top, bottom, left, right = pads
+    x = np.asarray(x, np.float32)
+    if any(pads):
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, height, width, _ = x.shape
+    out_h, out_w = (height - kh) // stride + 1, (width - kw) // stride + 1
+    # the kernel steps from image to image by the rows the outputs read
+    if height != (out_h - 1) * stride + kh:
+        x = x[:, :(out_h - 1) * stride + kh]
+    x = np.ascontiguousarray(x).reshape(-1)
+    scale = np.ones(n_out, np.float32) if scale is None else np.ascontiguousarray(scale, np.float32)
+    shift = np.zeros(n_out, np.float32) if shift is None else np.ascontiguousarray(shift, np.float32)
+    shape = (batch, out_h, out_w, n_out)
+    out = np.empty(shape if levels is None else 0, np.float32)
+    codes = np.empty(0 if levels is None else shape, np.uint8)
+    n_tasks = batch * out_h
+    threads = get_num_threads() if n_tasks * out_w * n_out * kh * kw * cin >= 1 << 20 else 1
+    _run_workers(_conv_worker, n_tasks, threads, x, width, cin,
+                 np.ascontiguousarray(w, np.float32).reshape(-1), scale, shift, kh, kw, stride, out_h, out_w,
+                 out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
+    return out if levels is None else codes
