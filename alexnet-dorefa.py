@@ -25,7 +25,7 @@ from tensorpack.tfutils.summary import add_param_summary  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
 import cli  # noqa: E402,F401  (tests reach cli.Bits through the script)
-from dorefa import get_dorefa  # noqa: E402
+from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
 
 DEFAULT_DOREFA = "1,2,6"
@@ -71,7 +71,8 @@ class AlexNetModel(ImageNetModel):
             return tf.clip_by_value(x, 0.0, 1.0)
 
         def activate(x):
-            return fa(nonlin(x))
+            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
+            return fa(nonlin(x)) if bit_a == 32 else quantize_clipped(x, bit_a)
 
         with remap_variables(self.quantize_weight(fw)), \
                 argscope([Conv2D, BatchNorm, MaxPooling], data_format=self.data_format), \

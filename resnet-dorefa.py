@@ -21,7 +21,7 @@ from tensorpack.models import AvgPooling, BatchNorm, Conv2D, FullyConnected, Glo
 from tensorpack.tfutils.argscope import argscope  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
-from dorefa import get_dorefa  # noqa: E402
+from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
 
 DEFAULT_DOREFA = "1,4,32"
@@ -66,12 +66,14 @@ class ResNet18Model(ImageNetModel):
 
     def get_logits(self, image):
         fw, fa, fg = get_dorefa(*self.bits)
+        bit_a = self.bits[1]
 
         def nonlin(x):
             return tf.clip_by_value(x, 0.0, 1.0)
 
         def activate(x):
-            return fa(nonlin(x))
+            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
+            return fa(nonlin(x)) if bit_a == 32 else quantize_clipped(x, bit_a)
 
         def conv(name, x, channels, kernel):
             # Every conv here but conv1 is quantized; fg quantizes the gradient flowing into it

@@ -19,7 +19,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
-from dorefa import get_dorefa  # noqa: E402
+from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from image_io import ImageReadError  # noqa: E402
 from inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images  # noqa
 from model_io import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
@@ -70,7 +70,8 @@ class SVHNModel(ModelDesc):
             return tf.nn.relu(x) if bitA == 32 else tf.clip_by_value(x, 0.0, 1.0)
 
         def activate(x):
-            return fa(nonlin(x))
+            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
+            return fa(nonlin(x)) if bitA == 32 else quantize_clipped(x, bitA)
 
         x = image / 256.0
         if self.data_format == "channels_first":

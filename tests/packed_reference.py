@@ -36,17 +36,50 @@ class Comparison(NamedTuple):
     max_tie_distance: float   # farthest graph value from its boundary among the root ties (activation units)
 
 
+def _is_activation_codes_call(op):
+    """A call of dorefa.quantize_clipped's XLA function ``activation_codes`` (codes ``round(clip(v) * n)``)."""
+    return (op.type in ("PartitionedCall", "StatefulPartitionedCall")
+            and "_activation_codes_" in op.node_def.attr["f"].func.name)
+
+
+def _codes_levels(call):
+    """The ``n`` that quantize_clipped divides the codes of ``call`` by (the constant of its one RealDiv)."""
+    divisions = [op for op in call.outputs[0].consumers() if op.type == "RealDiv"]
+    assert len(divisions) == 1, "activation codes of {} feed {} divisions".format(call.name, len(divisions))
+    n = tf.get_static_value(divisions[0].inputs[1])
+    assert n is not None, "activation codes of {} divided by a non-constant".format(call.name)
+    return np.float32(n)
+
+
 def graph_outputs(model, weights, images):
-    """The graph's probabilities and, per quantizing activation in creation order, its scaled input ``v * n``."""
+    """The graph's probabilities and, per quantizing activation in creation order, its scaled input ``v * n``.
+
+    Quantized activations come in two forms: ``quantize``'s (and the plain-TensorFlow ``quantize_clipped``'s)
+    ``Round`` of a batch-shaped tensor, whose input is fetched; and the XLA function of ``quantize_clipped``,
+    which hides its ``Round``.  For the latter the function's input ``v`` is fetched and ``clip(v, 0, 1) * n``
+    recomputed in float32 (exact IEEE operations, so the value that the function rounds), and the function's own
+    codes must equal that value rounded half to even: the engine is compared with the codes the graph computed.
+    """
     with tf.Graph().as_default() as graph:
         image, _ = build_inference_graph(model)
-        rounds = [op for op in graph.get_operations()
-                  if op.type == "Round" and op.inputs[0].shape.as_list()[0] is None]   # batch-shaped: activations
+        quantizers = [op for op in graph.get_operations()
+                      if (op.type == "Round" and op.inputs[0].shape.as_list()[0] is None)   # batch-shaped: activations
+                      or _is_activation_codes_call(op)]
+        fetches = [(op.inputs[0], op.outputs[0]) for op in quantizers]
         with tf.Session() as sess:
             for var in tf.global_variables():
                 var.load(np.asarray(weights[var.op.name], np.float32), sess)
-            probs, scaled = sess.run([graph.get_tensor_by_name("output:0"), [op.inputs[0] for op in rounds]],
-                                     {image: images})
+            probs, values = sess.run([graph.get_tensor_by_name("output:0"), fetches], {image: images})
+        scaled = []
+        for op, (inputs, codes) in zip(quantizers, values):
+            if op.type == "Round":
+                scaled.append(inputs)
+                continue
+            n = _codes_levels(op)
+            s = np.clip(inputs, np.float32(0), np.float32(1)).astype(np.float32) * n
+            np.testing.assert_array_equal(codes, np.rint(s), err_msg="{}: the graph's activation codes are not "
+                                          "round(clip(v) * n)".format(op.name))
+            scaled.append(s)
     return probs, scaled
 
 
