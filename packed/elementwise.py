@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import get_num_threads, njit
 
-__all__ = ["affine_accumulators", "quantize", "maxpool"]
+__all__ = ["affine_accumulators", "quantize", "maxpool", "normalize"]
 
 _JIT = dict(nogil=True, cache=True)
 #: Elements below which a kernel runs on the calling thread only.
@@ -103,37 +103,43 @@ def quantize(x, n, dtype=np.uint8):
 
 @njit(**_JIT)
 def _maxpool(t0, t1, x, size, stride, top, left, n, out):
-    """Rows ``t0 .. t1`` (image, oy) of max pooling; ``n`` > 0 quantizes the maxima to codes at once."""
+    """Rows ``t0 .. t1`` (image, oy) of max pooling; ``n`` > 0 quantizes the maxima to codes at once.
+
+    Works on whole rows of channels (contiguous slices), so the inner loops vectorise.
+    """
     _, height, width, channels = x.shape
     _, out_h, out_w, _ = out.shape
     zero, one = np.float32(0), np.float32(1)
-    best = np.empty(channels, x.dtype)
+    best = np.empty(out_w * channels, x.dtype)
     for task in range(t0, t1):
-        bi = task // out_h
-        oy = task % out_h
-        for ox in range(out_w):
-            first = True
-            for dy in range(size):
-                y = oy * stride + dy - top
-                if y < 0 or y >= height:
-                    continue
+        image, oy = task // out_h, task % out_h
+        first_row = True
+        for dy in range(size):
+            y = oy * stride + dy - top
+            if y < 0 or y >= height:
+                continue
+            row = x[image, y].reshape(-1)
+            for ox in range(out_w):
+                target = best[ox * channels:(ox + 1) * channels]
+                started = not first_row
                 for dx in range(size):
                     xx = ox * stride + dx - left
                     if xx < 0 or xx >= width:
                         continue
-                    pixel = x[bi, y, xx]
-                    if first:
-                        best[:] = pixel
-                        first = False
-                    else:
+                    pixel = row[xx * channels:(xx + 1) * channels]
+                    if started:
                         for ch in range(channels):
-                            best[ch] = max(best[ch], pixel[ch])
-            target = out[bi, oy, ox]
-            if n > 0:
-                for ch in range(channels):
-                    target[ch] = np.rint(min(max(np.float32(best[ch]), zero), one) * n)
-            else:
-                target[:] = best
+                            target[ch] = max(target[ch], pixel[ch])
+                    else:
+                        target[:] = pixel
+                        started = True
+            first_row = False
+        result = out[image, oy].reshape(-1)
+        if n > 0:
+            for i in range(result.size):
+                result[i] = np.rint(min(max(np.float32(best[i]), zero), one) * n)
+        else:
+            result[:] = best
 
 
 def maxpool(x, size, stride, pads, levels=None):
@@ -151,3 +157,31 @@ def maxpool(x, size, stride, pads, levels=None):
     _split_rows(_maxpool, batch * out_h, x.size, np.ascontiguousarray(x), size, stride, top, left,
                 np.float32(levels or 0), out)
     return out
+
+
+# error_model="numpy": x / 0 follows IEEE instead of raising, which lets LLVM vectorise the division
+@njit(error_model="numpy", **_JIT)
+def _normalize(r0, r1, x, mean, std, out):
+    xs, ys = x[r0:r1], out[r0:r1]
+    for r in range(xs.shape[0]):
+        row, target = xs[r], ys[r]
+        for j in range(row.size):
+            target[j] = (np.float32(row[j]) - mean[j]) / std[j]
+
+
+def normalize(x, mean, std):
+    """``(float32(x) - mean) / std`` per channel of an NHWC batch, float32 (``mean`` None: 0).
+
+    One pass instead of numpy's three; ``x - 0`` is ``x``, so a missing mean
+    changes nothing.
+    """
+    batch, height, width, channels = x.shape
+    mean = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    # per-channel constants repeated along a whole image row, so the inner loop runs over W * C values
+    mean_row = np.tile(np.broadcast_to(mean, (channels,)), width)
+    std_row = np.tile(np.broadcast_to(std.reshape(-1), (channels,)), width)
+    rows = np.ascontiguousarray(x).reshape(batch * height, width * channels)
+    out = np.empty(rows.shape, np.float32)
+    _split_rows(_normalize, rows.shape[0], rows.size, rows, mean_row, std_row, out)
+    return out.reshape(x.shape)

@@ -238,11 +238,7 @@ class PackedModel:
 
     # ---------------------------------------------------------------- ops
     def _normalize(self, x, op):
-        v = x.values.astype(np.float32)
-        if "mean" in op:
-            v = v - np.asarray(op["mean"], np.float32)
-        std = np.asarray(op["std"], np.float32)
-        return _Map(v / (std[0] if std.size == 1 else std))
+        return _Map(elementwise.normalize(x.values, op.get("mean"), op["std"]))
 
     def _conv(self, x, op, levels=None):
         """The conv op; with ``levels`` (a fused activate), its output's codes at ``levels``."""

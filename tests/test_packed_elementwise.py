@@ -124,3 +124,16 @@ def test_maxpool_floats_codes_and_fused_quantizing(size, stride, pads):
     # quantizing is monotone, so pooling commutes with it: the engine pools codes and fuses the two
     np.testing.assert_array_equal(elementwise.maxpool(codes, size, stride, pads), _reference_codes(pooled, 3))
     np.testing.assert_array_equal(elementwise.maxpool(x, size, stride, pads, levels=3), _reference_codes(pooled, 3))
+
+
+@pytest.mark.parametrize("dtype,mean,std", [(np.uint8, [123.68, 116.78, 103.94], [58.4, 57.1, 57.4]),
+                                            (np.float32, None, 256.0)])
+def test_normalize_is_numpys_float32_arithmetic(dtype, mean, std):
+    x = np.random.RandomState(3).uniform(0, 255, (3, 17, 19, 3)).astype(dtype)
+    want = x.astype(np.float32)
+    if mean is not None:
+        want = want - np.asarray(mean, np.float32)
+    want = want / np.asarray(std, np.float32)
+    got = elementwise.normalize(x, mean, std)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
