@@ -101,6 +101,7 @@ class _Layer:
         self.bits = {"binary": 1, "ternary": None, "float": None}.get(self.kind, spec.get("bits"))
         self.scale = arrays.get(name + "/scale")
         self.shift = arrays.get(name + "/shift")
+        self.dense_w = None         # a float fully-connected layer's weights for float_conv.dense_affine
         if self.kind == "float":
             self.float_w = arrays[name + "/W"].astype(np.float32)
             self.codes = None
@@ -314,7 +315,10 @@ class PackedModel:
             v = v.transpose(0, 3, 1, 2)
         v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
         if layer.codes is None or x.levels is None:
-            return self._quantized(layer.epilogue(_Map(v, x.levels).as_float() @ layer.float_w), levels)
+            if layer.dense_w is None:
+                layer.dense_w = float_conv.pad_dense_weights(layer.float_w)
+            return self._quantized(float_conv.dense_affine(_Map(v, x.levels).as_float(), layer.dense_w,
+                                                           layer.shape[-1], layer.scale, layer.shift, levels), levels)
         a_bits = int(x.levels).bit_length()
         if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
             from . import kernels

@@ -265,3 +265,58 @@ def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
                  np.ascontiguousarray(w, np.float32).reshape(-1), scale, shift, kh, kw, stride, out_h, out_w,
                  out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
     return out if levels is None else codes
+
+
+#: Output channels of the widest register tile (fully-connected weights are padded to a multiple).
+_TILE_CHANNELS = 48
+
+
+def pad_dense_weights(w):
+    """``w [K, O]`` as ``[1, 1, K, O']`` with O' the next multiple of 48 (zero columns): :func:`dense_affine`'s form."""
+    k, n_out = w.shape
+    padded = np.zeros((1, 1, k, -(-n_out // _TILE_CHANNELS) * _TILE_CHANNELS), np.float32)
+    padded[0, 0, :, :n_out] = w
+    return padded
+
+
+@njit(**_JIT)
+def _dense_worker(counter, n_tasks, x, k, w, scale, shift, row_tiles, out, codes, levels):
+    """Tasks are 48-channel blocks: each streams its weight columns once and reuses them (from cache) for every
+    6-row tile of the batch; ``x`` is the flat ``[row_tiles * 6, k]`` input, ``out`` / ``codes`` ``[.., width]``."""
+    width = scale.size
+    while True:
+        task = _next_task(counter)
+        if task >= n_tasks:
+            break
+        ob = task * _TILE_CHANNELS
+        for tile in range(row_tiles):
+            row = tile * _PIXELS
+            _tile6x3(x, w, row * k, k, ob, width, 0, k, 1, 1, out, codes, levels, row * width + ob, scale, shift, ob)
+
+
+def dense_affine(v, padded_w, n_out, scale, shift, levels=None):
+    """``(v @ w) * scale + shift`` for a fully-connected layer (``v [B, K]``), float32 or codes as :func:`conv2d_affine`.
+
+    The register tiles of the convolution (6 batch rows x 48 channels), with the
+    weights ``padded_w`` from :func:`pad_dense_weights`; work is split by channel
+    blocks, so a large weight matrix is read from memory once per call.
+    """
+    batch, k = v.shape
+    width = padded_w.shape[-1]
+    row_tiles = -(-batch // _PIXELS)
+    x = np.zeros((row_tiles * _PIXELS, k), np.float32)
+    x[:batch] = v
+    scale_p = np.ones(width, np.float32)
+    shift_p = np.zeros(width, np.float32)
+    if scale is not None:
+        scale_p[:n_out] = scale
+    if shift is not None:
+        shift_p[:n_out] = shift
+    shape = (row_tiles * _PIXELS, width)
+    out = np.empty(shape if levels is None else 0, np.float32)
+    codes = np.empty(0 if levels is None else shape, np.uint8)
+    n_tasks = width // _TILE_CHANNELS
+    threads = get_num_threads() if row_tiles * _PIXELS * k * width >= 1 << 20 else 1
+    _run_workers(_dense_worker, n_tasks, threads, x.reshape(-1), k, padded_w.reshape(-1), scale_p, shift_p,
+                 row_tiles, out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
+    return (out if levels is None else codes)[:batch, :n_out]

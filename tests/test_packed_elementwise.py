@@ -137,3 +137,22 @@ def test_normalize_is_numpys_float32_arithmetic(dtype, mean, std):
     got = elementwise.normalize(x, mean, std)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 6, 13])
+@pytest.mark.parametrize("n_out", [10, 48, 100])
+def test_dense_matches_float64_reference(batch, n_out):
+    from packed.float_conv import dense_affine, pad_dense_weights
+
+    rng = np.random.RandomState(batch * n_out)
+    v = rng.randn(batch, 300).astype(np.float32)
+    w = rng.randn(300, n_out).astype(np.float32)
+    scale, shift = rng.randn(n_out).astype(np.float32), rng.randn(n_out).astype(np.float32)
+    got = dense_affine(v, pad_dense_weights(w), n_out, scale, shift)
+    assert got.shape == (batch, n_out) and got.dtype == np.float32
+    want = (v.astype(np.float64) @ w) * scale + shift
+    bound = (np.abs(v).astype(np.float64) @ np.abs(w)) * np.abs(scale) * 1e-6 + 1e-6
+    assert np.all(np.abs(got - want) <= bound)
+    codes = dense_affine(v, pad_dense_weights(w), n_out, scale / 30, shift / 30 + 0.5, levels=3)
+    np.testing.assert_array_equal(codes, _reference_codes(dense_affine(v, pad_dense_weights(w), n_out, scale / 30,
+                                                                       shift / 30 + 0.5), 3))
