@@ -33,6 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machine_info import cpu_model  # noqa: E402  (bench/ is the script's directory)
+
 # (net, layer, kind, input [H, W, Cin] or [K], output channels, kernel, stride, padding, (k, m))
 W1A2, BNN, W1A4 = (1, 2), (1, 1), (1, 4)
 LAYERS = [
@@ -138,17 +140,6 @@ def measure(layer, batch, repeats, threads, tf, kernels, np):
         desc = "%dx%d/%d %s, %dx%dx%d -> %d" % (kernel + (stride, padding) + shape + (cout,))
     return (desc, statistics.median(tf_ms), statistics.median(packed_ms), statistics.median(pack_ms),
             min(tf_ms) / min(packed_ms))
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):

@@ -17,8 +17,9 @@ fraction of the batch where both give the same class (a fast but wrong engine
 cannot hide here).  Per-layer kernel speed: ``bench/packed_layers.py``.
 """
 import argparse
+import contextlib
+import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 
 MODELS = {
     # name: (script, class, default bits, image size)
@@ -100,6 +103,7 @@ def measure(name, bits, batches, repeats, rounds, workdir):
     from synthetic_weights import calibrated_weights
     from tf_setup import tf
 
+    logging.getLogger("tensorpack").setLevel(logging.WARNING)     # its graph-building lines go to stdout
     model = _model(name, bits)
     spec = model.inputs()[0]
     shape = spec.shape.as_list()[1:]
@@ -108,7 +112,8 @@ def measure(name, bits, batches, repeats, rounds, workdir):
     npz = os.path.join(workdir, "{}-{}.npz".format(name, bits))
     packed_path = os.path.join(workdir, "{}-{}.packed.npz".format(name, bits))
     save_npz(weights, npz)
-    export_packed(model, npz, packed_path)
+    with contextlib.redirect_stdout(sys.stderr):       # stdout carries only the tables
+        export_packed(model, npz, packed_path)
     sizes = {"model": name, "bits": bits, "npz": os.path.getsize(npz), "packed": os.path.getsize(packed_path)}
     check = rng.uniform(0, 255, [32] + shape).astype(spec.dtype.as_numpy_dtype)
     with tf.Graph().as_default():
@@ -133,15 +138,9 @@ def machine():
 
     from tf_setup import tf
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return ("{}, {} cores; TensorFlow {} (intra-op threads {}), numba {} ({} threads), numpy {}".format(
-        cpu, os.cpu_count(), tf.__version__, os.cpu_count(), numba.__version__, numba.get_num_threads(),
-        np.__version__))
+    return ("{}, {} cores; TensorFlow {} (intra-op threads {}), numba {} ({} threads), numpy {}; "
+            "load average {}".format(cpu_model(), os.cpu_count(), tf.__version__, os.cpu_count(), numba.__version__,
+                                     numba.get_num_threads(), np.__version__, load_average()))
 
 
 def main(argv=None):
