@@ -14,6 +14,10 @@ planes (:mod:`packed.kernels`, DoReFa-Net's bit convolution); wider settings
 only where the TensorFlow graph is float: the first and last layers, layers
 fed with A = 32 activations (their weights are expanded to the graph's float32
 values), batch norm maps, residual sums and pooling of float maps.
+
+Float convolutions and fully-connected layers use :mod:`packed.float_conv`.  When
+a layer's output is quantized next (possibly after a max pooling), the layer
+writes the codes directly (see ``predict``).
 """
 import numpy as np
 
@@ -274,8 +278,8 @@ class PackedModel:
     def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, out=None, levels=None):
         """One group's output channels ``out_slice``, bias and batch norm applied (into ``out`` if given).
 
-        With ``levels`` (and no ``out``), a popcount layer returns the codes of its output at once;
-        other paths return float32 and leave the quantizing to the caller.
+        With ``levels`` (and no ``out``), the popcount and the direct float paths return the codes of
+        the output at once; the others return float32 and leave the quantizing to the caller.
         """
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]

@@ -10,8 +10,10 @@ input value broadcast against it (``acc += x * w``, fused multiply-add).  The
 tile is then multiplied by the channels' ``scale`` and added ``shift`` (two
 float32 operations, as the engine's numpy epilogue did) and stored.
 
-Summation order differs from TensorFlow's (as any two float32 convolutions'
-do); the engine's exactness tests bound what that can change.
+With ``levels`` the tile is quantized in registers and stored as uint8 codes.
+:func:`dense_affine` runs fully-connected layers on the same tiles (batch rows
+as pixels).  Summation order differs from TensorFlow's (as any two float32
+convolutions' do); the engine's exactness tests bound what that can change.
 """
 import numpy as np
 from llvmlite import ir
