@@ -25,7 +25,7 @@ trained the published checkpoints.
 Speed: the element-wise work of the backward passes (fg, :func:`quantize_clipped`,
 the k-bit weights), BWN's sign select and the integer codes of
 :func:`quantize_clipped` run as small XLA-compiled functions, one fused loop
-each; fg draws its noise with XLA's ThreeFry generator.  Forward values are
+each; fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`).  Forward values are
 unchanged bit for bit: reductions, tanh and the divisions by n stay TensorFlow
 ops, and what XLA computes (selects, clips, products by n, rounding) is exact
 IEEE arithmetic, checked identical (quantize_clipped's codes on all 2^32 float32
@@ -47,7 +47,7 @@ TERNARY = "t"
 #: quantize_clipped's codes) as XLA-compiled functions; read when a graph is built.
 #: ``DOREFA_XLA=0`` in the environment turns it off.  The two settings give the same
 #: forward values and gradients, except that fg draws its noise from different
-#: generators (XLA's ThreeFry or TensorFlow's Philox, both i.i.d. Uniform per element).
+#: generators (Threefry-2x32-13 or TensorFlow's Philox, both i.i.d. Uniform per element).
 USE_XLA = os.environ.get("DOREFA_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -250,15 +250,78 @@ def _uniform_noise(r, n):
     return r * (maxval - minval) + minval
 
 
+#: Rotation constants of Threefry-2x32 (Salmon et al. 2011; Random123's threefry.h).
+_THREEFRY_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
+#: Rounds of the Threefry-2x32 that draws fg's noise.
+FG_NOISE_ROUNDS = 13
+
+
+def _threefry2x32(key0, key1, x0, x1, rounds):
+    """The Threefry-2x32 block function with ``rounds`` rounds on uint32 tensors: key words, counter words.
+
+    Threefry is the counter-based generator of J. K. Salmon, M. A. Moraes, R. O. Dror and D. E. Shaw,
+    "Parallel random numbers: as easy as 1, 2, 3", SC '11 (doi:10.1145/2063384.2063405): a reduced
+    Threefish block cipher, so each (key, counter) gives an independent-looking 64-bit block.  The paper
+    reports Threefry-2x32 with 13 rounds passing TestU01's BigCrush (20 rounds, Random123's and XLA's
+    default, add a safety margin); fg uses 13 (:data:`FG_NOISE_ROUNDS`), about a third less work per value.
+    Key schedule, rotations and a key injection every 4 rounds as in Random123; tests check Random123's
+    known-answer vectors for 13 and 20 rounds.
+    """
+    def const(v):
+        return tf.constant(v, tf.uint32)
+
+    def rotl(x, r):
+        return tf.bitwise.bitwise_or(tf.bitwise.left_shift(x, const(r)), tf.bitwise.right_shift(x, const(32 - r)))
+
+    ks = (key0, key1, tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(key0, key1), const(0x1BD11BDA)))
+    x0 = x0 + ks[0]
+    x1 = x1 + ks[1]
+    for r in range(rounds):
+        x0 = x0 + x1
+        x1 = tf.bitwise.bitwise_xor(rotl(x1, _THREEFRY_ROTATIONS[r % 8]), x0)
+        if r % 4 == 3:
+            i = (r + 1) // 4
+            x0 = x0 + ks[i % 3]
+            x1 = x1 + ks[(i + 1) % 3] + const(i)
+    return x0, x1
+
+
+def _threefry_blocks(key, blocks):
+    # Blocks 0 .. blocks - 1 (counter (j, 0)) under key (uint32 [2]), each as one uint64 (x1 << 32 | x0).
+    # Returned whole so that XLA computes each block once: a fused consumer that picked its two
+    # words out of it would compute the block once per word.
+    counter = tf.bitcast(tf.range(blocks), tf.uint32)
+    x0, x1 = _threefry2x32(key[0], key[1], counter, tf.zeros_like(counter), FG_NOISE_ROUNDS)
+    high = tf.bitwise.left_shift(tf.cast(x1, tf.uint64), tf.constant(32, tf.uint64))
+    return tf.bitwise.bitwise_or(high, tf.cast(x0, tf.uint64))
+
+
+_threefry_blocks_xla = _xla_function(_threefry_blocks)
+
+
+def _threefry_bits(key, size):
+    """uint32 ``[2 * ceil(size / 2)]``: the words of Threefry-2x32-13 blocks 0, 1, ... under ``key``
+    (uint32 [2]); on a little-endian machine element 2j is word x0 of block j and 2j + 1 its x1."""
+    return tf.reshape(tf.bitcast(_threefry_blocks_xla(key, (size + 1) // 2), tf.uint32), [-1])
+
+
+def _bits_to_uniform(bits):
+    # float32 Uniform[0, 1) from the top 23 bits of a uint32, as XLA's and TensorFlow's generators
+    # make it: those bits as the mantissa of a float in [1, 2), minus 1.
+    mantissa = tf.bitwise.bitwise_or(tf.bitwise.right_shift(bits, tf.constant(9, tf.uint32)),
+                                     tf.constant(0x3F800000, tf.uint32))
+    return tf.bitcast(mantissa, tf.float32) - 1.0
+
+
 _FG_XLA_KERNELS = {}
 
 
 def _fg_gradient_xla(n, rank):
-    """The backward pass of fg as one XLA function of ``(dy, seed)``, noise from ThreeFry."""
+    """The backward pass of fg as one XLA function of ``(dy, bits)``, ``bits`` from :func:`_threefry_bits`."""
     key = (n, rank)
     if key not in _FG_XLA_KERNELS:
-        def kernel(dy, seed):
-            r = tf.random.stateless_uniform(tf.shape(dy), seed, dtype=dy.dtype, alg="threefry")
+        def kernel(dy, bits):
+            r = tf.reshape(_bits_to_uniform(bits[:tf.size(dy)]), tf.shape(dy))
             return _fg_gradient(dy, _uniform_noise(r, n), n, rank)
 
         _FG_XLA_KERNELS[key] = _xla_function(kernel)
@@ -280,11 +343,12 @@ def _gradient_quantizer(k):
         def _identity(v):
             def grad(dy):
                 if use_xla:
-                    # A fresh random 64-bit ThreeFry key per call and step (drawn by a
-                    # stateful op, so it follows tf.set_random_seed); the kernel then
-                    # draws i.i.d. Uniform[0, 1) per element (counter = element index).
-                    seed = tf.random.uniform([2], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
-                    return _fg_gradient_xla(n, rank)(dy, seed)
+                    # A fresh random 64-bit Threefry key per call and step (drawn by a
+                    # stateful op, so it follows tf.set_random_seed); one 32-bit word of
+                    # Threefry output per element, counters 0, 1, ... in the key's stream.
+                    seed = tf.random.uniform([], minval=tf.int64.min, maxval=tf.int64.max, dtype=tf.int64)
+                    bits = _threefry_bits(tf.bitcast(seed, tf.uint32), tf.size(dy))
+                    return _fg_gradient_xla(n, rank)(dy, bits)
                 r = tf.random.uniform(tf.shape(dy), dtype=dy.dtype)
                 return _fg_gradient(dy, _uniform_noise(r, n), n, rank)
 

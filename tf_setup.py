@@ -21,6 +21,13 @@ Why each step is here:
   :func:`_patch_tensorpack_for_numpy2` and nowhere else.
 * tensorpack's data workers rely on python-prctl to die with the trainer;
   :func:`_let_dataflow_workers_die_with_their_parent` provides that call.
+* The quantizers' XLA functions (``dorefa.py``) are element-wise loops, most of
+  their work fg's random numbers (integer rounds of Threefry).  XLA's CPU backend
+  vectorizes them 256 bits wide unless told otherwise;
+  ``--xla_cpu_prefer_vector_width=512`` is added to ``XLA_FLAGS`` so that
+  AVX-512 CPUs run them 512 bits wide (other CPUs keep their widest vectors).  It
+  changes no result (no reassociation: exact IEEE element-wise operations and
+  max/min reductions), only speed.  A width in the user's ``XLA_FLAGS`` wins.
 """
 import logging
 import os
@@ -29,6 +36,9 @@ import sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 _user_chose_log_level = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# (an XLA flag TensorFlow 2.21 knows; XLA rejects unknown ones, so revisit it with TensorFlow)
+if "xla_cpu_prefer_vector_width" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_prefer_vector_width=512").strip()
 
 if "keras" in sys.modules and "tf_keras" not in sys.modules:  # pragma: no cover - depends on import order
     import keras as _keras

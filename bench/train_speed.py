@@ -302,8 +302,8 @@ def main(argv=None):
     xla = "off" if args.no_xla or os.environ.get("DOREFA_XLA", "1").strip().lower() in ("0", "false", "no", "off") \
         else "on"
     print("machine: {}".format(machine()))
-    print("load average (1, 5, 15 min) at start: {}; quantizers' XLA kernels: {}\n".format(_load(), xla),
-          flush=True)
+    print("load average (1, 5, 15 min) at start: {}; quantizers' XLA kernels: {}; XLA_FLAGS: {}\n".format(
+        _load(), xla, os.environ.get("XLA_FLAGS", "")), flush=True)
 
     runs = [(name, bits, args.batch or MODELS[name][2]) for name in models for bits in (args.bits or MODELS[name][1])]
     results = {run: [] for run in runs}

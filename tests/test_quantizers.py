@@ -322,17 +322,99 @@ def test_fg_unbiased_on_both_backward_paths(session, backward_path, k):
     test_fg_stochastic_rounding_is_unbiased_inside_the_range(session, k)
 
 
+def threefry2x32_ref(key, x0, x1, rounds):
+    """Threefry-2x32 in numpy uint32 arithmetic, written from Salmon et al. (2011) / Random123's threefry.h."""
+    rot = (13, 15, 26, 6, 17, 29, 16, 24)
+    key = [np.uint32(k) for k in key]
+    ks = key + [key[0] ^ key[1] ^ np.uint32(0x1BD11BDA)]
+    x0, x1 = np.asarray(x0, np.uint32) + ks[0], np.asarray(x1, np.uint32) + ks[1]
+    for r in range(rounds):
+        x0 = x0 + x1
+        x1 = ((x1 << np.uint32(rot[r % 8])) | (x1 >> np.uint32(32 - rot[r % 8]))) ^ x0
+        if r % 4 == 3:
+            i = (r + 1) // 4
+            x0, x1 = x0 + ks[i % 3], x1 + ks[(i + 1) % 3] + np.uint32(i)
+    return x0, x1
+
+
+#: Random123's known-answer vectors (examples/kat_vectors): rounds, counter, key, output.
+THREEFRY_KAT = [
+    (13, (0, 0), (0, 0), (0x9d1c5ec6, 0x8bd50731)),
+    (13, (0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0xfd36d048, 0x2d17272c)),
+    (13, (0x243f6a88, 0x85a308d3), (0x13198a2e, 0x03707344), (0xba3e4725, 0xf27d669e)),
+    (20, (0, 0), (0, 0), (0x6b200159, 0x99ba4efe)),
+    (20, (0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0x1cb996fc, 0xbb002be7)),
+    (20, (0x243f6a88, 0x85a308d3), (0x13198a2e, 0x03707344), (0xc4923a9c, 0x483df7a0)),
+]
+
+
+@pytest.mark.parametrize("rounds, counter, key, expected", THREEFRY_KAT)
+def test_threefry2x32_matches_random123_known_answers(session, rounds, counter, key, expected):
+    u32 = lambda v: tf.constant([v], tf.uint32)  # noqa: E731
+    xla = tf.function(lambda k0, k1, c0, c1: dorefa._threefry2x32(k0, k1, c0, c1, rounds),
+                      jit_compile=True, autograph=False)
+    out = session.run(xla(u32(key[0])[0], u32(key[1])[0], u32(counter[0]), u32(counter[1])))
+    assert (int(out[0][0]), int(out[1][0])) == expected
+    with np.errstate(over="ignore"):
+        ref = threefry2x32_ref(key, [counter[0]], [counter[1]], rounds)
+    assert (int(ref[0][0]), int(ref[1][0])) == expected
+
+
+def fg_noise_ref(key, size):
+    """fg's Uniform[0, 1) draws for ``size`` elements under ``key``: block j's words x0, x1 to elements 2j, 2j+1."""
+    blocks = (size + 1) // 2
+    with np.errstate(over="ignore"):
+        x0, x1 = threefry2x32_ref(key, np.arange(blocks, dtype=np.uint32), np.zeros(blocks, np.uint32), 13)
+    bits = np.stack([x0, x1], axis=1).reshape(-1)[:size]
+    return ((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32) - F32(1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000])
+def test_fg_noise_bits_are_threefry_13_words_in_counter_order(session, size):
+    key = (0x01234567, 0x89abcdef)
+    bits = session.run(dorefa._threefry_bits(tf.constant(key, tf.uint32), tf.constant(size)))
+    assert bits.dtype == np.uint32 and bits.size == 2 * ((size + 1) // 2)
+    with np.errstate(over="ignore"):
+        x0, x1 = threefry2x32_ref(key, np.arange(bits.size // 2, dtype=np.uint32), np.zeros(bits.size // 2,
+                                                                                             np.uint32), 13)
+    np.testing.assert_array_equal(bits, np.stack([x0, x1], axis=1).reshape(-1))
+
+
+def test_fg_noise_is_uniform_and_uncorrelated(session):
+    """2^20 draws of fg's generator under one key: uniform over [0, 1), and no correlation between the two words
+    of a block or between neighbouring blocks.  Every bound is about 5 standard deviations (a fixed key, so the
+    test is deterministic; a biased or correlated generator exceeds them)."""
+    size = 1 << 20
+    bits = session.run(dorefa._threefry_bits(tf.constant([2718281828, 3141592653], tf.uint32), tf.constant(size)))
+    r = session.run(dorefa._bits_to_uniform(tf.constant(bits)))
+    assert r.min() >= 0 and r.max() < 1
+    assert abs(r.mean() - 0.5) < 5 * np.sqrt(1 / 12 / size)
+    # chi-square over 1024 equal bins: mean 1023, sd sqrt(2 * 1023) ~ 45
+    counts = np.bincount((r * 1024).astype(np.int64), minlength=1024)
+    chi2 = np.sum((counts - size / 1024) ** 2 / (size / 1024))
+    assert chi2 < 1023 + 5 * np.sqrt(2 * 1023), chi2
+    # each of the 23 bits used is 1 half of the time
+    used = (bits >> np.uint32(9)).astype(np.int64)
+    for b in range(23):
+        assert abs(((used >> b) & 1).mean() - 0.5) < 5 * 0.5 / np.sqrt(size), b
+    c = r.astype(np.float64) - 0.5
+    for lag in (1, 2, 3):   # lag 1: the two words of a block, or words of neighbouring blocks
+        corr = np.mean(c[lag:] * c[:-lag]) / c.var()
+        assert abs(corr) < 5 / np.sqrt(size), (lag, corr)
+
+
 @pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fg_xla_kernel_is_eq12_with_its_threefry_noise(session, k, shape):
-    """The fused kernel computes eq. 12 with noise = r / n - 0.5 / n, r the ThreeFry Uniform[0, 1) draw."""
+    """The fused kernel computes eq. 12 with noise = r / n - 0.5 / n, r the Threefry-2x32-13 Uniform[0, 1) draw."""
     n = 2 ** k - 1
     dy_val = rand(shape, 22)
     dy_val[1] = 0.0
-    seed = tf.constant([123456789, -987654321], tf.int64)
-    draw = tf.function(lambda s: tf.random.stateless_uniform(shape, s, dtype=tf.float32, alg="threefry"),
-                       jit_compile=True, autograph=False)
-    g, r = session.run([dorefa._fg_gradient_xla(float(n), len(shape))(tf.constant(dy_val), seed), draw(seed)])
+    key = (123456789, 987654321)
+    size = int(np.prod(shape))
+    bits = dorefa._threefry_bits(tf.constant(key, tf.uint32), tf.constant(size))
+    g = session.run(dorefa._fg_gradient_xla(float(n), len(shape))(tf.constant(dy_val), bits))
+    r = fg_noise_ref(key, size).reshape(shape)
     assert r.min() >= 0 and r.max() < 1 and len(np.unique(r)) > 0.99 * r.size
     axes = tuple(range(1, len(shape)))
     m = np.max(np.abs(dy_val), axis=axes, keepdims=True)
