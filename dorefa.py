@@ -25,7 +25,8 @@ trained the published checkpoints.
 Speed: the element-wise work of the backward passes (fg, :func:`quantize_clipped`,
 the k-bit weights), BWN's sign select and the integer codes of
 :func:`quantize_clipped` run as small XLA-compiled functions, one fused loop
-each; fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`).  Forward values are
+each; fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`),
+its blocks in a loop of their own.  Forward values are
 unchanged bit for bit: reductions, tanh and the divisions by n stay TensorFlow
 ops, and what XLA computes (selects, clips, products by n, rounding) is exact
 IEEE arithmetic, checked identical (quantize_clipped's codes on all 2^32 float32
