@@ -41,6 +41,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
+
 MODELS = {
     # name: (script, default bits, training batch, image size)
     "svhn": ("svhn-digit-dorefa.py", ["32,32,32", "1,2,4", "1,1,32", "8,8,8", "t,32,32"], 128, 40),
@@ -240,24 +242,11 @@ def _child(args_list, env=None):
 
 
 def machine():
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import tf_setup  # noqa: F401  (quiet TensorFlow import)
     import tensorflow
 
-    return "{}; {} cores; TensorFlow {}; Python {}".format(cpu, os.cpu_count(), tensorflow.__version__,
+    return "{}; {} cores; TensorFlow {}; Python {}".format(cpu_model(), os.cpu_count(), tensorflow.__version__,
                                                           platform.python_version())
-
-
-def _load():
-    try:
-        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None):
@@ -303,7 +292,7 @@ def main(argv=None):
         else "on"
     print("machine: {}".format(machine()))
     print("load average (1, 5, 15 min) at start: {}; quantizers' XLA kernels: {}; XLA_FLAGS: {}\n".format(
-        _load(), xla, os.environ.get("XLA_FLAGS", "")), flush=True)
+        load_average(), xla, os.environ.get("XLA_FLAGS", "")), flush=True)
 
     runs = [(name, bits, args.batch or MODELS[name][2]) for name in models for bits in (args.bits or MODELS[name][1])]
     results = {run: [] for run in runs}
@@ -350,7 +339,7 @@ def main(argv=None):
     if "alexnet" in models or "resnet" in models:
         d = _child(["imagenet-decoding", "128", str(max(1, args.repeats // 2))])
         print("| {} | {:.0f} | - | - | {:.0f} |".format(d["what"], d["img_s"], d["peak_rss_mb"]))
-    print("\nload average (1, 5, 15 min) at end: {}".format(_load()))
+    print("\nload average (1, 5, 15 min) at end: {}".format(load_average()))
     return 0
 
 
