@@ -1,4 +1,5 @@
-"""The engine's per-element work in single passes (numba): accumulators to floats, codes, max pooling.
+"""The engine's per-element work in single passes (numba): input normalisation, accumulators to
+floats or codes, quantizing, max pooling.
 
 numpy would take several full passes (and float64 temporaries) over every
 feature map for these; at batch 128 that cost more than the bit-plane
@@ -105,7 +106,7 @@ def quantize(x, n, dtype=np.uint8):
 def _maxpool(t0, t1, x, size, stride, top, left, n, out):
     """Rows ``t0 .. t1`` (image, oy) of max pooling; ``n`` > 0 quantizes the maxima to codes at once.
 
-    Works on whole rows of channels (contiguous slices), so the inner loops vectorise.
+    Each window row is one contiguous slice of ``width * channels`` values, read in place.
     """
     _, height, width, channels = x.shape
     _, out_h, out_w, _ = out.shape
