@@ -175,6 +175,8 @@ class PackedModel:
         self.affines = {op["layer"]: (arrays.get(op["layer"] + "/scale"), arrays.get(op["layer"] + "/shift"))
                         for op in self.program if op["op"] == "affine"}
         self._trace = None
+        # which ops run fused with the activate (and max pooling) after them: fixed by the program
+        self._fused_spans = [self._fused_span(i) for i in range(len(self.program))]
 
     # ---------------------------------------------------------------- running
     def predict(self, images, trace=None):
@@ -201,13 +203,13 @@ class PackedModel:
             src = op.get("src", "x")
             if kind == "add":
                 result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
-            elif trace is None and self._fused_span(i):
+            elif trace is None and self._fused_spans[i]:
                 # conv / fc / maxpool followed by a quantizing activate that replaces its input: the
                 # codes come straight from the float32 results (no float map stored in between).  A
                 # max pooling in between pools the codes: quantizing is monotone, so it commutes with
                 # max.  The trace needs the float maps, so tracing runs the ops one by one; a test
                 # checks that both give the same output.
-                span = self._fused_span(i)
+                span = self._fused_spans[i]
                 result = getattr(self, "_" + kind)(registers[src], op, levels=(1 << program[i + span]["bits"]) - 1)
                 if span == 2:
                     result = self._maxpool(result, program[i + 1])
