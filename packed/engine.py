@@ -304,8 +304,8 @@ class PackedModel:
             if key not in layer._planes:
                 q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
-            a = kernels.pack_planes(np.ascontiguousarray(x.values), a_bits)
-            acc, sums = kernels.conv_popcount(a, layer._planes[key], (kh, kw), stride, pads)
+            acc, sums = kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), a_bits, layer._planes[key],
+                                                    (kh, kw), stride, pads)
         else:
             q = layer.codes[..., out_slice].astype(np.float64)
             acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64,
@@ -332,7 +332,7 @@ class PackedModel:
             if "fc" not in layer._planes:
                 layer._planes["fc"] = kernels.prepare_weights(kernels.pack_planes(
                     np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
-            acc, sums = kernels.gemm_popcount(kernels.pack_planes(v, a_bits), layer._planes["fc"])
+            acc, sums = kernels.gemm_popcount_codes(v.astype(np.uint8, copy=False), a_bits, layer._planes["fc"])
         else:
             rows = v.astype(np.float64)
             acc, sums = (rows @ layer.codes.astype(np.float64)).astype(np.int64), rows.sum(axis=1).astype(np.int64)

@@ -15,6 +15,9 @@ words (a code of 0 adds nothing to any sum below, so the padding is exact).
 * :func:`gemm_popcount` (fully-connected layers) and :func:`conv_popcount` (NHWC convolutions, TF
   ``conv2d`` cross-correlation) return ``acc = sum ia * q`` and ``rowsum = sum ia`` over each
   output's reduction, computed as ``sum_{i,j} 2^(i+j) popcount(a_j & w_i)``.
+* :func:`gemm_popcount_codes` / :func:`conv_popcount_codes` take the uint8 activation codes instead of
+  their planes and pack them in the pass that zero-pads the map and sums the codes (what the engine
+  calls: one pass over the input instead of three).
 * :func:`prepare_weights` lays weight planes out for the kernels.  Both kernels take either the
   ``[k, C, ...]`` planes (laid out again on every call) or its result (laid out once, at load time).
 * :func:`reference_gemm` / :func:`reference_conv`: numpy references computed on the unpacked codes.
@@ -52,7 +55,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
-           "conv_popcount", "reference_gemm", "reference_conv"]
+           "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "reference_gemm", "reference_conv"]
 
 _JIT = dict(nogil=True, cache=True)
 _PANEL = 32                                 # output channels per weight panel (4 vectors of 8)
@@ -556,11 +559,23 @@ def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
 
 
 # ------------------------------------------------------------------------------------ the workers
+@njit(inline="always", **_JIT)
+def _window_sums(pixel, sums, at, p_width, kw):
+    """sums[at + x] = pixel[x] + ... + pixel[x + kw - 1] for every window start x of a padded row."""
+    window = 0
+    for x in range(kw - 1):
+        window += pixel[x]
+    for x in range(p_width - kw + 1):
+        window += pixel[x + kw - 1]
+        sums[at + x] = window
+        window -= pixel[x]
+
+
 @njit(**_JIT)
-def _prep_worker(counter, n_tasks, a, padded, sums, top, left, kw):
+def _prep_worker(counter, n_tasks, row_block, a, padded, sums, top, left, kw):
     """Copy a [m, B, H, W, Cw] into the zero-padded ``padded`` (unless it is ``a``) and set the flat
     int32 map ``sums`` [B, Hp, Wp] to the sum of the codes of the kw pixels (x .. x + kw - 1) of the
-    padded map (zeros where there is no input row); task = input row (b, y)."""
+    padded map (zeros where there is no input row); task = ``row_block`` input rows (b, y)."""
     m, batch, height, width, cw = a.shape
     p_height, p_width = padded.shape[2], padded.shape[3]
     copy = padded.shape != a.shape
@@ -570,30 +585,70 @@ def _prep_worker(counter, n_tasks, a, padded, sums, top, left, kw):
     pixel = np.zeros(p_width + kw, np.int64)        # codes' sum of each pixel of the padded row
     task = _next_task(counter)
     while task < n_tasks:
-        b = task // height
-        y = task % height
-        for j in range(m):
-            src = (j * batch * height + b * height + y) * run
-            if copy:
-                dst = ((j * batch + b) * p_height + top + y) * p_width * cw + left * cw
-                for t in range(run):
-                    target[dst + t] = source[src + t]
+        for row in range(task * row_block, min(batch * height, (task + 1) * row_block)):
+            b = row // height
+            y = row % height
+            for j in range(m):
+                src = (j * batch * height + row) * run
+                if copy:
+                    dst = ((j * batch + b) * p_height + top + y) * p_width * cw + left * cw
+                    for t in range(run):
+                        target[dst + t] = source[src + t]
+                for x in range(width):
+                    ones = 0
+                    for u in range(src + x * cw, src + x * cw + cw):
+                        ones += np.int64(_popcount(_load(source, u)))
+                    if j == 0:
+                        pixel[left + x] = ones
+                    else:
+                        pixel[left + x] += ones << j
+            _window_sums(pixel, sums, (b * p_height + top + y) * p_width, p_width, kw)
+        task = _next_task(counter)
+
+
+@njit(**_JIT)
+def _pack_pad_worker(counter, n_tasks, row_block, codes, padded, sums, top, left, kw):
+    """Pack uint8 codes [B, H, W, C] straight into the bit planes ``padded`` [m, B, Hp, Wp, Cw] at
+    (top, left) (its border is already zero) and set ``sums`` as :func:`_prep_worker` does: one pass
+    instead of :func:`pack_planes` followed by :func:`_prep_worker`; task = ``row_block`` input rows."""
+    batch, height, width, chans = codes.shape
+    m, _, p_height, p_width, cw = padded.shape
+    flat = codes.reshape(-1)
+    size = flat.shape[0]
+    target = padded.reshape(-1)
+    plane = batch * p_height * p_width * cw
+    keep = np.empty(cw, np.uint64)                  # word w's valid bits (a last word may be partial)
+    for w in range(cw):
+        keep[w] = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - min(64, chans - 64 * w))
+    tail = np.zeros(64, np.uint8)                   # the array's last codes, zero-extended to 64
+    pixel = np.zeros(p_width + kw, np.int64)
+    task = _next_task(counter)
+    while task < n_tasks:
+        for row in range(task * row_block, min(batch * height, (task + 1) * row_block)):
+            b = row // height
+            y = row % height
+            base = row * width * chans
+            at = ((b * p_height + top + y) * p_width + left) * cw
             for x in range(width):
                 ones = 0
-                for u in range(src + x * cw, src + x * cw + cw):
-                    ones += _popcount(_load(source, u))
-                if j == 0:
-                    pixel[left + x] = ones
-                else:
-                    pixel[left + x] += ones << j
-        at = (b * p_height + top + y) * p_width
-        window = 0
-        for x in range(kw - 1):
-            window += pixel[x]
-        for x in range(p_width - kw + 1):
-            window += pixel[x + kw - 1]
-            sums[at + x] = window
-            window -= pixel[x]
+                for w in range(cw):
+                    start = base + 64 * w
+                    if start + 64 <= size:
+                        for j in range(m):
+                            word = _bits_of_64_bytes(flat, start, j) & keep[w]
+                            target[j * plane + at] = word
+                            ones += np.int64(_popcount(word)) << j
+                    else:                           # a 64-byte read would run off the array: a zeroed copy
+                        for c in range(size - start):
+                            tail[c] = flat[start + c]
+                        for j in range(m):
+                            word = _bits_of_64_bytes(tail, 0, j) & keep[w]
+                            target[j * plane + at] = word
+                            ones += np.int64(_popcount(word)) << j
+                    at += 1
+                pixel[left + x] = ones
+                base += chans
+            _window_sums(pixel, sums, (b * p_height + top + y) * p_width, p_width, kw)
         task = _next_task(counter)
 
 
@@ -702,13 +757,19 @@ def _blocks(n_pix, n_panels, depth, m, k, threads):
     return pix_block, panel_block
 
 
-def _run(a, w, kernel, stride, pads, out_shape):
-    """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution."""
+def _run(a, m, w, kernel, stride, pads, out_shape):
+    """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution.
+
+    ``a``: the input as bit planes, uint64 [m, B, H, W, Cw], or as its uint8 codes [B, H, W, C]
+    (C-contiguous), packed here into the padded planes in the same pass that sums the codes.
+    """
     kh, kw = kernel
-    top, _, left, _ = pads
-    m = a.shape[0]
+    top, bottom, left, right = pads
+    from_codes = a.dtype == np.uint8
+    batch, height, width = a.shape[-4:-1] if from_codes else a.shape[1:4]
+    cw = -(-a.shape[-1] // 64) if from_codes else a.shape[-1]
     k, chans = w.shape[:2]
-    depth = kh * kw * a.shape[-1]
+    depth = kh * kw * cw
     n_pix = math.prod(out_shape)
     if depth * 64 * (2 ** m - 1) * (2 ** k - 1) >= 2 ** 31:
         raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
@@ -721,7 +782,6 @@ def _run(a, w, kernel, stride, pads, out_shape):
     if depth == 0:              # no input channel: nothing to add up
         acc[:] = 0
     elif n_pix:
-        m, batch, height, width, cw = a.shape
         word_pairs = n_pix * m * k * depth * n_panels * _PANEL
         # a hand-off to the pool costs about 0.1 ms (measured: AlexNet's conv4 group at batch 1, 1.4M word pairs,
         # 0.11 ms on one thread, 0.17 ms on two); weights that do not fit in cache (the FC layers) are read
@@ -730,13 +790,20 @@ def _run(a, w, kernel, stride, pads, out_shape):
         threads = get_num_threads() if many else 1
         pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
         n_tasks = -(-n_pix // pix_block) * -(-n_panels // panel_block)
+        shape = (m, batch, top + height + bottom, left + width + right, cw)
+        # the padded planes' border must read as code 0; packing from codes writes only the interior
         if any(pads):
-            padded = np.zeros((m, batch, top + height + pads[1], left + width + pads[3], cw), np.uint64)
+            padded = np.zeros(shape, np.uint64)
         else:
-            padded = a
-        sums = np.zeros(padded.shape[1] * padded.shape[2] * padded.shape[3], np.int32)
-        _run_workers(_prep_worker, batch * height, threads if a.size > (1 << 15) else 1, a, padded, sums,
-                     top, left, kw)
+            padded = np.empty(shape, np.uint64) if from_codes else a
+        sums = np.zeros(batch * shape[2] * shape[3], np.int32)
+        prep_threads = threads if m * batch * height * width * cw > (1 << 15) else 1
+        # whole blocks of rows per task: handing out one row at a time made two threads slower than one
+        # (the shared task counter's cache line moves between the cores for every row)
+        rows = batch * height
+        row_block = -(-rows // (8 * prep_threads))
+        _run_workers(_pack_pad_worker if from_codes else _prep_worker, -(-rows // row_block), prep_threads,
+                     row_block, a, padded, sums, top, left, kw)
         _run_workers(_conv_worker, n_tasks, threads, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw,
                      stride, out_shape[-2], out_shape[-1], pix_block, panel_block)
     if acc.shape[1] != chans:
@@ -745,6 +812,16 @@ def _run(a, w, kernel, stride, pads, out_shape):
 
 
 # ------------------------------------------------------------------------------------- public API
+def _check_codes(codes, bits, ndim):
+    bits = int(bits)
+    if not 1 <= bits <= 8:
+        raise ValueError("bits must be in 1..8, got %d" % bits)
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != ndim:
+        raise ValueError("codes must be uint8 with %d axes, got %s %s" % (ndim, codes.dtype, codes.shape))
+    return np.ascontiguousarray(codes), bits
+
+
 def gemm_popcount(a_planes, w_planes):
     """Fully-connected layer on bit planes.
 
@@ -759,8 +836,41 @@ def gemm_popcount(a_planes, w_planes):
     if len(w.shape) != 3 or w.shape[2] != words:
         raise ValueError("weight planes %s do not match activation planes %s (need [k, C, %d])"
                          % (w.shape, a.shape, words))
-    acc, rowsum = _run(a.reshape(m, n_rows, 1, 1, words), w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1))
+    acc, rowsum = _run(a.reshape(m, n_rows, 1, 1, words), m, w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1))
     return acc.reshape(n_rows, -1), rowsum.reshape(n_rows)
+
+
+def gemm_popcount_codes(codes, bits, w_planes):
+    """:func:`gemm_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
+
+    ``codes``: ``uint8 [N, K]`` activation codes below ``2^bits``.
+    """
+    codes, bits = _check_codes(codes, bits, 2)
+    w = prepare_weights(w_planes)
+    n_rows, width = codes.shape
+    if len(w.shape) != 3 or w.shape[2] != -(-width // 64):
+        raise ValueError("weight planes %s do not match %d activation codes per row (need [k, C, %d])"
+                         % (w.shape, width, -(-width // 64)))
+    acc, rowsum = _run(codes.reshape(n_rows, 1, 1, width), bits, w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1))
+    return acc.reshape(n_rows, -1), rowsum.reshape(n_rows)
+
+
+def _conv_geometry(kernel, stride, pads, w_planes, height, width, cw, what):
+    kh, kw = (int(v) for v in kernel)
+    stride = int(stride)
+    pads = tuple(int(v) for v in pads)
+    if kh < 1 or kw < 1 or stride < 1 or len(pads) != 4 or min(pads) < 0:
+        raise ValueError("bad kernel %s / stride %d / pads %s" % ((kh, kw), stride, pads))
+    w = prepare_weights(w_planes)
+    if len(w.shape) != 5 or w.shape[2:] != (kh, kw, cw):
+        raise ValueError("weight planes %s do not match kernel %s and %s (need [k, Cout, %d, %d, %d])"
+                         % (w.shape, (kh, kw), what, kh, kw, cw))
+    top, bottom, left, right = pads
+    out_h = (height + top + bottom - kh) // stride + 1
+    out_w = (width + left + right - kw) // stride + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError("kernel %s larger than the padded map %s" % ((kh, kw), (height, width)))
+    return w, (kh, kw), stride, pads, (out_h, out_w)
 
 
 def conv_popcount(a_planes, w_planes, kernel, stride, pads):
@@ -774,22 +884,24 @@ def conv_popcount(a_planes, w_planes, kernel, stride, pads):
     window; ``Ho = (H + top + bottom - kh) // stride + 1``, likewise ``Wo``.
     """
     a = _check_planes("a_planes", a_planes, 5)
-    kh, kw = (int(v) for v in kernel)
-    stride = int(stride)
-    pads = tuple(int(v) for v in pads)
-    if kh < 1 or kw < 1 or stride < 1 or len(pads) != 4 or min(pads) < 0:
-        raise ValueError("bad kernel %s / stride %d / pads %s" % ((kh, kw), stride, pads))
-    w = prepare_weights(w_planes)
     m, batch, height, width, cw = a.shape
-    if len(w.shape) != 5 or w.shape[2:] != (kh, kw, cw):
-        raise ValueError("weight planes %s do not match kernel %s and activation planes %s "
-                         "(need [k, Cout, %d, %d, %d])" % (w.shape, (kh, kw), a.shape, kh, kw, cw))
-    top, bottom, left, right = pads
-    out_h = (height + top + bottom - kh) // stride + 1
-    out_w = (width + left + right - kw) // stride + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError("kernel %s larger than the padded map %s" % ((kh, kw), (height, width)))
-    return _run(a, w, (kh, kw), stride, pads, (batch, out_h, out_w))
+    w, kernel, stride, pads, out_hw = _conv_geometry(kernel, stride, pads, w_planes, height, width, cw,
+                                                     "activation planes %s" % (a.shape,))
+    return _run(a, m, w, kernel, stride, pads, (batch,) + out_hw)
+
+
+def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads):
+    """:func:`conv_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
+
+    ``codes``: ``uint8 [B, H, W, Cin]`` activation codes below ``2^bits``.  The codes are packed
+    straight into the zero-padded planes the kernel reads, by the pass that also sums each window's
+    codes, instead of packing, then copying into the padded planes, then summing.
+    """
+    codes, bits = _check_codes(codes, bits, 4)
+    batch, height, width, chans = codes.shape
+    w, kernel, stride, pads, out_hw = _conv_geometry(kernel, stride, pads, w_planes, height, width,
+                                                     -(-chans // 64), "activation codes %s" % (codes.shape,))
+    return _run(codes, bits, w, kernel, stride, pads, (batch,) + out_hw)
 
 
 # ------------------------------------------------------------------------------------- references

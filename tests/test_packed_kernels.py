@@ -182,6 +182,59 @@ def test_conv_popcount_rejects_bad_arguments():
         kernels.conv_popcount(a, w, (3, 3), 1, (0, -1, 0, 0))       # pads
 
 
+@pytest.mark.parametrize("k_bits,m_bits", BITS)
+@pytest.mark.parametrize("batch,shape,cout,kernel,stride,pads", CONVS)
+def test_conv_popcount_codes_matches_integer_reference(k_bits, m_bits, batch, shape, cout, kernel, stride, pads):
+    """Packing inside the kernel's pass: same sums as the reference; code bits at and above m are ignored
+    (as pack_planes ignores them), and channel counts that are not whole words reach the array's end."""
+    rng = np.random.default_rng(batch + shape[0] * 5 + cout * 17 + stride + k_bits * 3 + m_bits)
+    raw = rng.integers(0, 256, (batch,) + shape, dtype=np.uint8)
+    ia = raw & np.uint8(2 ** m_bits - 1)
+    q = codes(rng, k_bits, (cout,) + kernel + shape[-1:])
+    acc, rowsum = kernels.conv_popcount_codes(raw, m_bits, kernels.pack_planes(q, k_bits), kernel, stride, pads)
+    want_acc, want_rowsum = conv_reference(ia, q, kernel, stride, pads)
+    assert acc.dtype == np.int32 and rowsum.dtype == np.int32
+    assert acc.shape == want_acc.shape and rowsum.shape == want_rowsum.shape
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+def test_conv_popcount_codes_on_several_threads_and_of_a_channel_slice():
+    """Big enough for both threads and several rows per task; a non-contiguous channel slice (a
+    grouped convolution's input) gives the sums of its own codes."""
+    rng = np.random.default_rng(14)
+    ia, q = codes(rng, 2, (16, 18, 18, 96)), codes(rng, 1, (64, 3, 3, 48))
+    w = kernels.prepare_weights(kernels.pack_planes(q, 1))
+    for group in (ia[..., :48], ia[..., 48:]):
+        acc, rowsum = kernels.conv_popcount_codes(group, 2, w, (3, 3), 1, (1, 1, 1, 1))
+        want_acc, want_rowsum = conv_reference(np.ascontiguousarray(group), q, (3, 3), 1, (1, 1, 1, 1))
+        np.testing.assert_array_equal(acc, want_acc)
+        np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+@pytest.mark.parametrize("n,c,depth", [(1, 70, 200), (9, 300, 65), (2, 5, 3), (300, 64, 130)])
+def test_gemm_popcount_codes_matches_integer_reference(n, c, depth):
+    rng = np.random.default_rng(n + c + depth)
+    ia, q = codes(rng, 2, (n, depth)), codes(rng, 1, (c, depth))
+    acc, rowsum = kernels.gemm_popcount_codes(ia, 2, kernels.pack_planes(q, 1))
+    want_acc, want_rowsum = gemm_reference(ia, q)
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+def test_popcount_codes_reject_bad_arguments():
+    w = kernels.pack_planes(np.zeros((3, 3, 3, 10), np.uint8), 1)
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.conv_popcount_codes(np.zeros((1, 4, 4, 10), np.int32), 2, w, (3, 3), 1, (0, 0, 0, 0))
+    with pytest.raises(ValueError, match="bits"):
+        kernels.conv_popcount_codes(np.zeros((1, 4, 4, 10), np.uint8), 9, w, (3, 3), 1, (0, 0, 0, 0))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.conv_popcount_codes(np.zeros((1, 4, 4, 70), np.uint8), 2, w, (3, 3), 1, (0, 0, 0, 0))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.gemm_popcount_codes(np.zeros((2, 100), np.uint8), 2,
+                                    kernels.pack_planes(np.zeros((3, 200), np.uint8), 1))
+
+
 # ---------------------------------------------------------------------------------------- references
 def test_module_references_match_the_test_references():
     """The bench checks the kernels with kernels.reference_*; they must agree with these."""
