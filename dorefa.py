@@ -23,18 +23,23 @@ Rounding is ``tf.round`` (round half to even), as in the implementation that
 trained the published checkpoints.
 
 Speed: the element-wise work of the backward passes (fg, :func:`quantize_clipped`,
-the k-bit weights), BWN's sign select and the integer codes of
+the k-bit weights), BWN's sign select and the forward value of
 :func:`quantize_clipped` run as small XLA-compiled functions, one fused loop
 each; fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`),
 its blocks in a loop of their own.  Forward values are
-unchanged bit for bit: reductions, tanh and the divisions by n stay TensorFlow
-ops, and what XLA computes (selects, clips, products by n, rounding) is exact
-IEEE arithmetic, checked identical (quantize_clipped's codes on all 2^32 float32
-inputs).  Set the environment variable ``DOREFA_XLA=0`` (or :data:`USE_XLA` to
-False before building a graph) to build everything from plain TensorFlow ops.
+unchanged bit for bit: reductions, tanh and the weights' divisions stay TensorFlow
+ops, and what XLA computes (selects, clips, products by n, rounding, and the
+product of quantize_clipped's integer codes by float32(1/n), which is what a
+TensorFlow session computes for the division by the constant n, as grappler's
+constant folding rewrites it) is the same IEEE arithmetic as TensorFlow's,
+checked identical (quantize_clipped's codes on all 2^32 float32 inputs).  Set the
+environment variable ``DOREFA_XLA=0`` (or :data:`USE_XLA` to False before
+building a graph) to build everything from plain TensorFlow ops.
 """
 import numbers
 import os
+
+import numpy as np
 
 from tf_setup import tf
 
@@ -123,18 +128,31 @@ def _activation_codes(v, n):
     return tf.where_v2(tf.math.is_nan(c), c, tf.abs(c))
 
 
-_ACTIVATION_CODES_XLA = {}
+def _reciprocal(n):
+    # the float32 factor by which a TensorFlow graph divides by the constant n: grappler's
+    # constant folding strength-reduces x / n to x * (1 / n), the reciprocal computed in float32
+    return np.float32(1) / np.float32(n)
 
 
-def _activation_codes_xla(n):
-    if n not in _ACTIVATION_CODES_XLA:
-        # named, so that a graph's activation codes can be found by the function's name
-        # (tests/packed_reference.py compares them with the packed engine's)
-        def activation_codes(v):
-            return _activation_codes(v, n)
+#: The name of quantize_clipped's XLA function for n levels; tests/packed_reference.py finds
+#: a graph's quantized activations by it (and reads n from it) to compare them with the packed engine's.
+ACTIVATION_FUNCTION_NAME = "quantized_activation_{}_levels"
 
-        _ACTIVATION_CODES_XLA[n] = _xla_function(activation_codes)
-    return _ACTIVATION_CODES_XLA[n]
+_ACTIVATION_XLA = {}
+
+
+def _activation_xla(n):
+    """``quantize(tf.clip_by_value(v, 0, 1), k)`` with ``n = 2^k - 1`` as one XLA function of ``v``."""
+    if n not in _ACTIVATION_XLA:
+        def activation(v):
+            # One pass over the tensor instead of two (the codes, then TensorFlow's multiply):
+            # the product by float32(1/n) is what a session computes for round(...) / n (see
+            # _reciprocal), the same correctly rounded IEEE multiply, so the value is unchanged.
+            return _activation_codes(v, n) * _reciprocal(n)
+
+        activation.__name__ = ACTIVATION_FUNCTION_NAME.format(int(n))
+        _ACTIVATION_XLA[n] = _xla_function(activation)
+    return _ACTIVATION_XLA[n]
 
 
 def quantize_clipped(x, k):
@@ -142,8 +160,11 @@ def quantize_clipped(x, k):
 
     Forward: bit for bit the value of ``quantize(tf.clip_by_value(x, 0.0, 1.0), k)``
     (for k = 32, that of ``tf.clip_by_value(x, 0.0, 1.0)``).  With :data:`USE_XLA`
-    the integer codes ``round(clip(x) * n)`` come from one fused XLA loop and the
-    division by n stays the same TensorFlow op as in :func:`quantize`.
+    the value comes from one fused XLA loop: the integer codes ``round(clip(x) * n)``
+    times float32(1/n), the product a session's graph computes for :func:`quantize`'s
+    ``/ n`` (grappler's constant folding turns the division by the constant into it;
+    with constant folding turned off, TensorFlow would divide, which differs in the
+    last bit for some codes when k >= 3).
     Backward: ``dy`` where ``0 <= x <= 1`` (both ends included) and 0 elsewhere and
     for NaN, which is exactly the gradient of that composition (the straight-through
     quantizer times the gradient of ``tf.clip_by_value``), computed in one pass
@@ -159,7 +180,7 @@ def quantize_clipped(x, k):
         if k == 32:
             y = tf.clip_by_value(v, 0.0, 1.0)
         elif use_xla:
-            y = _activation_codes_xla(n)(v) / n
+            y = _activation_xla(n)(v)
         else:
             y = tf.round(tf.clip_by_value(v, 0.0, 1.0) * n) / n
         return y, lambda dy: gradient(v, dy)

@@ -11,10 +11,12 @@ float32 sums of hundreds of terms and a batch norm can be that far off); anythin
 else is a real difference and fails.  Images with no differing code are "clean" and must
 match to 1e-4 in probability.
 """
+import re
 from typing import NamedTuple
 
 import numpy as np
 
+import dorefa
 from model_io import build_inference_graph
 from tf_setup import tf
 
@@ -36,19 +38,16 @@ class Comparison(NamedTuple):
     max_tie_distance: float   # farthest graph value from its boundary among the root ties (activation units)
 
 
-def _is_activation_codes_call(op):
-    """A call of dorefa.quantize_clipped's XLA function ``activation_codes`` (codes ``round(clip(v) * n)``)."""
-    return (op.type in ("PartitionedCall", "StatefulPartitionedCall")
-            and "_activation_codes_" in op.node_def.attr["f"].func.name)
+#: The name TensorFlow gives a call of quantize_clipped's XLA function, with its number of levels n.
+_ACTIVATION_CALL = re.compile("_" + dorefa.ACTIVATION_FUNCTION_NAME.format(r"(\d+)") + "_")
 
 
-def _codes_levels(call):
-    """The ``n`` that quantize_clipped divides the codes of ``call`` by (the constant of its one RealDiv)."""
-    divisions = [op for op in call.outputs[0].consumers() if op.type == "RealDiv"]
-    assert len(divisions) == 1, "activation codes of {} feed {} divisions".format(call.name, len(divisions))
-    n = tf.get_static_value(divisions[0].inputs[1])
-    assert n is not None, "activation codes of {} divided by a non-constant".format(call.name)
-    return np.float32(n)
+def _activation_call_levels(op):
+    """``n`` if ``op`` calls quantize_clipped's XLA function (value ``round(clip(v) * n) * (1/n)``), else None."""
+    if op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
+        return None
+    match = _ACTIVATION_CALL.search(op.node_def.attr["f"].func.name)
+    return np.float32(match.group(1)) if match else None
 
 
 def graph_outputs(model, weights, images):
@@ -58,27 +57,30 @@ def graph_outputs(model, weights, images):
     ``Round`` of a batch-shaped tensor, whose input is fetched; and the XLA function of ``quantize_clipped``,
     which hides its ``Round``.  For the latter the function's input ``v`` is fetched and ``clip(v, 0, 1) * n``
     recomputed in float32 (exact IEEE operations, so the value that the function rounds), and the function's own
-    codes must equal that value rounded half to even: the engine is compared with the codes the graph computed.
+    output must equal that value rounded half to even times float32(1/n), bit for bit: the engine is compared
+    with the codes the graph computed.
     """
     with tf.Graph().as_default() as graph:
         image, _ = build_inference_graph(model)
         quantizers = [op for op in graph.get_operations()
                       if (op.type == "Round" and op.inputs[0].shape.as_list()[0] is None)   # batch-shaped: activations
-                      or _is_activation_codes_call(op)]
+                      or _activation_call_levels(op) is not None]
         fetches = [(op.inputs[0], op.outputs[0]) for op in quantizers]
         with tf.Session() as sess:
             for var in tf.global_variables():
                 var.load(np.asarray(weights[var.op.name], np.float32), sess)
             probs, values = sess.run([graph.get_tensor_by_name("output:0"), fetches], {image: images})
         scaled = []
-        for op, (inputs, codes) in zip(quantizers, values):
+        for op, (inputs, outputs) in zip(quantizers, values):
             if op.type == "Round":
                 scaled.append(inputs)
                 continue
-            n = _codes_levels(op)
+            n = _activation_call_levels(op)
             s = np.clip(inputs, np.float32(0), np.float32(1)).astype(np.float32) * n
-            np.testing.assert_array_equal(codes, np.rint(s), err_msg="{}: the graph's activation codes are not "
-                                          "round(clip(v) * n)".format(op.name))
+            expected = (np.rint(s) * (np.float32(1) / n)).astype(np.float32)
+            np.testing.assert_array_equal(outputs.view(np.uint32), expected.view(np.uint32),
+                                          err_msg="{}: the graph's quantized activations are not "
+                                          "round(clip(v) * n) * float32(1/n)".format(op.name))
             scaled.append(s)
     return probs, scaled
 
