@@ -199,6 +199,38 @@ def test_conv_popcount_codes_matches_integer_reference(k_bits, m_bits, batch, sh
     np.testing.assert_array_equal(rowsum, want_rowsum)
 
 
+@pytest.mark.parametrize("k_bits,m_bits", [(1, 2), (3, 2), (1, 1)])
+@pytest.mark.parametrize("batch,shape,cout,kernel,pads,words", [
+    (3, (18, 18, 48), 64, (3, 3), (1, 1, 1, 1), 7),     # SVHN conv1: 9 words of 48 bits -> 7
+    (2, (9, 9, 48), 40, (5, 5), (2, 2, 2, 2), 19),      # AlexNet's conv1 groups: 25 -> 19
+    (2, (7, 6, 8), 33, (3, 3), (1, 1, 1, 1), 2),        # one byte per pixel
+    (2, (6, 6, 24), 5, (2, 2), (0, 1, 0, 1), 2),        # windows ending inside a word
+    (1, (6, 7, 96), 70, (5, 5), (2, 2, 2, 2), 38),      # two words per pixel, half of the second used
+    (2, (5, 5, 112), 9, (3, 2), (1, 0, 0, 1), 11),      # non-square, one-sided padding
+    (2, (5, 4, 40), 3, (1, 3), (0, 0, 1, 1), 2),        # a single row
+])
+def test_conv_popcount_codes_compact_windows(k_bits, m_bits, batch, shape, cout, kernel, pads, words):
+    """Channel counts that leave words part empty: the kernel reads the windows without the gaps."""
+    assert kernels.compact_window_words(kernel, 1, shape[-1]) == words
+    rng = np.random.default_rng(shape[-1] * 7 + cout + k_bits + m_bits)
+    ia = codes(rng, m_bits, (batch,) + shape)
+    q = codes(rng, k_bits, (cout,) + kernel + shape[-1:])
+    w = kernels.prepare_weights(kernels.pack_planes(q, k_bits))
+    want_acc, want_rowsum = conv_reference(ia, q, kernel, 1, pads)
+    for _ in range(2):              # the second call uses the weights' cached window layout
+        acc, rowsum = kernels.conv_popcount_codes(ia, m_bits, w, kernel, 1, pads)
+        np.testing.assert_array_equal(acc, want_acc)
+        np.testing.assert_array_equal(rowsum, want_rowsum)
+
+
+def test_compact_windows_only_where_they_save_words():
+    assert kernels.compact_window_words((3, 3), 1, 64) == 0          # whole words already
+    assert kernels.compact_window_words((3, 3), 1, 128) == 0
+    assert kernels.compact_window_words((3, 3), 2, 48) == 0          # stride 2: the plain layout
+    assert kernels.compact_window_words((3, 3), 1, 70) == 0          # pixels not whole bytes
+    assert kernels.compact_window_words((1, 1), 1, 48) == 0          # one pixel: nothing to gain
+
+
 def test_conv_popcount_codes_on_several_threads_and_of_a_channel_slice():
     """Big enough for both threads and several rows per task; a non-contiguous channel slice (a
     grouped convolution's input) gives the sums of its own codes."""
