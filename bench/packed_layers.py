@@ -17,7 +17,9 @@ group) and bit widths (W1A2 = 1-bit weights, 2-bit activations; BNN = W1A1; ResN
   and sums the codes); the weights are laid out once (``prepare_weights``, as at load time) outside
   the timing.
 
-Both run in this process, interleaved (one TF run, one packed run, ...), after warm-up; the table
+Both run in this process, interleaved (TF twice, packed twice, ..., the first of each pair untimed:
+TensorFlow's pool threads spin for a while after a run and would otherwise share the cores with the
+packed run that follows), after warm-up; the table
 has the medians of ``--repeats`` and their ratio, and the ratio of the fastest runs (on a shared
 machine the medians move with whatever else runs).  Every packed result (acc and rowsum) is checked against the
 numpy integer reference on the same random codes before its row is printed, so a fast but wrong
