@@ -976,7 +976,8 @@ def gemm_popcount(a_planes, w_planes):
 def gemm_popcount_codes(codes, bits, w_planes):
     """:func:`gemm_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
 
-    ``codes``: ``uint8 [N, K]`` activation codes below ``2^bits``.
+    ``codes``: ``uint8 [N, K]`` activation codes below ``2^bits`` (higher bits are ignored, as by
+    :func:`pack_planes`).
     """
     codes, bits = _check_codes(codes, bits, 2)
     w = prepare_weights(w_planes)
@@ -1026,7 +1027,8 @@ def conv_popcount(a_planes, w_planes, kernel, stride, pads):
 def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads):
     """:func:`conv_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
 
-    ``codes``: ``uint8 [B, H, W, Cin]`` activation codes below ``2^bits``.  The codes are packed
+    ``codes``: ``uint8 [B, H, W, Cin]`` activation codes below ``2^bits`` (higher bits are ignored, as
+    by :func:`pack_planes`).  The codes are packed
     straight into the zero-padded planes the kernel reads, by the pass that also sums each window's
     codes, instead of packing, then copying into the padded planes, then summing.
     """
