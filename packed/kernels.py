@@ -903,10 +903,11 @@ def _run(a, m, w, kernel, stride, pads, out_shape):
         raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
     panels = w.panels
     chunk = 0                   # > 0: compact windows of pixels of `chunk` bytes (see _conv_worker)
+    compact = compact_window_words(kernel, stride, a.shape[-1]) if from_codes and w.planes is not None else 0
     if chans == 0:              # no output: one zero panel still yields the row sums
         k, panels = 1, np.zeros(depth * _PANEL, np.uint64)
-    elif from_codes and w.planes is not None and compact_window_words(kernel, stride, a.shape[-1]):
-        depth = compact_window_words(kernel, stride, a.shape[-1])
+    elif compact:
+        depth = compact
         panels = w.window_panels(a.shape[-1])
         chunk = a.shape[-1] // 8
     n_panels = -(-max(chans, 1) // _PANEL)
