@@ -22,24 +22,23 @@ Usage, unchanged from the original module::
 Rounding is ``tf.round`` (round half to even), as in the implementation that
 trained the published checkpoints.
 
-Speed: the element-wise work of the backward passes (fg, :func:`quantize_clipped`,
-the k-bit weights), BWN's sign select and the forward value of
-:func:`quantize_clipped` run as small XLA-compiled functions, one fused loop
-each; fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`),
-its blocks in a loop of their own.  Forward values are
-unchanged bit for bit: reductions, tanh and the weights' divisions stay TensorFlow
-ops, and what XLA computes (selects, clips, products by n, rounding, and the
-product of quantize_clipped's integer codes by float32(1/n), which is what a
-TensorFlow session computes for the division by the constant n, as grappler's
-constant folding rewrites it) is the same IEEE arithmetic as TensorFlow's,
-checked identical (quantize_clipped's codes on all 2^32 float32 inputs).  Set the
-environment variable ``DOREFA_XLA=0`` (or :data:`USE_XLA` to False before
-building a graph) to build everything from plain TensorFlow ops.
+Speed: the element-wise work of the backward passes (fg, the k-bit weights), BWN's
+sign select and fg's noise run as small XLA-compiled functions, one fused loop each;
+fg draws its noise from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`), its
+blocks in a loop of their own.  :func:`quantize_clipped` is TensorFlow's fused
+``QuantizeAndDequantizeV4`` op on the range [0, 1] (one pass forward, one backward,
+and faster than an XLA loop on this kind of CPU).  Forward values are unchanged:
+reductions, tanh and the weights' divisions stay TensorFlow ops, and what XLA and the
+fused op compute (selects, clips, products by n, rounding, and the product of the
+integer codes by float32(1/n), which is what a TensorFlow session computes for the
+division by the constant n, as grappler's constant folding rewrites it) is the same
+IEEE arithmetic as TensorFlow's; the one exception is the sign of a zero (see
+:func:`quantize_clipped`).  Set the environment variable ``DOREFA_XLA=0`` (or
+:data:`USE_XLA` to False before building a graph) to build everything from plain
+TensorFlow ops.
 """
 import numbers
 import os
-
-import numpy as np
 
 from tf_setup import tf
 
@@ -49,11 +48,12 @@ __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bit
 #: The weight "bit width" that selects Trained Ternary Quantization.
 TERNARY = "t"
 
-#: Build the quantizers' element-wise work (the backward passes, BWN's sign select,
-#: quantize_clipped's codes) as XLA-compiled functions; read when a graph is built.
-#: ``DOREFA_XLA=0`` in the environment turns it off.  The two settings give the same
-#: forward values and gradients, except that fg draws its noise from different
-#: generators (Threefry-2x32-13 or TensorFlow's Philox, both i.i.d. Uniform per element).
+#: Build the quantizers' element-wise work from fused kernels (XLA-compiled functions for
+#: the backward passes, BWN's sign select and fg's noise; TensorFlow's QuantizeAndDequantizeV4
+#: for quantize_clipped); read when a graph is built.  ``DOREFA_XLA=0`` in the environment
+#: turns it off.  The two settings give the same forward values and gradients, except that
+#: fg draws its noise from different generators (Threefry-2x32-13 or TensorFlow's Philox,
+#: both i.i.d. Uniform per element) and for the sign of zeros in quantize_clipped.
 USE_XLA = os.environ.get("DOREFA_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -115,72 +115,53 @@ def _in_unit_interval_gradient(x, dy):
     return tf.where_v2(tf.logical_and(x >= 0.0, x <= 1.0), dy, tf.zeros_like(dy))
 
 
-_in_unit_interval_gradient_xla = _xla_function(_in_unit_interval_gradient)
+def _unit_range_quantize(x, k):
+    # TensorFlow's fused QuantizeAndDequantizeV4, unsigned, on the fixed range [0, 1], k bits, half to
+    # even: round(clip(x, 0, 1) * n) * float32(1/n) in one pass; its registered gradient is
+    # QuantizeAndDequantizeV4Grad (dy * [0 <= x <= 1], one pass)
+    return tf.quantization.quantize_and_dequantize_v2(
+        x, 0.0, 1.0, signed_input=False, num_bits=k, range_given=True, round_mode="HALF_TO_EVEN", narrow_range=False)
 
 
-def _activation_codes(v, n):
-    # round(clip(v, 0, 1) * n), the integer codes that quantize(clip(v)) divides by n.
-    # XLA's clip keeps the sign of -0.0 (and of negative denormals, flushed to -0.0)
-    # where TensorFlow's gives +0.0; abs() restores +0.0 and the select leaves NaN,
-    # sign included, as TensorFlow does.  Checked identical to TensorFlow's ops on all
-    # 2^32 float32 inputs for k = 1..8.
-    c = tf.round(tf.clip_by_value(v, 0.0, 1.0) * n)
-    return tf.where_v2(tf.math.is_nan(c), c, tf.abs(c))
-
-
-def _reciprocal(n):
-    # the float32 factor by which a TensorFlow graph divides by the constant n: grappler's
-    # constant folding strength-reduces x / n to x * (1 / n), the reciprocal computed in float32
-    return np.float32(1) / np.float32(n)
-
-
-#: The name of quantize_clipped's XLA function for n levels; tests/packed_reference.py finds
-#: a graph's quantized activations by it (and reads n from it) to compare them with the packed engine's.
-ACTIVATION_FUNCTION_NAME = "quantized_activation_{}_levels"
-
-_ACTIVATION_XLA = {}
-
-
-def _activation_xla(n):
-    """``quantize(tf.clip_by_value(v, 0, 1), k)`` with ``n = 2^k - 1`` as one XLA function of ``v``."""
-    if n not in _ACTIVATION_XLA:
-        def activation(v):
-            # One pass over the tensor instead of two (the codes, then TensorFlow's multiply):
-            # the product by float32(1/n) is what a session computes for round(...) / n (see
-            # _reciprocal), the same correctly rounded IEEE multiply, so the value is unchanged.
-            return _activation_codes(v, n) * _reciprocal(n)
-
-        activation.__name__ = ACTIVATION_FUNCTION_NAME.format(int(n))
-        _ACTIVATION_XLA[n] = _xla_function(activation)
-    return _ACTIVATION_XLA[n]
+def _unit_range_quantizer_gradient(x, dy):
+    # TensorFlow's one-pass gradient of QuantizeAndDequantizeV4 on [0, 1]: dy * [0 <= x <= 1]
+    return tf.raw_ops.QuantizeAndDequantizeV4Grad(gradients=dy, input=x, input_min=0.0, input_max=1.0)[0]
 
 
 def quantize_clipped(x, k):
     """``quantize(tf.clip_by_value(x, 0, 1), k)`` with a cheap gradient, for training.
 
-    Forward: bit for bit the value of ``quantize(tf.clip_by_value(x, 0.0, 1.0), k)``
-    (for k = 32, that of ``tf.clip_by_value(x, 0.0, 1.0)``).  With :data:`USE_XLA`
-    the value comes from one fused XLA loop: the integer codes ``round(clip(x) * n)``
-    times float32(1/n), the product a session's graph computes for :func:`quantize`'s
-    ``/ n`` (grappler's constant folding turns the division by the constant into it;
-    with constant folding turned off, TensorFlow would divide, which differs in the
-    last bit for some codes when k >= 3).
-    Backward: ``dy`` where ``0 <= x <= 1`` (both ends included) and 0 elsewhere and
-    for NaN, which is exactly the gradient of that composition (the straight-through
-    quantizer times the gradient of ``tf.clip_by_value``), computed in one pass
-    instead of the two masks and selects of clip_by_value's gradient.
+    Forward: the value of ``quantize(tf.clip_by_value(x, 0.0, 1.0), k)`` (for k = 32,
+    that of ``tf.clip_by_value(x, 0.0, 1.0)``).  Backward: ``dy`` where ``0 <= x <= 1``
+    (both ends included) and 0 elsewhere and for NaN, which is the gradient of that
+    composition (the straight-through quantizer times the gradient of
+    ``tf.clip_by_value``), in one pass instead of the two masks and selects of
+    clip_by_value's gradient.
+
+    With :data:`USE_XLA` (the default) this is TensorFlow's fused
+    ``QuantizeAndDequantizeV4`` op, unsigned, on the fixed range [0, 1], rounding half
+    to even: ``round(clip(x) * n) * float32(1/n)`` with ``n = 2^k - 1``, the product a
+    session's graph computes for :func:`quantize`'s ``/ n`` (grappler's constant folding
+    turns the division by the constant into it; with constant folding turned off,
+    TensorFlow would divide, which differs in the last bit for some codes when k >= 3).
+    Its gradient is ``dy * [0 <= x <= 1]``.  Both are one pass over the tensor, and
+    equal to the plain-TensorFlow composition as numbers, checked on all 2^32 float32
+    inputs for the forward; the bits differ only in the sign of a zero: an input of
+    -0.0 or a negative denormal gives -0.0 (clip_by_value: +0.0), and outside [0, 1] a
+    negative ``dy`` gives -0.0.  A non-finite ``dy`` outside [0, 1] gives NaN (0 times
+    infinity) where the composition gives 0.  Without :data:`USE_XLA` the value and
+    gradient come from plain TensorFlow ops, bit for bit those of the composition.
     """
     k = _check_width(k, "bit width k")
     n = _levels(k)
-    use_xla = USE_XLA
-    gradient = _in_unit_interval_gradient_xla if use_xla else _in_unit_interval_gradient
+    if USE_XLA and k < 32:
+        return _unit_range_quantize(x, k)
+    gradient = _unit_range_quantizer_gradient if USE_XLA else _in_unit_interval_gradient
 
     @tf.custom_gradient
     def _quantize_clipped(v):
         if k == 32:
             y = tf.clip_by_value(v, 0.0, 1.0)
-        elif use_xla:
-            y = _activation_xla(n)(v)
         else:
             y = tf.round(tf.clip_by_value(v, 0.0, 1.0) * n) / n
         return y, lambda dy: gradient(v, dy)
@@ -232,15 +213,16 @@ def _dorefa_weights(x, k):
         t = t / tf.reduce_max(tf.abs(t)) * 0.5 + 0.5
         return 2.0 * quantize(t, k) - 1.0
 
-    # The same forward ops; the gradient is that of the code above (through tanh and
-    # the max normalisation), with its element-wise part fused by XLA.
+    # The same forward values (quantize_k as one fused op); the gradient is that of the code
+    # above (through tanh and the max normalisation), with its element-wise part fused by XLA.
     @tf.custom_gradient
     def _weights(v):
         s = tf.tanh(v)
         a = tf.abs(s)
         M = tf.reduce_max(a)
         t = s / M * 0.5 + 0.5
-        y = 2.0 * quantize(t, k) - 1.0
+        # t is in [0, 1] (NaN if M is 0), where the fused op's value is quantize(t, k)'s, bit for bit
+        y = 2.0 * _unit_range_quantize(t, k) - 1.0
 
         def grad(dy):
             dM = -tf.reduce_sum(dy * s) / M / M

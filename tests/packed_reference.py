@@ -11,12 +11,10 @@ float32 sums of hundreds of terms and a batch norm can be that far off); anythin
 else is a real difference and fails.  Images with no differing code are "clean" and must
 match to 1e-4 in probability.
 """
-import re
 from typing import NamedTuple
 
 import numpy as np
 
-import dorefa
 from model_io import build_inference_graph
 from tf_setup import tf
 
@@ -38,33 +36,30 @@ class Comparison(NamedTuple):
     max_tie_distance: float   # farthest graph value from its boundary among the root ties (activation units)
 
 
-#: The name TensorFlow gives a call of quantize_clipped's XLA function, with its number of levels n.
-_ACTIVATION_CALL = re.compile("_" + dorefa.ACTIVATION_FUNCTION_NAME.format(r"(\d+)") + "_")
-
-
-def _activation_call_levels(op):
-    """``n`` if ``op`` calls quantize_clipped's XLA function (value ``round(clip(v) * n) * (1/n)``), else None."""
-    if op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
+def _activation_levels(op):
+    """``n`` if ``op`` is the fused quantizer of quantize_clipped (and of k-bit weights), whose value is
+    ``round(clip(v) * n) * float32(1/n)``, else None."""
+    if op.type != "QuantizeAndDequantizeV4":
         return None
-    match = _ACTIVATION_CALL.search(op.node_def.attr["f"].func.name)
-    return np.float32(match.group(1)) if match else None
+    assert not op.get_attr("signed_input") and op.get_attr("range_given"), op.name
+    return np.float32(2 ** op.get_attr("num_bits") - 1)
 
 
 def graph_outputs(model, weights, images):
     """The graph's probabilities and, per quantizing activation in creation order, its scaled input ``v * n``.
 
     Quantized activations come in two forms: ``quantize``'s (and the plain-TensorFlow ``quantize_clipped``'s)
-    ``Round`` of a batch-shaped tensor, whose input is fetched; and the XLA function of ``quantize_clipped``,
-    which hides its ``Round``.  For the latter the function's input ``v`` is fetched and ``clip(v, 0, 1) * n``
-    recomputed in float32 (exact IEEE operations, so the value that the function rounds), and the function's own
-    output must equal that value rounded half to even times float32(1/n), bit for bit: the engine is compared
-    with the codes the graph computed.
+    ``Round`` of a batch-shaped tensor, whose input is fetched; and the fused ``QuantizeAndDequantizeV4`` op of
+    ``quantize_clipped``, which hides its rounding.  For the latter the op's input ``v`` is fetched and
+    ``clip(v, 0, 1) * n`` recomputed in float32 (exact IEEE operations, so the value that the op rounds), and the
+    op's own output must equal that value rounded half to even times float32(1/n) (bit for bit but for the sign
+    of a zero): the engine is compared with the codes the graph computed.
     """
     with tf.Graph().as_default() as graph:
         image, _ = build_inference_graph(model)
         quantizers = [op for op in graph.get_operations()
-                      if (op.type == "Round" and op.inputs[0].shape.as_list()[0] is None)   # batch-shaped: activations
-                      or _activation_call_levels(op) is not None]
+                      if (op.type == "Round" or _activation_levels(op) is not None)
+                      and op.inputs[0].shape.as_list()[0] is None]   # batch-shaped: activations, not weights
         fetches = [(op.inputs[0], op.outputs[0]) for op in quantizers]
         with tf.Session() as sess:
             for var in tf.global_variables():
@@ -75,10 +70,12 @@ def graph_outputs(model, weights, images):
             if op.type == "Round":
                 scaled.append(inputs)
                 continue
-            n = _activation_call_levels(op)
+            n = _activation_levels(op)
             s = np.clip(inputs, np.float32(0), np.float32(1)).astype(np.float32) * n
             expected = (np.rint(s) * (np.float32(1) / n)).astype(np.float32)
-            np.testing.assert_array_equal(outputs.view(np.uint32), expected.view(np.uint32),
+            positive_zero = np.float32(0)   # -0.0 + 0.0 is +0.0: compares the bits of everything but a zero's sign
+            np.testing.assert_array_equal((outputs + positive_zero).view(np.uint32),
+                                          (expected + positive_zero).view(np.uint32),
                                           err_msg="{}: the graph's quantized activations are not "
                                           "round(clip(v) * n) * float32(1/n)".format(op.name))
             scaled.append(s)

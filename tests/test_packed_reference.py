@@ -11,8 +11,8 @@ svhn = load_script("svhn-digit-dorefa.py")
 
 
 @pytest.mark.parametrize("bits, activations", [((1, 2, 4), 6), ((8, 8, 8), 6), ((32, 32, 32), 0)])
-def test_graph_outputs_sees_the_same_activations_with_and_without_xla(monkeypatch, bits, activations):
-    """The XLA activations of quantize_clipped are found (and checked) like the plain graph's Round ops.
+def test_graph_outputs_sees_the_same_activations_on_both_quantizer_paths(monkeypatch, bits, activations):
+    """The fused activations of quantize_clipped are found (and checked) like the plain graph's Round ops.
 
     The SVHN net quantizes 6 activations (after pool0, bn1, pool1, bn3, bn4, bn5).  Both graphs must give the
     same scaled values ``clip(v) * n`` and the same probabilities, bit for bit: quantize_clipped's forward
