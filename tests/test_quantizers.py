@@ -378,28 +378,40 @@ def test_threefry2x32_matches_random123_known_answers(session, rounds, counter, 
     assert (int(ref[0][0]), int(ref[1][0])) == expected
 
 
-def fg_noise_ref(key, size):
-    """fg's Uniform[0, 1) draws for ``size`` elements under ``key``: block j's words x0, x1 to elements 2j, 2j+1."""
-    blocks = (size + 1) // 2
+def threefry_words16_ref(key, size):
+    """The first ``4 * ceil(size / 4)`` 16-bit words of fg's noise under ``key``: the low and high halves of block
+    j's words x0 and x1 to elements 4j .. 4j + 3."""
+    blocks = (size + 3) // 4
     with np.errstate(over="ignore"):
         x0, x1 = threefry2x32_ref(key, np.arange(blocks, dtype=np.uint32), np.zeros(blocks, np.uint32), 13)
-    bits = np.stack([x0, x1], axis=1).reshape(-1)[:size]
-    return ((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32) - F32(1)
+    words = np.stack([x0, x1], axis=1).reshape(-1)
+    return np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=1).reshape(-1).astype(np.uint16)
 
 
-@pytest.mark.parametrize("size", [1, 2, 7, 1000])
+def fg_noise_ref(key, size):
+    """fg's draws in [0, 1) for ``size`` elements under ``key``: (b + 1/2) / 2^16 for each 16-bit word b."""
+    b = threefry_words16_ref(key, size)[:size].astype(np.float64)
+    return ((b + 0.5) / 2 ** 16).astype(F32)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 1000])
 def test_fg_noise_bits_are_threefry_13_words_in_counter_order(session, size):
     key = (0x01234567, 0x89abcdef)
     bits = session.run(dorefa._threefry_bits(tf.constant(key, tf.uint32), tf.constant(size)))
-    assert bits.dtype == np.uint32 and bits.size == 2 * ((size + 1) // 2)
-    with np.errstate(over="ignore"):
-        x0, x1 = threefry2x32_ref(key, np.arange(bits.size // 2, dtype=np.uint32), np.zeros(bits.size // 2,
-                                                                                             np.uint32), 13)
-    np.testing.assert_array_equal(bits, np.stack([x0, x1], axis=1).reshape(-1))
+    assert bits.dtype == np.uint16 and bits.size == 4 * ((size + 3) // 4)
+    np.testing.assert_array_equal(bits, threefry_words16_ref(key, size))
+
+
+def test_fg_noise_to_uniform_is_the_centre_of_each_bin(session):
+    b = np.arange(2 ** 16, dtype=np.uint16)
+    r = session.run(dorefa._bits_to_uniform(tf.constant(b)))
+    assert r.dtype == np.float32
+    np.testing.assert_array_equal(r.astype(np.float64), (b + 0.5) / 2 ** 16)   # exact, all 2^16 words
+    assert r.min() > 0 and r.max() < 1 and r.astype(np.float64).mean() == 0.5
 
 
 def test_fg_noise_is_uniform_and_uncorrelated(session):
-    """2^20 draws of fg's generator under one key: uniform over [0, 1), and no correlation between the two words
+    """2^20 draws of fg's generator under one key: uniform over [0, 1), and no correlation between the words
     of a block or between neighbouring blocks.  Every bound is about 5 standard deviations (a fixed key, so the
     test is deterministic; a biased or correlated generator exceeds them)."""
     size = 1 << 20
@@ -411,12 +423,12 @@ def test_fg_noise_is_uniform_and_uncorrelated(session):
     counts = np.bincount((r * 1024).astype(np.int64), minlength=1024)
     chi2 = np.sum((counts - size / 1024) ** 2 / (size / 1024))
     assert chi2 < 1023 + 5 * np.sqrt(2 * 1023), chi2
-    # each of the 23 bits used is 1 half of the time
-    used = (bits >> np.uint32(9)).astype(np.int64)
-    for b in range(23):
+    # each of the 16 bits used is 1 half of the time
+    used = bits.astype(np.int64)
+    for b in range(dorefa.FG_NOISE_BITS):
         assert abs(((used >> b) & 1).mean() - 0.5) < 5 * 0.5 / np.sqrt(size), b
     c = r.astype(np.float64) - 0.5
-    for lag in (1, 2, 3):   # lag 1: the two words of a block, or words of neighbouring blocks
+    for lag in (1, 2, 3, 4, 5):   # the words of one block (lags 1-3), or of neighbouring blocks
         corr = np.mean(c[lag:] * c[:-lag]) / c.var()
         assert abs(corr) < 5 / np.sqrt(size), (lag, corr)
 
@@ -424,7 +436,7 @@ def test_fg_noise_is_uniform_and_uncorrelated(session):
 @pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fg_xla_kernel_is_eq12_with_its_threefry_noise(session, k, shape):
-    """The fused kernel computes eq. 12 with noise = r / n - 0.5 / n, r the Threefry-2x32-13 Uniform[0, 1) draw."""
+    """The fused kernel computes eq. 12 with noise = r / n - 0.5 / n, r from 16 bits of Threefry-2x32-13."""
     n = 2 ** k - 1
     dy_val = rand(shape, 22)
     dy_val[1] = 0.0
@@ -433,7 +445,8 @@ def test_fg_xla_kernel_is_eq12_with_its_threefry_noise(session, k, shape):
     bits = dorefa._threefry_bits(tf.constant(key, tf.uint32), tf.constant(size))
     g = session.run(dorefa._fg_gradient_xla(float(n), len(shape))(tf.constant(dy_val), bits))
     r = fg_noise_ref(key, size).reshape(shape)
-    assert r.min() >= 0 and r.max() < 1 and len(np.unique(r)) > 0.99 * r.size
+    distinct = 2 ** 16 * (1 - np.exp(-size / 2 ** 16))   # expected number of distinct words among size draws
+    assert r.min() >= 0 and r.max() < 1 and len(np.unique(r)) > 0.95 * distinct
     axes = tuple(range(1, len(shape)))
     m = np.max(np.abs(dy_val), axis=axes, keepdims=True)
     noise = r * (F32(0.5 / n) - F32(-0.5 / n)) + F32(-0.5 / n)
