@@ -40,6 +40,8 @@ TensorFlow ops.
 import numbers
 import os
 
+import numpy as np
+
 from tf_setup import tf
 
 __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bits", "TERNARY",
@@ -195,15 +197,38 @@ def _binary_weights(x):
     return _sign_times_E(x)
 
 
-def _dorefa_weights_gradient(dy, s, a, M, dM_per_max):
-    # d/dW of 2 * quantize_k(s / M * 0.5 + 0.5) - 1 with s = tanh(W), a = |s|, M = max(a):
-    # straight through the rounding (2 * 0.5 = 1), the direct path dy / M, the path through
-    # M (reduce_max splits dM equally among its maxima; |s|' = sign(s)), then tanh' = 1 - s^2.
+def _dorefa_weights_gradient(dy, s, a, M, dot, maxima):
+    # d/dW of 2 * quantize_k(s / M * 0.5 + 0.5) - 1 with s = tanh(W), a = |s|, M = max(a), given
+    # dot = sum(dy * s) and the number of maxima: straight through the rounding (2 * 0.5 = 1), the
+    # direct path dy / M, the path through M (dM = -dot / M^2, which reduce_max splits equally
+    # among its maxima; |s|' = sign(s)), then tanh' = 1 - s^2.
+    dM_per_max = -dot / M / M / maxima
     ds = dy / M + tf.where_v2(tf.equal(a, M), tf.sign(s) * dM_per_max, tf.zeros_like(dy))
     return ds * (1.0 - s * s)
 
 
 _dorefa_weights_gradient_xla = _xla_function(_dorefa_weights_gradient)
+
+_WEIGHTS_FORWARD_XLA = {}
+
+
+def _weights_forward_xla(k):
+    """``2 * quantize_k(s / M * 0.5 + 0.5) - 1`` as one XLA function of ``(s, M)``, bit for bit the
+    value of the TensorFlow ops (which a session computes with ``/ n`` as ``* float32(1/n)``)."""
+    if k not in _WEIGHTS_FORWARD_XLA:
+        n = _levels(k)
+        reciprocal = np.float32(1) / np.float32(n)
+
+        def weights_from_tanh(s, M):
+            codes = tf.round((s / M * 0.5 + 0.5) * n)
+            # maximum(., 0) changes no value (codes >= 0; NaN stays NaN) but keeps XLA from contracting
+            # 2 * (codes * reciprocal) - 1 into one fused multiply-add, which rounds once where
+            # TensorFlow rounds twice (checked: every code for k = 2..16)
+            return 2.0 * tf.maximum(codes * reciprocal, 0.0) - 1.0
+
+        weights_from_tanh.__name__ = "dorefa_weights_{}_bits".format(k)
+        _WEIGHTS_FORWARD_XLA[k] = _xla_function(weights_from_tanh)
+    return _WEIGHTS_FORWARD_XLA[k]
 
 
 def _dorefa_weights(x, k):
@@ -214,21 +239,21 @@ def _dorefa_weights(x, k):
         t = t / tf.reduce_max(tf.abs(t)) * 0.5 + 0.5
         return 2.0 * quantize(t, k) - 1.0
 
-    # The same forward values (quantize_k as one fused op); the gradient is that of the code
-    # above (through tanh and the max normalisation), with its element-wise part fused by XLA.
+    # The same forward values, tanh and the reductions from TensorFlow and the element-wise rest
+    # from XLA; the gradient is that of the code above (through tanh and the max normalisation),
+    # its element-wise part fused by XLA.  Fewer ops matter here as much as fewer passes: the
+    # weights are small, and each op costs the executor a dispatch.
     @tf.custom_gradient
     def _weights(v):
         s = tf.tanh(v)
         a = tf.abs(s)
         M = tf.reduce_max(a)
-        t = s / M * 0.5 + 0.5
-        # t is in [0, 1] (NaN if M is 0), where the fused op's value is quantize(t, k)'s, bit for bit
-        y = 2.0 * _unit_range_quantize(t, k) - 1.0
+        y = _weights_forward_xla(k)(s, M)
 
         def grad(dy):
-            dM = -tf.reduce_sum(dy * s) / M / M
+            dot = tf.reduce_sum(dy * s)
             maxima = tf.reduce_sum(tf.cast(tf.equal(a, M), dy.dtype))
-            return _dorefa_weights_gradient_xla(dy, s, a, M, dM / maxima)
+            return _dorefa_weights_gradient_xla(dy, s, a, M, dot, maxima)
 
         return y, grad
 

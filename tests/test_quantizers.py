@@ -509,6 +509,24 @@ def fw_multibit_grad_ref(w, dy):
     return (dy / M + np.where(maxima, np.sign(s) * g_M / maxima.sum(), 0.0)) * (1 - s ** 2)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 12, 16])
+def test_fw_xla_forward_matches_tensorflow_for_every_code(session, k):
+    """XLA's value of 2 * quantize_k(s / M * 0.5 + 0.5) - 1 is TensorFlow's for every code 0..n, bit for bit
+    (XLA would contract 2 * (c * (1/n)) - 1 into a fused multiply-add, rounding once where TensorFlow rounds
+    twice, for some codes at every k >= 3)."""
+    n = 2 ** k - 1
+    codes = np.arange(n + 1, dtype=np.float64)
+    s_val = np.concatenate([(2 * codes / n - 1).astype(F32), rand([5000], 5).clip(-1, 1)])
+    s = tf.placeholder(tf.float32, [None])
+    M = tf.placeholder(tf.float32, [])
+    y = dorefa._weights_forward_xla(k)(s, M)
+    ref = 2.0 * quantize(s / M * 0.5 + 0.5, k) - 1.0
+    for m in (1.0, 0.75):
+        got, want = session.run([y, ref], {s: s_val * F32(m), M: m})
+        assert len(np.unique(want)) == n + 1
+        np.testing.assert_array_equal(bits_of(got), bits_of(want))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_fw_forward_is_the_same_on_both_paths_and_gradients_agree(monkeypatch, k):
     rng = np.random.RandomState(23)
