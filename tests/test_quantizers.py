@@ -527,12 +527,14 @@ def test_fw_xla_forward_matches_tensorflow_for_every_code(session, k):
         np.testing.assert_array_equal(bits_of(got), bits_of(want))
 
 
+@pytest.mark.parametrize("shape, maxima", [((5, 5, 8, 16), 2), ((40, 12), 7)])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
-def test_fw_forward_is_the_same_on_both_paths_and_gradients_agree(monkeypatch, k):
+def test_fw_forward_is_the_same_on_both_paths_and_gradients_agree(monkeypatch, k, shape, maxima):
     rng = np.random.RandomState(23)
-    w_val = (rng.randn(5, 5, 8, 16) * 0.3).astype(F32)
-    w_val[0, 0, 0, :4] = [0.0, -0.0, 1e-45, -1e-45]
-    w_val[1, 1, 1, 1], w_val[2, 2, 2, 2] = 1.5, -1.5  # two maxima of |tanh|: dM is split between them
+    w_val = (rng.randn(*shape) * 0.3).astype(F32)
+    w_val.flat[:4] = [0.0, -0.0, 1e-45, -1e-45]
+    # tied maxima of |tanh|, among which dM is split: +-1.5, or +-12 where tanh saturates to exactly 1
+    w_val.flat[100:100 + maxima] = [(1.5 if maxima == 2 else 12.0) * (-1) ** i for i in range(maxima)]
     dy_val = rng.randn(*w_val.shape).astype(F32)
     results = []
     for use_xla in (True, False):
