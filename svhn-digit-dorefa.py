@@ -70,7 +70,7 @@ class SVHNModel(ModelDesc):
             return tf.nn.relu(x) if bitA == 32 else tf.clip_by_value(x, 0.0, 1.0)
 
         def activate(x):
-            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
+            # quantize_clipped(x, A) has the value of fa(clip(x, 0, 1)), in one fused op, and a one-pass gradient
             return fa(nonlin(x)) if bitA == 32 else quantize_clipped(x, bitA)
 
         x = image / 256.0
