@@ -184,7 +184,7 @@ def test_fg_rejects_rank_1(session):
 
 # ---------------------------------------------------------------- TTQ
 @pytest.mark.parametrize("shape", SHAPES)
-def test_ternarize_forward_and_gradients(session, shape):
+def test_ternarize_forward_and_gradients(session, backward_path, shape):
     w_val = rand(shape, 9)
     dy_val = rand(shape, 10)
     wp_val, wn_val = 1.7, 0.6
@@ -201,7 +201,7 @@ def test_ternarize_forward_and_gradients(session, shape):
 
     d = 0.05 * np.max(np.abs(w_val))
     pos, neg = w_val > d, w_val < -d
-    np.testing.assert_allclose(y_v, np.where(pos, wp_val, np.where(neg, -wn_val, 0.0)), rtol=1e-6)
+    np.testing.assert_array_equal(y_v, np.where(pos, F32(wp_val), np.where(neg, -F32(wn_val), F32(0))))
     np.testing.assert_allclose(gw, np.where(pos, dy_val * wp_val, np.where(neg, dy_val * wn_val, dy_val)),
                                rtol=1e-6)
     np.testing.assert_allclose(gp, dy_val[pos].sum(), rtol=1e-4)
