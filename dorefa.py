@@ -23,8 +23,9 @@ Rounding is ``tf.round`` (round half to even), as in the implementation that
 trained the published checkpoints.
 
 Speed: the element-wise work of fg's and the k-bit weights' backward passes, of the
-k-bit weights' forward pass after tanh and the maximum, of BWN's sign select and fg's
-noise run as small XLA-compiled functions, one fused loop each; fg draws its noise
+k-bit weights' forward pass after tanh and the maximum, of TTQ's value and input
+gradient, of BWN's sign select and fg's noise run as small XLA-compiled functions, one
+fused loop each; fg draws its noise
 from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`), 16 bits per element
 (:func:`_bits_to_uniform`), its blocks in a loop of their own.  :func:`quantize_clipped`
 is TensorFlow's fused ``QuantizeAndDequantizeV4`` op on the range [0, 1] (one pass
@@ -465,7 +466,8 @@ def ternarize(x, thresh=0.05):
     to 1.0), the forward value is ``+Wp`` where ``W > d``, ``-Wn`` where
     ``W < -d`` and 0 elsewhere.  Gradients: ``dW = dy * Wp`` where ``W > d``,
     ``dy * Wn`` where ``W < -d``, ``dy`` elsewhere; ``dWp = sum(dy[W > d])``;
-    ``dWn = -sum(dy[W < -d])``.
+    ``dWn = -sum(dy[W < -d])``.  With :data:`USE_XLA` the value and ``dW`` are one XLA
+    pass each (the same values; the plain ops below take about a dozen passes).
     """
     d = tf.stop_gradient(tf.reduce_max(tf.abs(x)) * thresh)
     w_p = tf.get_variable("Wp", initializer=1.0, dtype=tf.float32)
