@@ -25,16 +25,16 @@ trained the published checkpoints.
 Speed: the element-wise work of fg's and the k-bit weights' backward passes, of the
 k-bit weights' forward pass after tanh and the maximum, of TTQ's value and input
 gradient, of BWN's sign select and fg's noise run as small XLA-compiled functions, one
-fused loop each; fg draws its noise
-from Threefry-2x32 with 13 rounds (:func:`_threefry2x32`), 16 bits per element
-(:func:`_bits_to_uniform`), its blocks in a loop of their own.  :func:`quantize_clipped`
-is TensorFlow's fused ``QuantizeAndDequantizeV4`` op on the range [0, 1] (one pass
-forward, one backward, and faster than an XLA loop on this kind of CPU).  Forward
-values are unchanged: reductions and tanh stay TensorFlow ops, and what XLA and the
-fused op compute (selects, clips, divisions, products by n, rounding, and the product
-of the integer codes by float32(1/n), which is what a TensorFlow session computes for
-the division by the constant n, as grappler's constant folding rewrites it) is the
-same IEEE arithmetic as TensorFlow's; the one exception is the sign of a zero (see
+fused loop each; fg draws its noise from Threefry-2x32 with 13 rounds
+(:func:`_threefry2x32`), 16 bits per element (:func:`_bits_to_uniform`), its blocks in
+a loop of their own.  :func:`quantize_clipped` is TensorFlow's fused
+``QuantizeAndDequantizeV4`` op on the range [0, 1] (one pass forward, one backward,
+and faster than an XLA loop on this kind of CPU).  Forward values are unchanged:
+reductions and tanh stay TensorFlow ops, and what XLA and the fused op compute
+(selects, clips, divisions, products by n, rounding, and the product of the integer
+codes by float32(1/n), which is what a TensorFlow session computes for the division
+by the constant n, as grappler's constant folding rewrites it) is the same IEEE
+arithmetic as TensorFlow's; the one exception is the sign of a zero (see
 :func:`quantize_clipped`).  Set the environment variable ``DOREFA_XLA=0`` (or
 :data:`USE_XLA` to False before building a graph) to build everything from plain
 TensorFlow ops.
