@@ -53,8 +53,8 @@ __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bit
 TERNARY = "t"
 
 #: Build the quantizers' element-wise work from fused kernels (XLA-compiled functions for
-#: the backward passes, BWN's sign select and fg's noise; TensorFlow's QuantizeAndDequantizeV4
-#: for quantize_clipped); read when a graph is built.  ``DOREFA_XLA=0`` in the environment
+#: the backward passes, the k-bit weights' and TTQ's values, BWN's sign select and fg's noise;
+#: TensorFlow's QuantizeAndDequantizeV4 for quantize_clipped); read when a graph is built.  ``DOREFA_XLA=0`` in the environment
 #: turns it off.  The two settings give the same forward values and gradients, except that
 #: fg draws its noise from different generators (Threefry-2x32-13, 16 bits per element, or
 #: TensorFlow's Philox, 23 bits; both i.i.d. per element, uniform on equally spaced values)

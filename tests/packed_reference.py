@@ -37,8 +37,8 @@ class Comparison(NamedTuple):
 
 
 def _activation_levels(op):
-    """``n`` if ``op`` is the fused quantizer of quantize_clipped (and of k-bit weights), whose value is
-    ``round(clip(v) * n) * float32(1/n)``, else None."""
+    """``n`` if ``op`` is quantize_clipped's fused quantizer, whose value is ``round(clip(v) * n) * float32(1/n)``,
+    else None."""
     if op.type != "QuantizeAndDequantizeV4":
         return None
     assert not op.get_attr("signed_input") and op.get_attr("range_given"), op.name
@@ -59,7 +59,7 @@ def graph_outputs(model, weights, images):
         image, _ = build_inference_graph(model)
         quantizers = [op for op in graph.get_operations()
                       if (op.type == "Round" or _activation_levels(op) is not None)
-                      and op.inputs[0].shape.as_list()[0] is None]   # batch-shaped: activations, not weights
+                      and op.inputs[0].shape.as_list()[0] is None]   # batch-shaped: activations
         fetches = [(op.inputs[0], op.outputs[0]) for op in quantizers]
         with tf.Session() as sess:
             for var in tf.global_variables():
