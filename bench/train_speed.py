@@ -6,6 +6,7 @@
     python bench/train_speed.py --models alexnet --bits 32,32,32 1,2,6 --batch 32
     python bench/train_speed.py --models svhn --rounds 3     # shared machine: interleaved repeats
     python bench/train_speed.py --models svhn --no-xla       # quantizers from plain TF ops, to compare
+    python bench/train_speed.py --models svhn --paired --rounds 40 --steps 4   # step ratios only, paired
 
 Each (model, bits) runs in its own process (so peak memory is its own): a
 training step on in-graph random data (no feeding), inference at batch 1 and
@@ -16,6 +17,10 @@ measured in the same command; with ``--rounds R`` every (model, bits) process
 runs R times, interleaved (A B C A B C ...), each figure is the median over
 the rounds and the ratio the median of the per-round ratios, which is what
 to use on a machine shared with other work.
+
+``--paired`` measures only the training step, with every bit setting of a
+model built in one process and their steps interleaved round by round
+(:func:`measure_paired`): the ratio with the least noise on a shared machine.
 
 "% of bound" is the training rate against the machine's arithmetic bound:
 the floating-point operations of one training image (the convolutions and
@@ -126,6 +131,47 @@ def _build_model(name, bits, data_format):
     return cls(bits, data_format, MODELS[name][3])
 
 
+def _random_inputs(model, n):
+    from tf_setup import tf
+
+    image_spec, label_spec = model.inputs()
+    shape = [n] + image_spec.shape.as_list()[1:]
+    image = tf.cast(tf.random.uniform(shape, 0, 255), image_spec.dtype)
+    label = tf.random.uniform([n], 0, 10, dtype=tf.int32)
+    # held in variables, so that the timed steps measure the network, not the random generator
+    image = tf.get_variable("bench_image", initializer=image, trainable=False,
+                            collections=[tf.GraphKeys.LOCAL_VARIABLES])
+    label = tf.get_variable("bench_label", initializer=label, trainable=False,
+                            collections=[tf.GraphKeys.LOCAL_VARIABLES])
+    return image, label
+
+
+def _training_session(name, bits_text, batch, data_format):
+    """``(session, step op, (forward, training) FLOPs)`` of one training step on in-graph random data, in a graph
+    of its own."""
+    from cli import dorefa_bits
+    from tensorpack.tfutils.tower import TowerContext
+    from tf_setup import tf
+    from training import session_config
+
+    graph = tf.Graph()
+    with graph.as_default():
+        model = _build_model(name, tuple(dorefa_bits(bits_text)), data_format)
+        image, label = _random_inputs(model, batch)
+        with TowerContext("", is_training=True):
+            cost = model.build_graph(image, label)
+        # as tensorpack's trainers compute gradients (no gating: unused input gradients are not run)
+        opt = model.optimizer()
+        grads = opt.compute_gradients(cost, gate_gradients=False, colocate_gradients_with_ops=True)
+        step = opt.apply_gradients([(g, v) for g, v in grads if g is not None],
+                                   global_step=tf.train.get_or_create_global_step())
+        step = tf.group(step, *tf.get_collection(tf.GraphKeys.UPDATE_OPS))
+        flops = graph_flops(step)
+        sess = tf.Session(config=session_config())
+        sess.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
+    return sess, step, flops
+
+
 def measure(name, bits_text, batch, steps, repeats, data_format):
     import numpy as np
 
@@ -137,42 +183,23 @@ def measure(name, bits_text, batch, steps, repeats, data_format):
 
     bits = tuple(dorefa_bits(bits_text))
     result = {"model": name, "bits": bits_text, "batch": batch}
-
-    def random_inputs(model, n):
-        image_spec, label_spec = model.inputs()
-        shape = [n] + image_spec.shape.as_list()[1:]
-        image = tf.cast(tf.random.uniform(shape, 0, 255), image_spec.dtype)
-        label = tf.random.uniform([n], 0, 10, dtype=tf.int32)
-        # held in variables, so that the timed steps measure the network, not the random generator
-        image = tf.get_variable("bench_image", initializer=image, trainable=False,
-                                collections=[tf.GraphKeys.LOCAL_VARIABLES])
-        label = tf.get_variable("bench_label", initializer=label, trainable=False,
-                                collections=[tf.GraphKeys.LOCAL_VARIABLES])
-        return image, label
-
-    with tf.Graph().as_default():
-        model = _build_model(name, bits, data_format)
-        image, label = random_inputs(model, batch)
-        with TowerContext("", is_training=True):
-            cost = model.build_graph(image, label)
-        # as tensorpack's trainers compute gradients (no gating: unused input gradients are not run)
-        opt = model.optimizer()
-        grads = opt.compute_gradients(cost, gate_gradients=False, colocate_gradients_with_ops=True)
-        step = opt.apply_gradients([(g, v) for g, v in grads if g is not None],
-                                                 global_step=tf.train.get_or_create_global_step())
-        step = tf.group(step, *tf.get_collection(tf.GraphKeys.UPDATE_OPS))
-        forward, training = graph_flops(step)
-        result["fwd_gflop_per_img"] = forward / batch / 1e9
-        result["train_gflop_per_img"] = training / batch / 1e9
-        with tf.Session(config=session_config()) as sess:
-            sess.run([tf.global_variables_initializer(), tf.local_variables_initializer()])
-            result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=3)
+    sess, step, (forward, training) = _training_session(name, bits_text, batch, data_format)
+    result["fwd_gflop_per_img"] = forward / batch / 1e9
+    result["train_gflop_per_img"] = training / batch / 1e9
+    with sess:
+        for _ in range(3):
+            sess.run(step)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=0)
+        # minor page faults per timed step: memory that the C library gave back to the kernel after one step
+        # and the next step touched again (tf_setup keeps glibc from doing so)
+        result["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps * repeats)
     result["train_img_s"] = batch / result["train_step_s"]
 
     for infer_batch in (1, batch):
         with tf.Graph().as_default():
             model = _build_model(name, bits, data_format)
-            image, label = random_inputs(model, infer_batch)
+            image, label = _random_inputs(model, infer_batch)
             with TowerContext("", is_training=False):
                 model.build_graph(image, label)
             output = tf.get_default_graph().get_tensor_by_name("output:0")
@@ -185,6 +212,37 @@ def measure(name, bits_text, batch, steps, repeats, data_format):
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     np.random.seed(0)
     return result
+
+
+def measure_paired(name, bits_list, batch, steps, rounds, data_format):
+    """Training steps of every bit setting of one model in this one process, interleaved.
+
+    Each round times ``steps`` steps of each setting in turn (after one untimed step, so that no setting
+    pays for the switch from the one before); the ratio of a round is its step time against the first
+    setting's in the same round.  Pairing the settings within a round cancels the machine's drift, which
+    separate processes, minutes apart, do not.
+    """
+    sessions = [_training_session(name, bits, batch, data_format)[:2] for bits in bits_list]
+    for sess, step in sessions:
+        for _ in range(3):
+            sess.run(step)
+    times = [[] for _ in sessions]
+    for _ in range(rounds):
+        for (sess, step), out in zip(sessions, times):
+            sess.run(step)
+            start = time.perf_counter()
+            for _ in range(steps):
+                sess.run(step)
+            out.append((time.perf_counter() - start) / steps)
+    for sess, _ in sessions:
+        sess.close()
+    return [{"model": name, "bits": bits, "batch": batch, "step_s": ts,
+             "ratios": [t / b for t, b in zip(ts, times[0])]} for bits, ts in zip(bits_list, times)]
+
+
+def _quartiles(values):
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def measure_svhn_dataflow(batch, workers, batches, repeats):
@@ -263,6 +321,10 @@ def main(argv=None):
                         help="the machine's arithmetic peak for the '%% of bound' column (GFLOP/s)")
     parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"])
     parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes")
+    parser.add_argument("--paired", action="store_true",
+                        help="training steps only: every bit setting of a model in one process, interleaved, for "
+                             "--rounds rounds of --steps steps; the ratio is the median of the per-round ratios "
+                             "(default: off, one process per setting)")
     parser.add_argument("--no-xla", action="store_true",
                         help="build the quantizers from plain TensorFlow ops (DOREFA_XLA=0), for comparison")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -270,7 +332,10 @@ def main(argv=None):
 
     if args.child:
         kind = args.child[0]
-        if kind == "model":
+        if kind == "paired":
+            _, name, batch, steps, rounds, fmt = args.child[:6]
+            out = measure_paired(name, args.child[6:], int(batch), int(steps), int(rounds), fmt)
+        elif kind == "model":
             _, name, bits, batch, steps, repeats, fmt = args.child
             out = measure(name, bits, int(batch), int(steps), int(repeats), fmt)
         elif kind == "svhn-dataflow":
@@ -294,6 +359,11 @@ def main(argv=None):
     print("load average (1, 5, 15 min) at start: {}; quantizers' XLA kernels: {}; XLA_FLAGS: {}\n".format(
         load_average(), xla, os.environ.get("XLA_FLAGS", "")), flush=True)
 
+    if args.paired:
+        if args.bits and "32,32,32" not in args.bits:
+            parser.error("--paired: --bits must include 32,32,32, the baseline of the ratios")
+        return _paired_table(args, models, env)
+
     runs = [(name, bits, args.batch or MODELS[name][2]) for name in models for bits in (args.bits or MODELS[name][1])]
     results = {run: [] for run in runs}
     for _ in range(args.rounds):
@@ -303,8 +373,8 @@ def main(argv=None):
                                         args.data_format], env))
 
     print("| model | bits | batch | train img/s | vs 32,32,32 | % of bound | infer img/s (b=1) "
-          "| infer img/s (b=batch) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| infer img/s (b=batch) | peak RSS MB | page faults/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     train_rates, bounds = {}, {}
     for run in runs:
         name, bits, batch = run
@@ -317,10 +387,10 @@ def main(argv=None):
             if base else "-"
         gflop = rs[0]["train_gflop_per_img"]
         bounds[name] = (rs[0]["fwd_gflop_per_img"], gflop)
-        print("| {} | {} | {} | {:.1f} | {} | {:.0f}% | {:.1f} | {:.1f} | {:.0f} |".format(
+        print("| {} | {} | {} | {:.1f} | {} | {:.0f}% | {:.1f} | {:.1f} | {:.0f} | {:.0f} |".format(
             name, bits, batch, rate, ratio, 100.0 * rate * gflop / args.peak_gflops,
             statistics.median(r["infer_img_s_b1"] for r in rs), statistics.median(r["infer_img_s_bN"] for r in rs),
-            max(r["peak_rss_mb"] for r in rs)), flush=True)
+            max(r["peak_rss_mb"] for r in rs), statistics.median(r["faults_per_step"] for r in rs)), flush=True)
     print("\n'vs 32,32,32' is the time of a training step relative to the same model at 32,32,32{}.".format(
         " (median of {} interleaved rounds)".format(args.rounds) if args.rounds > 1 else ""))
     for name, (fwd, train) in bounds.items():
@@ -339,6 +409,24 @@ def main(argv=None):
     if "alexnet" in models or "resnet" in models:
         d = _child(["imagenet-decoding", "128", str(max(1, args.repeats // 2))])
         print("| {} | {:.0f} | - | - | {:.0f} |".format(d["what"], d["img_s"], d["peak_rss_mb"]))
+    print("\nload average (1, 5, 15 min) at end: {}".format(load_average()))
+    return 0
+
+
+def _paired_table(args, models, env):
+    print("| model | bits | batch | train img/s | vs 32,32,32 | ratio q1-q3 |")
+    print("|---|---|---|---|---|---|")
+    for name in models:
+        bits = ["32,32,32"] + [b for b in (args.bits or MODELS[name][1]) if b != "32,32,32"]
+        batch = args.batch or MODELS[name][2]
+        rows = _child(["paired", name, str(batch), str(args.steps), str(args.rounds), args.data_format] + bits, env)
+        for row in rows:
+            q1, median, q3 = _quartiles(row["ratios"])
+            print("| {} | {} | {} | {:.1f} | {:.2f}x | {:.2f}-{:.2f} |".format(
+                name, row["bits"], batch, batch / statistics.median(row["step_s"]), median, q1, q3), flush=True)
+    print("\nEvery bit setting of a model trained in one process, interleaved: {} rounds x {} timed steps per "
+          "setting (after one untimed step); 'vs 32,32,32' is the median over the rounds of the step time against "
+          "32,32,32's in the same round, with its quartiles.".format(args.rounds, args.steps))
     print("\nload average (1, 5, 15 min) at end: {}".format(load_average()))
     return 0
 

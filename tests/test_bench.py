@@ -18,8 +18,8 @@ def test_train_speed_prints_a_markdown_table():
     assert [row.split("|")[2].strip() for row in rows] == ["32,32,32", "1,2,4"]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 9
-        assert all(float(c) > 0 for c in (cells[3], cells[6], cells[7], cells[8]))
+        assert len(cells) == 10
+        assert all(float(c) > 0 for c in (cells[3], cells[6], cells[7], cells[8])) and float(cells[9]) >= 0
         assert cells[4].endswith("x") and cells[5].endswith("%")
     # the SVHN net's arithmetic, counted from the graph: 83.5 MFLOP forward, 241 MFLOP per training image
     bound = [line for line in lines if line.startswith("svhn: ")]
@@ -27,3 +27,27 @@ def test_train_speed_prints_a_markdown_table():
     assert "at 200 GFLOP/s the bound is 830 training images/s" in bound[0]
     pipeline = [line for line in lines if line.startswith("| svhn dataflow")]
     assert len(pipeline) == 1 and pipeline[0].count("|") == 6
+
+
+def test_paired_mode_prints_ratios_against_32_bits_from_one_process():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "train_speed.py"), "--models", "svhn", "--paired",
+           "--bits", "1,2,4", "32,32,32", "--batch", "8", "--steps", "1", "--rounds", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| svhn |")]
+    # the baseline first, whatever the order given
+    assert [row[1] for row in rows] == ["32,32,32", "1,2,4"]
+    assert rows[0][4] == "1.00x" and rows[0][5] == "1.00-1.00"
+    assert float(rows[1][3]) > 0 and rows[1][4].endswith("x")
+    q1, q3 = (float(v) for v in rows[1][5].split("-"))
+    assert 0 < q1 <= float(rows[1][4][:-1]) <= q3
+    assert "2 rounds x 1 timed steps per setting" in done.stdout
+
+
+def test_paired_mode_needs_the_baseline():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "train_speed.py"), "--models", "svhn", "--paired",
+           "--bits", "1,2,4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--bits must include 32,32,32" in done.stderr.splitlines()[-1]
