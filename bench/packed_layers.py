@@ -146,10 +146,11 @@ def measure(layer, batch, repeats, threads, tf, kernels, np):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each (median); default 7")
-    parser.add_argument("--threads", type=int, default=2, help="TF intra-op threads = numba threads; default 2")
-    parser.add_argument("--nets", nargs="+", choices=["alexnet", "svhn", "resnet"], default=["alexnet", "svhn"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 128], help="batch sizes (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each, the median is reported (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="TF intra-op threads = numba threads (default: %(default)s)")
+    parser.add_argument("--nets", nargs="+", choices=["alexnet", "svhn", "resnet"], default=["alexnet", "svhn"],
+                        help="networks whose layers are timed (default: %(default)s)")
     args = parser.parse_args(argv)
 
     import numba

@@ -145,11 +145,12 @@ def machine():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                        help="models to compare (default: %(default)s)")
     parser.add_argument("--bits", nargs="+", help="bit settings (default: each model's own list)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 128])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 128], help="batch sizes (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch (default: %(default)s)")
     parser.add_argument("--child", nargs=6, metavar=("KIND", "MODEL", "BITS", "PATH", "BATCH", "REPEATS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

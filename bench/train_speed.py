@@ -310,23 +310,25 @@ def machine():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", default="svhn,alexnet,resnet", help="comma-separated: svhn, alexnet, resnet")
+    parser.add_argument("--models", default="svhn,alexnet,resnet", help="comma-separated: svhn, alexnet, resnet (default: %(default)s)")
     parser.add_argument("--bits", nargs="+", help="bit settings (default: per model, see MODELS)")
     parser.add_argument("--batch", type=int, help="training batch (default: svhn 128, others 32)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per figure (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per figure, the median is reported (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="interleaved runs of every (model, bits) process; medians over the rounds")
+                        help="interleaved runs of every (model, bits) process; medians over the rounds "
+                             "(default: %(default)s)")
     parser.add_argument("--peak-gflops", type=float, default=200.0,
-                        help="the machine's arithmetic peak for the '%% of bound' column (GFLOP/s)")
-    parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"])
-    parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes")
+                        help="the machine's arithmetic peak for the '%% of bound' column, GFLOP/s (default: %(default)s)")
+    parser.add_argument("--data-format", default="channels_last", choices=["channels_last", "channels_first"],
+                        help="layout of the training graphs (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="SVHN dataflow worker processes (default: %(default)s)")
     parser.add_argument("--paired", action="store_true",
                         help="training steps only: every bit setting of a model in one process, interleaved, for "
                              "--rounds rounds of --steps steps; the ratio is the median of the per-round ratios "
                              "(default: off, one process per setting)")
     parser.add_argument("--no-xla", action="store_true",
-                        help="build the quantizers from plain TensorFlow ops (DOREFA_XLA=0), for comparison")
+                        help="build the quantizers from plain TensorFlow ops (DOREFA_XLA=0), for comparison (default: off)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
