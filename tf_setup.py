@@ -136,12 +136,12 @@ def _let_dataflow_workers_die_with_their_parent():
 def _keep_freed_heap_memory():
     """Raise glibc's trim and mmap thresholds to 1 GiB, so that freed heap memory is reused, not returned.
 
-    Measured on the 2-core VM of the README's Performance section (SVHN, batch 128, steady state after 30
-    steps): 409 page faults per 8,8,8 training step and 715 per 8,32,32 step with glibc's defaults (their
-    quantizers' temporaries, up to 6.5 MB each, free the top of a thread's arena), none with these
-    thresholds; 32,32,32 had none either way.  A page fault cost 2.8 us there.  The peak memory is that of
-    the largest step either way.  Skipped when the user set glibc's malloc variables or tunables, and on
-    other C libraries.
+    Measured on the 2-core VM of the README's Performance section (SVHN, batch 128, 20 to 40 steps after
+    30 warm-up steps): with glibc's defaults about 400 to 720 page faults per 8,8,8 training step in three
+    runs (their quantizers' temporaries, up to 6.5 MB each, free the top of a thread's arena); with these
+    thresholds none, but for one stretch of about 1,600 faults in one of three runs; 32,32,32 had none
+    either way.  A page fault cost 2.8 us there.  The peak memory is that of the largest step either way.
+    Skipped when the user set glibc's malloc variables or tunables, and on other C libraries.
     """
     import platform
 

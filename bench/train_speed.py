@@ -22,6 +22,9 @@ to use on a machine shared with other work.
 model built in one process and their steps interleaved round by round
 (:func:`measure_paired`): the ratio with the least noise on a shared machine.
 
+"page faults/step" is the process's minor page faults per timed training step (the mean, after the
+warm-up steps): memory that a step hands back to the kernel and the next step takes again.
+
 "% of bound" is the training rate against the machine's arithmetic bound:
 the floating-point operations of one training image (the convolutions and
 matrix products of the forward pass, of the weight gradients and of the
@@ -109,15 +112,20 @@ def _prod(dims):
     return out
 
 
-def _timed(run, steps, repeats, warmup):
+def _timed(run, steps, repeats, warmup, faults=None):
+    """Median seconds per ``run()`` over ``repeats`` timings of ``steps`` runs; with a list ``faults``, each
+    timing's minor page faults per run are appended to it."""
     for _ in range(warmup):
         run()
     times = []
     for _ in range(repeats):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for _ in range(steps):
             run()
         times.append((time.perf_counter() - start) / steps)
+        if faults is not None:
+            faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps)
     return statistics.median(times)
 
 
@@ -187,13 +195,14 @@ def measure(name, bits_text, batch, steps, repeats, data_format):
     result["fwd_gflop_per_img"] = forward / batch / 1e9
     result["train_gflop_per_img"] = training / batch / 1e9
     with sess:
-        for _ in range(3):
-            sess.run(step)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=0)
-        # minor page faults per timed step: memory that the C library gave back to the kernel after one step
-        # and the next step touched again (tf_setup keeps glibc from doing so)
-        result["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps * repeats)
+        faults = []
+        # 8 warm-up steps: the allocator's pools stop growing within the first 8 steps of SVHN's 8,8,8 (its
+        # page faults, counted per 5 steps after 3 warm-up steps: ~1000 per step, then none)
+        result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=8, faults=faults)
+        # minor page faults per step, the mean over all timed steps: memory that the C library gave back to
+        # the kernel after one step and the next step touched again (tf_setup keeps glibc from doing so).  Not
+        # the median: glibc trims every few seconds, not every step.
+        result["faults_per_step"] = statistics.mean(faults)
     result["train_img_s"] = batch / result["train_step_s"]
 
     for infer_batch in (1, batch):
