@@ -196,8 +196,9 @@ def measure(name, bits_text, batch, steps, repeats, data_format):
     result["train_gflop_per_img"] = training / batch / 1e9
     with sess:
         faults = []
-        # 8 warm-up steps: the allocator's pools stop growing within the first 8 steps of SVHN's 8,8,8 (its
-        # page faults, counted per 5 steps after 3 warm-up steps: ~1000 per step, then none)
+        # 8 warm-up steps: the allocator's pools grow over the first steps (SVHN 8,8,8's page faults per step,
+        # counted per 5 steps after 3 warm-up steps: 975 then none in one count, 698, 298 then about none in
+        # another), and the count should show steady state, not growth
         result["train_step_s"] = _timed(lambda: sess.run(step), steps, repeats, warmup=8, faults=faults)
         # minor page faults per step, the mean over all timed steps: memory that the C library gave back to
         # the kernel after one step and the next step touched again (tf_setup keeps glibc from doing so).  Not
