@@ -239,11 +239,7 @@ def measure_paired(name, bits_list, batch, steps, rounds, data_format):
     times = [[] for _ in sessions]
     for _ in range(rounds):
         for (sess, step), out in zip(sessions, times):
-            sess.run(step)
-            start = time.perf_counter()
-            for _ in range(steps):
-                sess.run(step)
-            out.append((time.perf_counter() - start) / steps)
+            out.append(_timed(lambda: sess.run(step), steps, repeats=1, warmup=1))
     for sess, _ in sessions:
         sess.close()
     return [{"model": name, "bits": bits, "batch": batch, "step_s": ts,
