@@ -17,14 +17,14 @@ on ``fc.*/W``.  Everything else (flags, data, training, evaluation) is
 """
 import sys
 
-from tf_setup import tf  # noqa: I100  (must come before tensorpack)
+from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 from tensorpack.models import BatchNorm, Conv2D, FullyConnected, MaxPooling  # noqa: E402
 from tensorpack.tfutils.argscope import argscope  # noqa: E402
 from tensorpack.tfutils.summary import add_param_summary  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
-import cli  # noqa: E402,F401  (tests reach cli.Bits through the script)
+from dorefanet import cli  # noqa: E402,F401  (tests reach cli.Bits through the script)
 from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
 
@@ -109,7 +109,7 @@ class AlexNetModel(ImageNetModel):
 
     def packed_program(self):
         """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
-        from packed import program as P
+        from dorefanet.packed import program as P
 
         bit_a = self.bits[1]
 

@@ -44,7 +44,7 @@ import os
 
 import numpy as np
 
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 
 __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bits", "TERNARY",
            "USE_XLA"]

@@ -22,7 +22,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from tf_setup import tf  # noqa: I100  (must come before tensorpack)
+from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,15 +34,15 @@ from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
 from tensorpack.models import regularize_cost  # noqa: E402
 from tensorpack.utils.utils import get_rng  # noqa: E402
 
-import cli  # noqa: E402
+from dorefanet import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
-from image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
-from inference import (EvaluationError, TopKError, evaluate_topk, load_predictor, make_predictor,  # noqa: E402,F401
+from dorefanet.image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
+from dorefanet.inference import (EvaluationError, TopKError, evaluate_topk, load_predictor, make_predictor,  # noqa: E402,F401
                        results_only_on_stdout, run_images, topk_wrong)
-from model_io import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
+from dorefanet.checkpoints import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
                       latest_checkpoint, read_weights)
-from packed.export import PackedExportError, export_packed  # noqa: E402
-from training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
+from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
+from dorefanet.training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
                       select_trainer)
 
 __all__ = [

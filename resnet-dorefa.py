@@ -15,7 +15,7 @@ average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
 """
 import sys
 
-from tf_setup import tf  # noqa: I100  (must come before tensorpack)
+from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 from tensorpack.models import AvgPooling, BatchNorm, Conv2D, FullyConnected, GlobalAvgPooling, MaxPooling  # noqa: E402
 from tensorpack.tfutils.argscope import argscope  # noqa: E402
@@ -126,7 +126,7 @@ class ResNet18Model(ImageNetModel):
 
     def packed_program(self):
         """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
-        from packed import program as P
+        from dorefanet.packed import program as P
 
         bit_a = self.bits[1]   # ResNet-18 always clips, so A = 32 is activate(32): a clip
         ops = [P.normalize(self.image_mean, self.image_std),

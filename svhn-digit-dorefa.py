@@ -13,19 +13,19 @@ Network and recipe: docs/model-zoo.md (SVHN digit net); published errors
 import os
 import sys
 
-from tf_setup import tf  # noqa: I100  (prepares TensorFlow; must come first)
+from dorefanet.tf_setup import tf  # noqa: I100  (prepares TensorFlow; must come first)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
+from dorefanet.cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
 from dorefa import get_dorefa, quantize_clipped  # noqa: E402
-from image_io import ImageReadError  # noqa: E402
-from inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images  # noqa
-from model_io import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
-from packed.export import PackedExportError, export_packed  # noqa: E402
-from svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
-from training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
+from dorefanet.image_io import ImageReadError  # noqa: E402
+from dorefanet.inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images  # noqa
+from dorefanet.checkpoints import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
+from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
+from dorefanet.svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
+from dorefanet.training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
 
 from tensorpack import (BatchNorm, ClassificationError, Conv2D, Dropout, FullyConnected,  # noqa: E402
                         InferenceRunner, MaxPooling, ModelDesc, ScalarStats, argscope)
@@ -104,7 +104,7 @@ class SVHNModel(ModelDesc):
 
     def packed_program(self):
         """The network of :meth:`build_graph` as a program of the packed engine (``--export-packed``)."""
-        from packed import program as P
+        from dorefanet.packed import program as P
 
         bit_a = self.bits[1]
 

@@ -156,8 +156,8 @@ def main(argv=None):
     import numba
     import numpy as np
 
-    from packed import kernels
-    from tf_setup import tf
+    from dorefanet.packed import kernels
+    from dorefanet.tf_setup import tf
 
     numba.set_num_threads(args.threads)
     load_before = os.getloadavg()

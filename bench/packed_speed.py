@@ -40,8 +40,8 @@ MODELS = {
 
 
 def _model(name, bits):
-    from cli import dorefa_bits
-    from script_loader import load_script
+    from dorefanet.cli import dorefa_bits
+    from dorefanet.scripts import load_script
 
     script, cls, _, size = MODELS[name]
     model_class = getattr(load_script(script), cls)
@@ -65,16 +65,16 @@ def child(kind, name, bits, path, batch, repeats):
 
     rng = np.random.RandomState(1)
     if kind == "engine":
-        from packed import load_packed
+        from dorefanet.packed import load_packed
 
         engine = load_packed(path)
         shape = [engine.input["height"], engine.input["width"], engine.input["channels"]]
         images = rng.uniform(0, 255, [batch] + shape).astype(engine.input["dtype"])
         seconds = _time_calls(engine.predict, images, repeats)
     else:
-        from inference import make_predictor
-        from model_io import read_weights
-        from tf_setup import tf
+        from dorefanet.inference import make_predictor
+        from dorefanet.checkpoints import read_weights
+        from dorefanet.tf_setup import tf
 
         model = _model(name, bits)
         spec = model.inputs()[0]
@@ -96,12 +96,12 @@ def _run_child(*args):
 def measure(name, bits, batches, repeats, rounds, workdir):
     import numpy as np
 
-    from inference import make_predictor
-    from model_io import save_npz
-    from packed import load_packed
-    from packed.export import export_packed
-    from synthetic_weights import calibrated_weights
-    from tf_setup import tf
+    from dorefanet.inference import make_predictor
+    from dorefanet.checkpoints import save_npz
+    from dorefanet.packed import load_packed
+    from dorefanet.packed.export import export_packed
+    from dorefanet.synthetic_weights import calibrated_weights
+    from dorefanet.tf_setup import tf
 
     logging.getLogger("tensorpack").setLevel(logging.WARNING)     # its graph-building lines go to stdout
     model = _model(name, bits)
@@ -136,7 +136,7 @@ def machine():
     import numba
     import numpy as np
 
-    from tf_setup import tf
+    from dorefanet.tf_setup import tf
 
     return ("{}, {} cores; TensorFlow {} (intra-op threads {}), numba {} ({} threads), numpy {}; "
             "load average {}".format(cpu_model(), os.cpu_count(), tf.__version__, os.cpu_count(), numba.__version__,

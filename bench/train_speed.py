@@ -130,7 +130,7 @@ def _timed(run, steps, repeats, warmup, faults=None):
 
 
 def _build_model(name, bits, data_format):
-    from script_loader import load_script
+    from dorefanet.scripts import load_script
 
     script = load_script(MODELS[name][0])
     if name == "svhn":
@@ -140,7 +140,7 @@ def _build_model(name, bits, data_format):
 
 
 def _random_inputs(model, n):
-    from tf_setup import tf
+    from dorefanet.tf_setup import tf
 
     image_spec, label_spec = model.inputs()
     shape = [n] + image_spec.shape.as_list()[1:]
@@ -157,10 +157,10 @@ def _random_inputs(model, n):
 def _training_session(name, bits_text, batch, data_format):
     """``(session, step op, (forward, training) FLOPs)`` of one training step on in-graph random data, in a graph
     of its own."""
-    from cli import dorefa_bits
+    from dorefanet.cli import dorefa_bits
     from tensorpack.tfutils.tower import TowerContext
-    from tf_setup import tf
-    from training import session_config
+    from dorefanet.tf_setup import tf
+    from dorefanet.training import session_config
 
     graph = tf.Graph()
     with graph.as_default():
@@ -183,11 +183,11 @@ def _training_session(name, bits_text, batch, data_format):
 def measure(name, bits_text, batch, steps, repeats, data_format):
     import numpy as np
 
-    import tf_setup  # noqa: F401
-    from cli import dorefa_bits
+    from dorefanet import tf_setup  # noqa: F401
+    from dorefanet.cli import dorefa_bits
     from tensorpack.tfutils.tower import TowerContext
-    from tf_setup import tf
-    from training import session_config
+    from dorefanet.tf_setup import tf
+    from dorefanet.training import session_config
 
     bits = tuple(dorefa_bits(bits_text))
     result = {"model": name, "bits": bits_text, "batch": batch}
@@ -252,8 +252,8 @@ def _quartiles(values):
 
 
 def measure_svhn_dataflow(batch, workers, batches, repeats):
-    import tf_setup  # noqa: F401
-    from script_loader import load_script
+    from dorefanet import tf_setup  # noqa: F401
+    from dorefanet.scripts import load_script
 
     svhn = load_script("svhn-digit-dorefa.py")
     source = argparse.Namespace(synthetic=True, data=None, seed=0)
@@ -269,7 +269,7 @@ def measure_imagenet_decoding(batch, batches, repeats):
     import cv2
     import numpy as np
 
-    import tf_setup  # noqa: F401
+    from dorefanet import tf_setup  # noqa: F401
     import imagenet_utils
 
     names = imagenet_utils.load_class_names()
@@ -306,7 +306,7 @@ def _child(args_list, env=None):
 
 
 def machine():
-    import tf_setup  # noqa: F401  (quiet TensorFlow import)
+    from dorefanet import tf_setup  # noqa: F401  (quiet TensorFlow import)
     import tensorflow
 
     return "{}; {} cores; TensorFlow {}; Python {}".format(cpu_model(), os.cpu_count(), tensorflow.__version__,

@@ -11,15 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import tf_setup  # noqa: E402,F401  (prepares TensorFlow before any test imports it)
+from dorefanet import tf_setup  # noqa: E402,F401  (prepares TensorFlow before any test imports it)
 
-from script_loader import load_script  # noqa: E402,F401  (the one loader of hyphenated scripts)
+from dorefanet.scripts import load_script  # noqa: E402,F401  (the one loader of hyphenated scripts)
 
 
 @pytest.fixture
 def session():
     """A fresh graph and a session bound to it; yields ``tf.compat.v1`` and the session."""
-    from tf_setup import tf
+    from dorefanet.tf_setup import tf
 
     graph = tf.Graph()
     with graph.as_default():

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from model_io import build_inference_graph
-from tf_setup import tf
+from dorefanet.checkpoints import build_inference_graph
+from dorefanet.tf_setup import tf
 
 #: How close to a rounding boundary (in activation units, [0, 1]) a graph value must be for a differing code
 #: to be a float tie.

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from atomic_file import atomic_open
+from dorefanet.atomic_file import atomic_open
 
 
 def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from cli import Bits, check_modes, make_parser
+from dorefanet.cli import Bits, check_modes, make_parser
 
 
 def parse(argv, default="1,2,4"):

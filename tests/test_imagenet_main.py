@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, kill_after_first_checkpoint, load_script
-from model_io import expected_variables, read_weights, save_npz
+from dorefanet.checkpoints import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
 

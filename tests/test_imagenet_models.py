@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 from tensorpack.tfutils.tower import TowerContext
 
 from imagenet_utils import ImageNetModel, build_inference_graph

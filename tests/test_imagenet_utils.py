@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 from tensorpack.dataflow import DataFromList, imgaug
 
 import imagenet_utils as iu
@@ -84,7 +84,7 @@ def test_unreadable_image_error(tmp_path, content, message):
     text = str(exc.value)
     assert message in text and str(path) in text and "\n" not in text
     assert isinstance(exc.value, ValueError)
-    from image_io import ImageReadError
+    from dorefanet.image_io import ImageReadError
 
     assert iu.ImageReadError is ImageReadError  # the class --run catches
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from packed import elementwise
-from packed.float_conv import conv2d_affine
+from dorefanet.packed import elementwise
+from dorefanet.packed.float_conv import conv2d_affine
 
 
 def _reference_conv(x, w, stride, pads):
@@ -142,7 +142,7 @@ def test_normalize_is_numpys_float32_arithmetic(dtype, mean, std):
 @pytest.mark.parametrize("batch", [1, 5, 6, 13])
 @pytest.mark.parametrize("n_out", [10, 48, 100])
 def test_dense_matches_float64_reference(batch, n_out):
-    from packed.float_conv import dense_affine, pad_dense_weights
+    from dorefanet.packed.float_conv import dense_affine, pad_dense_weights
 
     rng = np.random.RandomState(batch * n_out)
     v = rng.randn(batch, 300).astype(np.float32)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
-from model_io import save_npz
-from packed import PackedFormatError, load_packed, read_packed
-from packed import engine as packed_engine
-from packed.export import export_packed
-from packed.format import pack_weight_planes, unpack_weight_planes
+from dorefanet.checkpoints import save_npz
+from dorefanet.packed import PackedFormatError, load_packed, read_packed
+from dorefanet.packed import engine as packed_engine
+from dorefanet.packed.export import export_packed
+from dorefanet.packed.format import pack_weight_planes, unpack_weight_planes
 from packed_reference import compare_with_graph
-from synthetic_weights import calibrated_weights
+from dorefanet.synthetic_weights import calibrated_weights
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
@@ -169,7 +169,7 @@ def test_engine_runs_without_tensorflow(tmp_path):
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import numpy as np\n"
-        "from packed import load_packed\n"
+        "from dorefanet.packed import load_packed\n"
         "p = load_packed(sys.argv[1]).predict(np.zeros((2, 40, 40, 3), np.float32))\n"
         "assert p.shape == (2, 10) and abs(float(p.sum()) - 2) < 1e-4\n"
         "print('ok', sorted(m for m in sys.modules if m.startswith('tensorflow')))\n")

@@ -1,4 +1,4 @@
-"""packed.kernels: bit planes and the popcount GEMM / convolution against plain numpy integer references.
+"""dorefanet.packed.kernels: bit planes and the popcount GEMM / convolution against plain numpy integer references.
 
 The references here work on the integer codes (no bit planes): ``sum ia * q`` with int64 einsum, the
 convolution window by window, and an independent packer built on ``np.packbits``.
@@ -6,7 +6,7 @@ convolution window by window, and an independent packer built on ``np.packbits``
 import numpy as np
 import pytest
 
-from packed import kernels
+from dorefanet.packed import kernels
 
 BITS = [(1, 1), (1, 2), (1, 4), (2, 2), (3, 2)]          # (k weight bits, m activation bits)
 

@@ -5,7 +5,7 @@ import pytest
 import dorefa
 from conftest import load_script
 from packed_reference import graph_outputs
-from synthetic_weights import calibrated_weights
+from dorefanet.synthetic_weights import calibrated_weights
 
 svhn = load_script("svhn-digit-dorefa.py")
 

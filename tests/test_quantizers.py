@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dorefa import get_dorefa, quantize, ternarize
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 
 SHAPES = [(7, 13), (3, 5, 4, 6)]
 F32 = np.float32

@@ -10,7 +10,7 @@ import pytest
 from scipy.io import savemat
 
 from conftest import ROOT, kill_after_first_checkpoint, load_script
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 
 SCRIPT = os.path.join(ROOT, "svhn-digit-dorefa.py")
 
@@ -52,7 +52,7 @@ def run_main(svhn, argv, capsys):
 
 # ------------------------------------------------------------------ data
 def test_mat_loading_flips_to_bgr_and_maps_label_10_to_0(svhn_dir):
-    from svhn_data import load_svhn_mat
+    from dorefanet.svhn_data import load_svhn_mat
 
     images, labels = load_svhn_mat(os.path.join(svhn_dir, "test_32x32.mat"))
     rgb, expected = learnable_digits(37, 1)
@@ -62,7 +62,7 @@ def test_mat_loading_flips_to_bgr_and_maps_label_10_to_0(svhn_dir):
 
 
 def test_extra_is_mixed_into_training(tmp_path):
-    from svhn_data import load_svhn
+    from dorefanet.svhn_data import load_svhn
 
     write_mat(str(tmp_path / "train_32x32.mat"), *learnable_digits(10, 0))
     write_mat(str(tmp_path / "extra_32x32.mat"), *learnable_digits(7, 2))
@@ -77,7 +77,7 @@ def test_extra_is_mixed_into_training(tmp_path):
     ("bad_labels", "labels must be 1-10"),
 ])
 def test_bad_mat_files_get_one_clear_error(tmp_path, case, message):
-    from svhn_data import SVHNDataError, load_svhn_mat
+    from dorefanet.svhn_data import SVHNDataError, load_svhn_mat
 
     path = str(tmp_path / "test_32x32.mat")
     images, labels = learnable_digits(5, 0)
@@ -99,7 +99,7 @@ def test_bad_mat_files_get_one_clear_error(tmp_path, case, message):
 
 
 def test_synthetic_digits_are_deterministic_and_train_test_disjoint():
-    from svhn_data import synthetic_digits
+    from dorefanet.svhn_data import synthetic_digits
 
     a_images, a_labels = synthetic_digits("train", seed=3, size=600, workers=2)   # two render processes
     b_images, b_labels = synthetic_digits("train", seed=3, size=40, workers=1)
@@ -115,7 +115,7 @@ def test_synthetic_digits_are_deterministic_and_train_test_disjoint():
 # ------------------------------------------------------------------ the network
 def test_graph_layers_and_quantized_weights():
     svhn = load_script("svhn-digit-dorefa.py")
-    from model_io import expected_variables
+    from dorefanet.checkpoints import expected_variables
 
     shapes = expected_variables(svhn.SVHNModel(("t", 32, 32)))
     assert shapes["conv0/W"] == (5, 5, 3, 48) and shapes["conv6/W"] == (5, 5, 128, 512)
@@ -184,7 +184,7 @@ def test_eval_agrees_with_errors_counted_from_run_json(svhn, svhn_dir, trained, 
     assert code == 0
     reported = float(out.strip().splitlines()[-1].split("test error:")[1])
 
-    from svhn_data import load_svhn_mat
+    from dorefanet.svhn_data import load_svhn_mat
     images, labels = load_svhn_mat(os.path.join(svhn_dir, "test_32x32.mat"))
     paths = []
     for i, image in enumerate(images):
@@ -236,7 +236,7 @@ def test_run_reports_bad_images_and_still_processes_the_rest(svhn, trained, tmp_
 @pytest.mark.parametrize("change, message", [
     ("drop", "missing conv3/W"), ("add", "unexpected extra/W"), ("reshape", "wrong shape fc1/W")])
 def test_strict_loading_names_the_mismatch(svhn, svhn_dir, trained, tmp_path, capsys, change, message):
-    from model_io import read_weights, save_npz
+    from dorefanet.checkpoints import read_weights, save_npz
 
     weights = read_weights(trained)
     if change == "drop":

@@ -13,7 +13,7 @@ from conftest import ROOT
 _PROBE = """
 import ctypes, resource, sys
 sys.path.insert(0, {root!r})
-import tf_setup
+from dorefanet import tf_setup
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

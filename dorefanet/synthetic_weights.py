@@ -8,7 +8,7 @@ the given images, so that each quantized activation spreads over its levels.
 """
 import numpy as np
 
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 
 __all__ = ["calibrated_weights"]
 
@@ -24,7 +24,7 @@ def calibrated_weights(model, images, seed=0):
     """
     from tensorpack.tfutils.tower import TowerContext
 
-    from model_io import is_training_state
+    from dorefanet.checkpoints import is_training_state
 
     rng = np.random.RandomState(seed)
     with tf.Graph().as_default() as graph:

@@ -18,8 +18,8 @@ import zipfile
 
 import numpy as np
 
-from atomic_file import atomic_open
-from tf_setup import tf
+from dorefanet.atomic_file import atomic_open
+from dorefanet.tf_setup import tf
 
 from tensorpack.tfutils.sessinit import SessionInit  # noqa: E402  (after tf_setup)
 

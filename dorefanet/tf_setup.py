@@ -3,7 +3,7 @@
 Import this module before anything that imports TensorFlow (every script and
 ``dorefa.py`` do)::
 
-    from tf_setup import tf
+    from dorefanet.tf_setup import tf
 
 Why each step is here:
 

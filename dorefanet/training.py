@@ -15,10 +15,10 @@ import platform
 import shutil
 import sys
 
-from tf_setup import tf
+from dorefanet.tf_setup import tf
 
-from atomic_file import atomic_open  # noqa: E402
-from model_io import latest_checkpoint  # noqa: E402
+from dorefanet.atomic_file import atomic_open  # noqa: E402
+from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
            "select_trainer", "launch", "session_config", "available_gpus", "quiet_tensorpack"]

@@ -8,7 +8,7 @@ The README ("The packed format") documents it for readers in other tools.
 Header fields: ``format`` (``"dorefa-packed"``), ``version`` (1), ``model``,
 ``bits`` (``"W,A,G"``), ``input`` (``height``, ``width``, ``channels``, ``dtype``
 of the images the program takes), ``classes``, ``layers`` (``{layer: {"kind",
-"shape", "bits"}}``) and ``program`` (see :mod:`packed.program`); ``source``
+"shape", "bits"}}``) and ``program`` (see :mod:`dorefanet.packed.program`); ``source``
 and ``exported_by`` are informative.
 
 Weights by ``kind`` (``shape`` is the TensorFlow variable's: conv
@@ -72,7 +72,7 @@ def is_packed_file(path):
 
 def write_packed(path, header, arrays):
     """Write ``header`` (a JSON-able dict) and ``arrays`` to ``path`` atomically."""
-    from atomic_file import atomic_open
+    from dorefanet.atomic_file import atomic_open
 
     header = dict(header, format=FORMAT, version=VERSION)
     entries = {HEADER: np.array(json.dumps(header, sort_keys=True))}

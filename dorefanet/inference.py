@@ -8,9 +8,9 @@ from typing import NamedTuple
 import numpy as np
 import tqdm
 
-from image_io import ImageReadError, read_image_bgr
-from model_io import ModelLoadError, StrictInit, read_weights
-from training import quiet_tensorpack, session_config
+from dorefanet.image_io import ImageReadError, read_image_bgr
+from dorefanet.checkpoints import ModelLoadError, StrictInit, read_weights
+from dorefanet.training import quiet_tensorpack, session_config
 
 __all__ = ["run_images", "top_k", "EvaluationError", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
            "make_packed_predictor", "load_predictor", "results_only_on_stdout"]
@@ -136,7 +136,7 @@ def make_packed_predictor(path, model):
     The file must have been exported for the script's ``model``: the same
     network, bit widths and input size; otherwise :class:`ModelLoadError`.
     """
-    from packed import PackedFormatError, load_packed
+    from dorefanet.packed import PackedFormatError, load_packed
 
     try:
         packed = load_packed(path)

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _loaded = {}
 
 

@@ -9,13 +9,13 @@ over each window, where ``q`` is the weight's code:
 * DoReFa (``w = 2 q / m - 1``):    ``z = (2 acc - m S) / (n m)``, ``m = 2^W - 1``.
 
 With few bit planes (W x A <= 8) ``acc`` is a sum of popcounts of ANDs of bit
-planes (:mod:`packed.kernels`, DoReFa-Net's bit convolution); wider settings
+planes (:mod:`dorefanet.packed.kernels`, DoReFa-Net's bit convolution); wider settings
 (e.g. 8,8,8) use an integer matrix product, done exactly in float64.  Float
 only where the TensorFlow graph is float: the first and last layers, layers
 fed with A = 32 activations (their weights are expanded to the graph's float32
 values), batch norm maps, residual sums and pooling of float maps.
 
-Float convolutions and fully-connected layers use :mod:`packed.float_conv`.  When
+Float convolutions and fully-connected layers use :mod:`dorefanet.packed.float_conv`.  When
 a layer's output is quantized next (possibly after a max pooling), the layer
 writes the codes directly (see ``predict``).
 """
@@ -402,5 +402,5 @@ class PackedModel:
 
 
 def load_packed(path):
-    """Load a packed model file (see :mod:`packed.format`); returns a :class:`PackedModel`."""
+    """Load a packed model file (see :mod:`dorefanet.packed.format`); returns a :class:`PackedModel`."""
     return PackedModel(path)

@@ -25,8 +25,8 @@ class PackedExportError(ValueError):
 def _graph_quantized(bits, layers, weights):
     """``{layer: fw(W)}`` computed by TensorFlow with the graph's quantizer, for the quantized ``layers``."""
     from dorefa import TERNARY, get_dorefa
-    from tf_setup import tf
-    from training import session_config
+    from dorefanet.tf_setup import tf
+    from dorefanet.training import session_config
 
     with tf.Graph().as_default():
         fw, _, _ = get_dorefa(*bits)
@@ -137,8 +137,8 @@ def export_packed(model, source, out, first_last_dtype="float32"):
     ``model`` is the script's model object: ``bits``, ``model_name``, ``inputs()``
     and ``packed_program()``.
     """
-    from model_io import check_weights, expected_variables, read_weights
-    from tf_setup import tf
+    from dorefanet.checkpoints import check_weights, expected_variables, read_weights
+    from dorefanet.tf_setup import tf
 
     weights = read_weights(source)
     check_weights(expected_variables(model), weights, source)
