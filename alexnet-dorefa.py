@@ -15,17 +15,13 @@ quantized layer, before its batch norm.  Recipe: Adam 2e-4 (epsilon 1e-5),
 on ``fc.*/W``.  Everything else (flags, data, training, evaluation) is
 ``imagenet_utils.imagenet_main``.
 """
+import os
 import sys
 
 from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
-from tensorpack.models import BatchNorm, Conv2D, FullyConnected, MaxPooling  # noqa: E402
-from tensorpack.tfutils.argscope import argscope  # noqa: E402
 from tensorpack.tfutils.summary import add_param_summary  # noqa: E402
-from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
-from dorefanet import cli  # noqa: E402,F401  (tests reach cli.Bits through the script)
-from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
 
 DEFAULT_DOREFA = "1,2,6"
@@ -36,7 +32,7 @@ __all__ = ["AlexNetModel", "DEFAULT_DOREFA", "main"]
 class AlexNetModel(ImageNetModel):
     """DoReFa AlexNet: ``AlexNetModel(bits=(1, 2, 6), data_format='channels_first', image_size=224)``.
 
-    ``bits`` is ``(W, A, G)`` (a :class:`cli.Bits` works), W may be ``'t'`` (TTQ).
+    ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works), W may be ``'t'`` (TTQ).
     Other ``image_size`` values change only the shape of ``fc0/W`` (the flattened
     final map), which is useful for small tests; the published weights need 224.
     """
@@ -45,8 +41,7 @@ class AlexNetModel(ImageNetModel):
     # ImageNet mean / std in BGR order, in 0..255 units (model-zoo.md).
     image_mean = tuple(v * 255.0 for v in (0.406, 0.456, 0.485))
     image_std = tuple(v * 255.0 for v in (0.225, 0.224, 0.229))
-    first_layer = "conv0"
-    last_layer = "fct"
+    activation_at_32 = "relu"
     weight_decay = 5e-6
     weight_decay_pattern = "fc.*/W"
     # Adam 2e-4 (epsilon 1e-5), 4e-5 from epoch 60, 8e-6 from epoch 75, 90 epochs of total batch 256.
@@ -60,77 +55,31 @@ class AlexNetModel(ImageNetModel):
     cpu_data_format = "channels_last"
     min_image_size = 64
 
+    def network(self, net, x):
+        """The layers, described once: built by TensorFlow (``net`` a GraphBuilder) and as the packed program."""
+        # conv0 and fct stay in float (quantized=False), as published
+        x = net.conv("conv0", x, 96, 12, stride=4, padding="VALID", quantized=False, bias=True)
+        x = net.activate(x)
+        x = net.bn("bn1", net.conv("conv1", x, 256, 5, groups=2))
+        x = net.activate(net.maxpool("pool1", x, 3, stride=2, padding="SAME"))
+
+        x = net.bn("bn2", net.conv("conv2", x, 384, 3))
+        x = net.activate(net.maxpool("pool2", x, 3, stride=2, padding="SAME"))
+
+        x = net.activate(net.bn("bn3", net.conv("conv3", x, 384, 3, groups=2)))
+
+        x = net.bn("bn4", net.conv("conv4", x, 256, 3, groups=2))
+        x = net.activate(net.maxpool("pool4", x, 3, stride=2, padding="VALID"))
+
+        # The published fc0 weights expect the map flattened as (c, h, w).
+        x = net.activate(net.bn("bnfc0", net.fc("fc0", x, 4096, bias=True, flatten="chw")))
+        x = net.nonlin(net.bn("bnfc1", net.fc("fc1", x, 4096)))
+        return net.fc("fct", x, 1000, quantized=False, bias=True)
+
     def get_logits(self, image):
-        bit_w, bit_a, _ = self.bits
-        fw, fa, fg = get_dorefa(*self.bits)
-
-        def nonlin(x):
-            # Full-precision activations keep relu; quantized ones need the [0, 1] range.
-            if bit_a == 32:
-                return tf.nn.relu(x)
-            return tf.clip_by_value(x, 0.0, 1.0)
-
-        def activate(x):
-            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
-            return fa(nonlin(x)) if bit_a == 32 else quantize_clipped(x, bit_a)
-
-        with remap_variables(self.quantize_weight(fw)), \
-                argscope([Conv2D, BatchNorm, MaxPooling], data_format=self.data_format), \
-                argscope(BatchNorm, momentum=0.9, epsilon=1e-4), \
-                argscope(Conv2D, use_bias=False):
-            x = Conv2D("conv0", image, 96, 12, strides=4, padding="VALID", use_bias=True)
-            x = activate(x)
-            x = Conv2D("conv1", x, 256, 5, padding="SAME", split=2)
-            x = BatchNorm("bn1", fg(x))
-            x = activate(MaxPooling("pool1", x, 3, strides=2, padding="SAME"))
-
-            x = Conv2D("conv2", x, 384, 3)
-            x = BatchNorm("bn2", fg(x))
-            x = activate(MaxPooling("pool2", x, 3, strides=2, padding="SAME"))
-
-            x = Conv2D("conv3", x, 384, 3, split=2)
-            x = activate(BatchNorm("bn3", fg(x)))
-
-            x = Conv2D("conv4", x, 256, 3, split=2)
-            x = BatchNorm("bn4", fg(x))
-            x = activate(MaxPooling("pool4", x, 3, strides=2, padding="VALID"))
-
-            # The published fc0 weights expect the map flattened as (c, h, w).
-            if self.data_format == "channels_last":
-                x = tf.transpose(x, [0, 3, 1, 2], name="to_chw")
-            x = FullyConnected("fc0", x, 4096, use_bias=True)
-            x = activate(BatchNorm("bnfc0", fg(x)))
-
-            x = FullyConnected("fc1", x, 4096, use_bias=False)
-            x = nonlin(BatchNorm("bnfc1", fg(x)))
-            logits = FullyConnected("fct", x, 1000, use_bias=True)
+        logits = self.network_logits(image)
         add_param_summary((".*/W", ["histogram", "rms"]))
         return logits
-
-    def packed_program(self):
-        """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
-        from dorefanet.packed import program as P
-
-        bit_a = self.bits[1]
-
-        def nonlin():
-            return P.nonlin_relu_at_32(bit_a)
-
-        def activate():
-            return P.activate_relu_at_32(bit_a)
-
-        return [
-            P.normalize(self.image_mean, self.image_std),
-            P.conv("conv0", 96, 12, stride=4, padding="VALID", quantized=False, bias=True), activate(),
-            P.conv("conv1", 256, 5, groups=2, bn="bn1"), P.maxpool(3, 2, "SAME"), activate(),
-            P.conv("conv2", 384, 3, bn="bn2"), P.maxpool(3, 2, "SAME"), activate(),
-            P.conv("conv3", 384, 3, groups=2, bn="bn3"), activate(),
-            P.conv("conv4", 256, 3, groups=2, bn="bn4"), P.maxpool(3, 2, "VALID"), activate(),
-            P.fc("fc0", 4096, bias=True, bn="bnfc0", flatten="chw"), activate(),
-            P.fc("fc1", 4096, bn="bnfc1"), nonlin(),
-            P.fc("fct", 1000, quantized=False, bias=True),
-            P.softmax(),
-        ]
 
     def optimizer(self):
         return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
@@ -140,7 +89,7 @@ def main(argv=None):
     """Train, evaluate, classify or export; see ``imagenet_utils.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
     return imagenet_main(AlexNetModel, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
-                         default_dorefa=DEFAULT_DOREFA)
+                         default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))
 
 
 if __name__ == "__main__":

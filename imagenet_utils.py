@@ -37,13 +37,11 @@ from tensorpack.utils.utils import get_rng  # noqa: E402
 from dorefanet import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
 from dorefanet.image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
-from dorefanet.inference import (EvaluationError, TopKError, evaluate_topk, load_predictor, make_predictor,  # noqa: E402,F401
-                       results_only_on_stdout, run_images, topk_wrong)
-from dorefanet.checkpoints import (ModelLoadError, StrictInit, build_inference_graph, export_weights,  # noqa: E402,F401
-                      latest_checkpoint, read_weights)
-from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
-from dorefanet.training import (RunPlan, TrainingSetupError, available_gpus, checkpoint_step, launch, plan_run,  # noqa: E402
-                      select_trainer)
+from dorefanet.checkpoints import build_inference_graph, latest_checkpoint  # noqa: E402,F401
+from dorefanet.driver import run_script, summary_line, train_model  # noqa: E402
+from dorefanet.inference import TopKError, evaluate_topk, load_predictor, run_images, topk_wrong  # noqa: E402,F401
+from dorefanet.network import DescribedNetwork  # noqa: E402
+from dorefanet.training import RunPlan, TrainingSetupError, available_gpus, checkpoint_step, select_trainer  # noqa
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
@@ -531,15 +529,16 @@ def _prediction_incorrect(logits, label, k, name):
     return tf.cast(wrong, tf.float32, name=name)
 
 
-class ImageNetModel(ModelDesc):
+class ImageNetModel(DescribedNetwork, ModelDesc):
     """Shared inputs, preprocessing, loss, errors and optimizer of the ImageNet models.
 
-    Subclasses set the class attributes and implement :meth:`get_logits`:
+    Subclasses set the class attributes and describe their layers in
+    ``network(net, x)`` (:class:`dorefanet.network.DescribedNetwork`):
 
     * ``image_dtype``: dtype of the ``input`` placeholder (uint8 or float32 BGR 0..255);
     * ``image_mean`` / ``image_std``: BGR, in 0..255 units; ``image_std`` may be a
       scalar (ResNet: 256);
-    * ``first_layer`` / ``last_layer``: scopes whose ``W`` is never quantized;
+    * ``activation_at_32``: what ``activate`` is at A = 32 (:mod:`dorefanet.network`);
     * ``weight_decay`` / ``weight_decay_pattern``: L2 on trainable variables whose
       name matches the regex (``re.search``);
     * ``base_lr`` and :meth:`optimizer`; ``lr_schedule`` ``[(epoch, lr), ...]`` (the lr
@@ -560,8 +559,6 @@ class ImageNetModel(ModelDesc):
     image_dtype = tf.uint8
     image_mean = (0.0, 0.0, 0.0)
     image_std = (1.0, 1.0, 1.0)
-    first_layer = None
-    last_layer = None
     weight_decay = 0.0
     weight_decay_pattern = r"/W$"
     base_lr = 0.1
@@ -598,26 +595,9 @@ class ImageNetModel(ModelDesc):
                 image = image - tf.constant(mean)
             return image / tf.constant(np.asarray(self.image_std, dtype=np.float32))
 
-    def quantize_weight(self, fw):
-        """A ``remap_variables`` function applying ``fw`` to every variable whose name ends in ``W``.
-
-        Variables of the first and last layer (``first_layer`` / ``last_layer``
-        anywhere in the name's scopes) are left in full precision.
-        """
-        skip = {self.first_layer, self.last_layer}
-
-        def remap(v):
-            name = v.op.name
-            scopes = name.split("/")
-            if not name.endswith("W") or skip.intersection(scopes):
-                return v
-            return fw(v)
-
-        return remap
-
     def get_logits(self, image):
-        """Build the network on a preprocessed float batch in ``self.data_format``; return the logits."""
-        raise NotImplementedError
+        """The network on a preprocessed float batch in ``self.data_format``; returns the logits."""
+        return self.network_logits(image)
 
     def build_graph(self, image, label):
         image = self.image_preprocess(image)
@@ -825,7 +805,7 @@ def _follower_plan(logdir, rank, steps_per_epoch, overwrite):
     return RunPlan(own, checkpoint, step, step // steps_per_epoch + 1)
 
 
-def _train(model, args):
+def _train(model, args, script):
     from tensorpack import (ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats,
                             ScheduledHyperParamSetter)
 
@@ -860,16 +840,7 @@ def _train(model, args):
               "recipe": {"base_lr": model_class.base_lr, "lr_schedule": list(model_class.lr_schedule),
                          "weight_decay": model_class.weight_decay,
                          "weight_decay_pattern": model_class.weight_decay_pattern}}
-    if rank == 0:
-        plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
-    else:
-        plan = _follower_plan(logdir, rank, steps, args.overwrite)
-    init = None
-    if args.load and not plan.resumed:
-        init = StrictInit(read_weights(args.load), args.load)
-
-    np.random.seed(args.seed)
-    tf.set_random_seed(args.seed)
+    plan = None if rank == 0 else _follower_plan(logdir, rank, steps, args.overwrite)
     callbacks = [
         # Keyed on epochs: a resumed run starts at the epoch after its checkpoint, and the
         # learning_rate variable itself is restored from the checkpoint.
@@ -879,21 +850,28 @@ def _train(model, args):
                                    ClassificationError("wrong-top5", "val-error-top5")]),
         EstimatedTimeLeft(),
     ]
-    launch(model, train_flow, plan, steps, args.epochs, callbacks, trainer, session_init=init)
+    plan = train_model(model, args, logdir, config, train_flow, steps, callbacks, trainer, plan=plan)
+    if rank == 0:
+        data = ["--fake"] if args.fake else ["--data", os.path.abspath(args.data)]
+        if size != IMAGE_SIZE:
+            data += ["--image-size", str(size)]
+        print(summary_line(plan.logdir, "val-error-top1", "top-1 validation error", script, args.dorefa, data))
     return 0
 
 
-def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,6", epilog=None):
+def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,6", epilog=None, script=None):
     """Everything an ImageNet script does besides defining its network; returns the exit status.
 
     * training (the default): ``--data DIR`` or ``--fake``, the model's recipe,
       ``--gpu`` towers with tensorpack's replicated trainer or ``--trainer
       horovod``, a checkpoint every epoch in ``--logdir``, resumed when the same
-      command runs again, validation top-1/top-5 error every epoch;
+      command runs again, validation top-1/top-5 error every epoch, and a
+      summary line at the end;
     * ``--load PATH --eval``: top-1 / top-5 error over the whole validation set;
     * ``--load PATH --run IMAGE...``: the top 5 classes of each image (``--json``: one object per line);
     * ``--load PATH --export OUT.npz``.
 
+    ``script`` is how the summary line names the script (``./alexnet-dorefa.py``).
     0: success; 1: some ``--run`` images could not be read; 2: bad flags or
     input, reported as one ``error: ...`` line.
     """
@@ -902,20 +880,6 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     _resolve_devices(parser, model_class, args)
     model = model_class(args.dorefa, args.data_format, args.image_size)
 
-    def act():
-        if args.training:
-            with tf.Graph().as_default():
-                return _train(model, args)
-        with results_only_on_stdout():
-            if args.export:
-                export_weights(model, args.load, args.export)
-                return 0
-            if args.export_packed:
-                export_packed(model, args.load, args.export_packed, args.first_last_dtype)
-                return 0
-            with tf.Graph().as_default():
-                return _evaluate(model, args) if args.eval else _run(model, args)
-
-    return cli.run_reporting_errors(
-        act, (ModelLoadError, ImageNetDataError, ClassNamesError, ImageReadError, TrainingSetupError,
-              EvaluationError, PackedExportError), args.training)
+    script = script or "./" + os.path.basename(sys.argv[0])
+    return run_script(args, model, lambda: _train(model, args, script), lambda: _evaluate(model, args),
+                      lambda: _run(model, args), args.training, errors=(ImageNetDataError, ClassNamesError))

@@ -13,15 +13,11 @@ average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
 ``conv1`` and ``fct``; activations always clipped to [0, 1].  Everything else
 (flags, data, training, evaluation) is ``imagenet_utils.imagenet_main``.
 """
+import os
 import sys
 
 from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
-from tensorpack.models import AvgPooling, BatchNorm, Conv2D, FullyConnected, GlobalAvgPooling, MaxPooling  # noqa: E402
-from tensorpack.tfutils.argscope import argscope  # noqa: E402
-from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
-
-from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
 
 DEFAULT_DOREFA = "1,4,32"
@@ -32,7 +28,7 @@ __all__ = ["ResNet18Model", "DEFAULT_DOREFA", "main"]
 class ResNet18Model(ImageNetModel):
     """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
 
-    ``bits`` is ``(W, A, G)`` (a :class:`cli.Bits` works).  The variable shapes
+    ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works).  The variable shapes
     do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
     are fine for tests.
 
@@ -44,8 +40,7 @@ class ResNet18Model(ImageNetModel):
     image_dtype = tf.float32
     image_mean = (0.0, 0.0, 0.0)
     image_std = 256.0
-    first_layer = "conv1"
-    last_layer = "fct"
+    activation_at_32 = "clip"   # the published model clips its activations to [0, 1] at every A
     weight_decay = 1e-4
     weight_decay_pattern = r"/W$"
     base_lr = 0.1
@@ -58,107 +53,55 @@ class ResNet18Model(ImageNetModel):
     cpu_data_format = "channels_last"
     min_image_size = 64
 
-    def _pad_hw(self, x, before, after, mode="CONSTANT"):
-        """Pad height and width only, whatever the layout."""
-        hw = [[before, after], [before, after]]
-        paddings = [[0, 0], [0, 0]] + hw if self.data_format == "channels_first" else [[0, 0]] + hw + [[0, 0]]
-        return tf.pad(x, paddings, mode=mode)
-
-    def get_logits(self, image):
-        fw, fa, fg = get_dorefa(*self.bits)
-        bit_a = self.bits[1]
-
-        def nonlin(x):
-            return tf.clip_by_value(x, 0.0, 1.0)
-
-        def activate(x):
-            # quantize_clipped(x, A) is fa(clip(x, 0, 1)) bit for bit, with a one-pass gradient
-            return fa(nonlin(x)) if bit_a == 32 else quantize_clipped(x, bit_a)
-
-        def conv(name, x, channels, kernel):
-            # Every conv here but conv1 is quantized; fg quantizes the gradient flowing into it
-            # (identity for G = 32, the published setting).
-            return fg(Conv2D(name, x, channels, kernel))
+    def network(self, net, x):
+        """The layers, described once: built by TensorFlow (``net`` a GraphBuilder) and as the packed program."""
 
         def block(x, channels, first, stride):
             def stem(x):
-                x = conv("c3x3a", x, channels, 3)
-                x = activate(BatchNorm("stembn", x))
-                return conv("c3x3b", x, channels, 3)
+                x = net.conv("c3x3a", x, channels, 3)
+                x = net.activate(net.bn("stembn", x))
+                return net.conv("c3x3b", x, channels, 3)
 
             if first:
                 if stride != 1:
-                    x = AvgPooling("pool", x, stride, strides=stride)
-                x = activate(BatchNorm("bn", x))
+                    x = net.avgpool("pool", x, stride, stride=stride)
+                x = net.activate(net.bn("bn", x))
                 # conv2blk1 also takes this path (a 1x1 shortcut that neither downsamples nor
                 # widens): a quirk of the released model.
-                shortcut = conv("shortcut", x, channels, 1)
+                shortcut = net.conv("shortcut", x, channels, 1)
             else:
                 shortcut = x
-                x = activate(BatchNorm("bn", x))
-            return shortcut + stem(x)
+                x = net.activate(net.bn("bn", x))
+            return net.add(shortcut, stem(x))
 
         def group(x, name, channels, count, stride):
             for i in range(1, count + 1):
-                with tf.variable_scope("{}blk{}".format(name, i)):
+                with net.scope("{}blk{}".format(name, i)):
                     x = block(x, channels, first=i == 1, stride=stride)
             return x
 
-        with remap_variables(self.quantize_weight(fw)), \
-                argscope([Conv2D, BatchNorm, MaxPooling, AvgPooling, GlobalAvgPooling], data_format=self.data_format), \
-                argscope(BatchNorm, momentum=0.9, epsilon=1e-4), \
-                argscope(Conv2D, use_bias=False):
-            # The explicit asymmetric / mirror paddings reproduce the framework the model was trained in.
-            x = self._pad_hw(image, 3, 2)
-            x = Conv2D("conv1", x, 64, 7, strides=2, padding="VALID", use_bias=True)
-            x = self._pad_hw(x, 1, 1, mode="SYMMETRIC")
-            x = MaxPooling("pool1", x, 3, strides=2, padding="VALID")
-            x = group(x, "conv2", 64, 2, stride=1)
-            x = group(x, "conv3", 128, 2, stride=2)
-            x = group(x, "conv4", 256, 2, stride=2)
-            x = group(x, "conv5", 512, 2, stride=2)
-            x = nonlin(BatchNorm("lastbn", x))
-            x = GlobalAvgPooling("gap", x)
-            # x49 (the 7x7 map's sum instead of its mean): a quirk of the released model.
-            x = x * 49.0
-            return FullyConnected("fct", x, 1000, use_bias=True)
-
-
-    def packed_program(self):
-        """The network of :meth:`get_logits` as a program of the packed engine (``--export-packed``)."""
-        from dorefanet.packed import program as P
-
-        bit_a = self.bits[1]   # ResNet-18 always clips, so A = 32 is activate(32): a clip
-        ops = [P.normalize(self.image_mean, self.image_std),
-               P.pad(3, 2), P.conv("conv1", 64, 7, stride=2, padding="VALID", quantized=False, bias=True),
-               P.pad(1, 1, mode="symmetric"), P.maxpool(3, 2, "VALID")]
-        for group, channels, stride in (("conv2", 64, 1), ("conv3", 128, 2), ("conv4", 256, 2), ("conv5", 512, 2)):
-            for i in (1, 2):
-                scope = "{}blk{}".format(group, i)
-                if i == 1:
-                    # x = activate(bn(pool(x))); shortcut = 1x1 conv of it; the stem continues from x
-                    if stride != 1:
-                        ops.append(P.avgpool(stride, stride))
-                    ops += [P.affine(scope + "/bn"), P.activate(bit_a),
-                            P.conv(scope + "/shortcut", channels, 1, src="x", dst="short")]
-                    stem, shortcut = "x", "short"
-                else:
-                    # x itself is the shortcut; the stem starts from activate(bn(x)) in its own register
-                    ops += [P.affine(scope + "/bn", dst="stem"), P.activate(bit_a, src="stem", dst="stem")]
-                    stem, shortcut = "stem", "x"
-                ops += [P.conv(scope + "/c3x3a", channels, 3, bn=scope + "/stembn", src=stem, dst=stem),
-                        P.activate(bit_a, src=stem, dst=stem),
-                        P.conv(scope + "/c3x3b", channels, 3, src=stem, dst=stem),
-                        P.add(shortcut, stem, dst="x")]
-        return ops + [P.affine("lastbn"), P.clip(), P.gap(), P.scale(49.0),
-                      P.fc("fct", 1000, quantized=False, bias=True), P.softmax()]
+        # The explicit asymmetric / mirror paddings reproduce the framework the model was trained in.
+        x = net.pad(x, 3, 2)
+        # conv1 and fct stay in float (quantized=False), as published
+        x = net.conv("conv1", x, 64, 7, stride=2, padding="VALID", quantized=False, bias=True)
+        x = net.pad(x, 1, 1, mode="symmetric")
+        x = net.maxpool("pool1", x, 3, stride=2, padding="VALID")
+        x = group(x, "conv2", 64, 2, stride=1)
+        x = group(x, "conv3", 128, 2, stride=2)
+        x = group(x, "conv4", 256, 2, stride=2)
+        x = group(x, "conv5", 512, 2, stride=2)
+        x = net.nonlin(net.bn("lastbn", x))
+        x = net.gap("gap", x)
+        # x49 (the 7x7 map's sum instead of its mean): a quirk of the released model.
+        x = net.scale(x, 49.0)
+        return net.fc("fct", x, 1000, quantized=False, bias=True)
 
 
 def main(argv=None):
     """Train, evaluate, classify or export; see ``imagenet_utils.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
     return imagenet_main(ResNet18Model, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
-                         default_dorefa=DEFAULT_DOREFA)
+                         default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))
 
 
 if __name__ == "__main__":

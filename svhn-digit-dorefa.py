@@ -18,20 +18,15 @@ from dorefanet.tf_setup import tf  # noqa: I100  (prepares TensorFlow; must come
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dorefanet.cli import check_modes, make_parser, run_reporting_errors  # noqa: E402
-from dorefa import get_dorefa, quantize_clipped  # noqa: E402
-from dorefanet.image_io import ImageReadError  # noqa: E402
-from dorefanet.inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images  # noqa
-from dorefanet.checkpoints import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
-from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
+from dorefanet.cli import check_modes, make_parser  # noqa: E402
+from dorefanet.driver import run_script, summary_line, train_model  # noqa: E402
+from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
+from dorefanet.network import DescribedNetwork  # noqa: E402
 from dorefanet.svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
-from dorefanet.training import TrainingSetupError, available_gpus, launch, plan_run, select_trainer  # noqa: E402
+from dorefanet.training import available_gpus, select_trainer  # noqa: E402
 
-from tensorpack import (BatchNorm, ClassificationError, Conv2D, Dropout, FullyConnected,  # noqa: E402
-                        InferenceRunner, MaxPooling, ModelDesc, ScalarStats, argscope)
+from tensorpack import ClassificationError, InferenceRunner, ModelDesc, ScalarStats  # noqa: E402
 from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
-from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
-from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
 IMAGE_SIZE = 40
 RECIPE_EPOCHS = 200
@@ -40,10 +35,13 @@ LR_HALVING_EPOCHS = 100
 LOGDIR_PATTERN = "train_log/svhn-dorefa-W,A,G"
 
 
-class SVHNModel(ModelDesc):
+class SVHNModel(DescribedNetwork, ModelDesc):
     """The SVHN digit net of docs/model-zoo.md for one (W, A, G)."""
 
     model_name = "svhn-digit"
+    image_mean = (0.0, 0.0, 0.0)
+    image_std = 256.0     # the input is BGR 0..255 divided by 256
+    activation_at_32 = "relu"
 
     def __init__(self, bits, steps_per_epoch=RECIPE_STEPS_PER_EPOCH, data_format="channels_last"):
         self.bits = bits
@@ -54,42 +52,26 @@ class SVHNModel(ModelDesc):
         return [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, "input"),
                 tf.TensorSpec([None], tf.int32, "label")]
 
+    def network(self, net, x):
+        """The layers, described once: built by TensorFlow (``net`` a GraphBuilder) and as the packed program."""
+        # conv0 and fc1 stay in float (quantized=False), as published
+        x = net.conv("conv0", x, 48, 5, padding="VALID", quantized=False, bias=True)
+        x = net.activate(net.maxpool("pool0", x, 2, padding="SAME"))
+        x = net.activate(net.bn("bn1", net.conv("conv1", x, 64, 3)))
+        x = net.bn("bn2", net.conv("conv2", x, 64, 3))
+        x = net.activate(net.maxpool("pool1", x, 2, padding="SAME"))
+        x = net.activate(net.bn("bn3", net.conv("conv3", x, 128, 3, padding="VALID")))
+        x = net.activate(net.bn("bn4", net.conv("conv4", x, 128, 3)))
+        x = net.activate(net.bn("bn5", net.conv("conv5", x, 128, 3, padding="VALID")))
+        x = net.dropout("drop", x, rate=0.5)
+        x = net.nonlin(net.bn("bn6", net.conv("conv6", x, 512, 5, padding="VALID")))
+        return net.fc("fc1", x, 10, quantized=False, bias=True)
+
     def build_graph(self, image, label):
-        fw, fa, fg = get_dorefa(*self.bits)
-        is_training = get_current_tower_context().is_training
-        bitA = self.bits[1]
-
-        def quantize_weight(v):
-            name = v.op.name
-            # the first (conv0) and last (fc1) layers stay in float
-            if not name.endswith("W") or "conv0" in name or "fc" in name:
-                return v
-            return fw(v)
-
-        def nonlin(x):
-            return tf.nn.relu(x) if bitA == 32 else tf.clip_by_value(x, 0.0, 1.0)
-
-        def activate(x):
-            # quantize_clipped(x, A) has the value of fa(clip(x, 0, 1)), in one fused op, and a one-pass gradient
-            return fa(nonlin(x)) if bitA == 32 else quantize_clipped(x, bitA)
-
-        x = image / 256.0
+        x = image / self.image_std
         if self.data_format == "channels_first":
             x = tf.transpose(x, [0, 3, 1, 2])
-        with remap_variables(quantize_weight), \
-                argscope([Conv2D, MaxPooling, BatchNorm], data_format=self.data_format), \
-                argscope(BatchNorm, momentum=0.9, epsilon=1e-4), argscope(Conv2D, use_bias=False):
-            x = Conv2D("conv0", x, 48, 5, padding="VALID", use_bias=True)
-            x = activate(MaxPooling("pool0", x, 2, padding="SAME"))
-            x = activate(BatchNorm("bn1", fg(Conv2D("conv1", x, 64, 3, padding="SAME"))))
-            x = BatchNorm("bn2", fg(Conv2D("conv2", x, 64, 3, padding="SAME")))
-            x = activate(MaxPooling("pool1", x, 2, padding="SAME"))
-            x = activate(BatchNorm("bn3", fg(Conv2D("conv3", x, 128, 3, padding="VALID"))))
-            x = activate(BatchNorm("bn4", fg(Conv2D("conv4", x, 128, 3, padding="SAME"))))
-            x = activate(BatchNorm("bn5", fg(Conv2D("conv5", x, 128, 3, padding="VALID"))))
-            x = Dropout("drop", x, rate=0.5 if is_training else 0.0)
-            x = nonlin(BatchNorm("bn6", fg(Conv2D("conv6", x, 512, 5, padding="VALID"))))
-            logits = FullyConnected("fc1", x, 10)
+        logits = self.network_logits(x)
         tf.nn.softmax(logits, name="output")
 
         wrong = tf.cast(tf.logical_not(tf.nn.in_top_k(logits, label, 1)), tf.float32, name="wrong-top1")
@@ -101,32 +83,6 @@ class SVHNModel(ModelDesc):
         total = tf.add_n([cost, wd_cost], name="cost")
         add_moving_summary(cost, wd_cost, total, tf.reduce_mean(wrong, name="train_error"))
         return total
-
-    def packed_program(self):
-        """The network of :meth:`build_graph` as a program of the packed engine (``--export-packed``)."""
-        from dorefanet.packed import program as P
-
-        bit_a = self.bits[1]
-
-        def nonlin():
-            return P.nonlin_relu_at_32(bit_a)
-
-        def activate():
-            return P.activate_relu_at_32(bit_a)
-
-        return [
-            P.normalize([0, 0, 0], 256.0),
-            P.conv("conv0", 48, 5, padding="VALID", quantized=False, bias=True),
-            P.maxpool(2, 2, "SAME"), activate(),
-            P.conv("conv1", 64, 3, bn="bn1"), activate(),
-            P.conv("conv2", 64, 3, bn="bn2"), P.maxpool(2, 2, "SAME"), activate(),
-            P.conv("conv3", 128, 3, padding="VALID", bn="bn3"), activate(),
-            P.conv("conv4", 128, 3, bn="bn4"), activate(),
-            P.conv("conv5", 128, 3, padding="VALID", bn="bn5"), activate(),
-            P.conv("conv6", 512, 5, padding="VALID", bn="bn6"), nonlin(),
-            P.fc("fc1", 10, quantized=False, bias=True),
-            P.softmax(),
-        ]
 
     def optimizer(self):
         lr = tf.train.exponential_decay(
@@ -213,18 +169,16 @@ def train(args):
               else os.path.abspath(args.data), "seed": args.seed, "epochs": args.epochs,
               "steps_per_epoch": steps, "batch": args.batch, "train_images": len(train_flow),
               "test_images": len(test_flow), "data_format": args.data_format}
-    plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
-    init = None
-    if args.load and not plan.resumed:
-        init = StrictInit(read_weights(args.load), args.load)
     towers = len(args.gpu.split(",")) if args.gpu else max(available_gpus(), 1)
-    np.random.seed(args.seed)
-    tf.set_random_seed(args.seed)
     model = SVHNModel(args.dorefa, steps_per_epoch=steps, data_format=args.data_format)
     callbacks = [InferenceRunner(make_dataflow(test_flow, False, args.batch, 0),
                                  [ScalarStats("cost"), ClassificationError("wrong-top1", "test-error")])]
-    launch(model, make_dataflow(train_flow, True, args.batch // towers, args.workers), plan, steps,
-           args.epochs, callbacks, select_trainer(towers), session_init=init)
+    plan = train_model(model, args, logdir, config, make_dataflow(train_flow, True, args.batch // towers, args.workers),
+                       steps, callbacks, select_trainer(towers))
+    # the synthetic digits depend on --seed; real data is named by its absolute path
+    data = (["--synthetic"] + (["--seed", str(args.seed)] if args.seed else [])) if args.synthetic else \
+        ["--data", os.path.abspath(args.data)]
+    print(summary_line(plan.logdir, "test-error", "test error", "./" + os.path.basename(__file__), args.dorefa, data))
 
 
 def parse_args(argv=None):
@@ -266,25 +220,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     training = not (args.export or args.export_packed or args.run or args.eval)
-
-    def act():
-        if training:
-            with tf.Graph().as_default():
-                train(args)
-            return 0
-        with results_only_on_stdout():
-            if args.export:
-                export_weights(SVHNModel(args.dorefa), args.load, args.export)
-                return 0
-            if args.export_packed:
-                export_packed(SVHNModel(args.dorefa), args.load, args.export_packed, args.first_last_dtype)
-                return 0
-            with tf.Graph().as_default():
-                return evaluate(args) if args.eval else run(args)
-
-    return run_reporting_errors(
-        act, (ModelLoadError, SVHNDataError, TrainingSetupError, ImageReadError, EvaluationError,
-                PackedExportError), training)
+    return run_script(args, SVHNModel(args.dorefa, data_format=args.data_format), lambda: train(args),
+                      lambda: evaluate(args), lambda: run(args), training, errors=(SVHNDataError,))
 
 
 if __name__ == "__main__":

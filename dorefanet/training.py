@@ -222,3 +222,24 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
         session_config=session_config(len(getattr(trainer, "devices", None) or [0])),
     )
     launch_train_with_config(config, trainer)
+    _close_worker_processes(dataflow)
+
+
+def _close_worker_processes(dataflow):
+    """Stop the data worker processes of ``dataflow`` (and of the flows it wraps) now.
+
+    tensorpack stops them from an atexit hook that prints ``... successfully
+    cleaned-up.``, after everything a script prints once training is done (its
+    summary line).  Done here, quietly, that hook has nothing left to do.
+    """
+    import contextlib
+    import io
+
+    from tensorpack.dataflow.parallel import _MultiProcessZMQDataFlow
+
+    while dataflow is not None:
+        if isinstance(dataflow, _MultiProcessZMQDataFlow) and dataflow._reset_done:
+            with contextlib.redirect_stdout(io.StringIO()):
+                dataflow.__del__()
+            dataflow._reset_done = False   # tensorpack's own clean-up (atexit, __del__) then returns at once
+        dataflow = getattr(dataflow, "ds", None)

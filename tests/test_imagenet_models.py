@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
+from dorefanet import network
+from dorefanet.cli import Bits
 from dorefanet.tf_setup import tf
 from tensorpack.tfutils.tower import TowerContext
 
@@ -80,7 +82,7 @@ def test_constructor_rejects_bad_arguments():
         alexnet.AlexNetModel((1, 2, 6), "NCWH")
     with pytest.raises(ValueError, match="activation bit width"):
         resnet.ResNet18Model((1, 0, 32))
-    model = alexnet.AlexNetModel(alexnet.cli.Bits(1, 2, 6), "NHWC")
+    model = alexnet.AlexNetModel(Bits(1, 2, 6), "NHWC")
     assert model.bits == (1, 2, 6) and model.data_format == "channels_last"
 
 
@@ -88,9 +90,8 @@ def test_constructor_rejects_bad_arguments():
 @pytest.mark.parametrize("kind, first, last", [("alexnet", "conv0", "fct"), ("resnet", "conv1", "fct")])
 def test_quantize_rule(monkeypatch, kind, first, last):
     """fw on every */W but the first and last layer's; fg right after each quantized layer."""
-    module = alexnet if kind == "alexnet" else resnet
     quantized, gradient_quantized = [], []
-    real = module.get_dorefa
+    real = network.get_dorefa
 
     def recording_get_dorefa(*bits):
         fw, fa, fg = real(*bits)
@@ -105,7 +106,7 @@ def test_quantize_rule(monkeypatch, kind, first, last):
 
         return rec_fw, fa, rec_fg
 
-    monkeypatch.setattr(module, "get_dorefa", recording_get_dorefa)
+    monkeypatch.setattr(network, "get_dorefa", recording_get_dorefa)
     bits = (1, 2, 6) if kind == "alexnet" else (1, 4, 32)
     inference_graph(kind, bits, "channels_last", SMALL[kind])
     spec = ZOO_SPEC["alexnet-1,2,6" if kind == "alexnet" else "resnet-1,4,32"]
@@ -259,8 +260,8 @@ def test_training_step(kind, bits, optimizer, lr):
             assert np.isfinite(sess.run(cost, feed))
 
 
-def test_base_class_requires_get_logits():
+def test_base_class_requires_a_network_description():
     with tf.Graph().as_default():
-        with pytest.raises(NotImplementedError):
+        with pytest.raises(NotImplementedError, match="ImageNetModel does not describe its network"):
             build_inference_graph(ImageNetModel())
 

@@ -1,8 +1,9 @@
 """The layer program of a packed model: a list of small JSON-able ops the engine interprets.
 
-Each script describes its network twice, side by side: as a TensorFlow graph
-(for training) and as a program built from the constructors below (for the
-packed engine).  The exactness tests run both on the same weights.
+A model's program is not written by hand: :class:`ProgramBuilder` derives it
+from the model's one description of its layers (``network(net, x)``, see
+:mod:`dorefanet.network`), which TensorFlow builds too.  The exactness tests
+run both on the same weights.
 
 Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
 (default ``"x"``); only residual networks need other registers.  Maps are NHWC.
@@ -17,9 +18,11 @@ Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
 * ``add`` (sum of the registers in ``src``), ``softmax``.
 """
 
+import contextlib
+
 __all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
            "nonlin_relu_at_32", "activate_relu_at_32", "gap",
-           "scale", "add", "softmax", "OPS", "validate_program"]
+           "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder"]
 
 
 def _op(kind, src=None, dst=None, **fields):
@@ -135,3 +138,131 @@ def validate_program(program, where):
         if kind in ("maxpool", "avgpool", "conv") and op["padding"] not in ("SAME", "VALID"):
             raise ValueError("{}: op {} ({}) has padding {!r}; expected SAME or VALID".format(
                 where, i, kind, op["padding"]))
+
+
+class _Record:
+    """One recorded op: the op, the maps it reads and the map it writes."""
+
+    def __init__(self, op, inputs):
+        self.op, self.inputs, self.out = op, inputs, _Value(self)
+
+
+class _Value:
+    """A map of the program being built; ``record`` wrote it (``None`` for the input image)."""
+
+    def __init__(self, record=None):
+        self.record = record
+        self.folded = False   # its batch norm was folded into its producer: the pre-norm map is not kept
+
+
+class ProgramBuilder:
+    """The builder interface of :mod:`dorefanet.network` that writes a packed-engine program.
+
+    Ops are recorded on values (one per map), then :meth:`program` assigns
+    registers: a map goes to ``x`` unless ``x`` still holds a map that a later
+    op reads (a residual shortcut), and then to the first free of ``r1``, ``r2``,
+    ...  A batch norm right after a ``conv`` / ``fc`` whose output nothing else
+    reads is folded into it (``bn``); any other is an ``affine`` op.
+    """
+
+    def __init__(self, bits, activation_at_32="relu"):
+        self.bit_a = bits[1]
+        self.activation_at_32 = activation_at_32
+        self._scopes = []
+        self._records = []
+
+    def program(self, network, mean, std):
+        """The program of ``network(self, input)``: input normalisation, the layers, softmax."""
+        x = self._emit(normalize(mean, std), _Value())
+        self._emit(softmax(), network(self, x))
+        return self._allocate_registers()
+
+    def _emit(self, op, *inputs):
+        for value in inputs:
+            if value.folded:
+                raise ValueError("{} reads the output of {} before its batch norm {}, which is folded into the "
+                                 "layer".format(op["op"], value.record.op["layer"], value.record.op["bn"]))
+        record = _Record(op, inputs)
+        self._records.append(record)
+        return record.out
+
+    def _allocate_registers(self):
+        last_use = {value: i for i, record in enumerate(self._records) for value in record.inputs}
+        register = {self._records[0].inputs[0]: "x"}
+        live = {"x"}
+        program = []
+        for i, record in enumerate(self._records):
+            sources = [register[v] for v in record.inputs]
+            live.difference_update(register[v] for v in record.inputs if last_use[v] == i)
+            dst = "x" if "x" not in live else next(r for r in ("r{}".format(k) for k in range(1, i + 2))
+                                                    if r not in live)
+            live.add(dst)
+            register[record.out] = dst
+            op = dict(record.op)
+            if op["op"] == "add":
+                op["src"] = sources
+            elif sources[0] != "x":
+                op["src"] = sources[0]
+            if dst != "x":
+                op["dst"] = dst
+            program.append(op)
+        return program
+
+    def _name(self, name):
+        return "/".join(self._scopes + [name])
+
+    # ------------------------------------------------------------ layers with weights
+    def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
+        return self._emit(conv(self._name(name), out, kernel, stride=stride, padding=padding, groups=groups,
+                               quantized=quantized, bias=bias), x)
+
+    def fc(self, name, x, out, quantized=True, bias=False, flatten="hwc"):
+        return self._emit(fc(self._name(name), out, quantized=quantized, bias=bias, flatten=flatten), x)
+
+    def bn(self, name, x):
+        record = x.record
+        read = any(x in r.inputs for r in self._records)
+        if record is None or record.op["op"] not in ("conv", "fc") or "bn" in record.op or read:
+            return self._emit(affine(self._name(name)), x)
+        record.op["bn"] = self._name(name)
+        x.folded = True
+        record.out = _Value(record)
+        return record.out
+
+    # ------------------------------------------------------------ activations
+    def nonlin(self, x):
+        return self._emit(nonlin_relu_at_32(self.bit_a) if self.activation_at_32 == "relu" else clip(), x)
+
+    def activate(self, x):
+        return self._emit(activate_relu_at_32(self.bit_a) if self.activation_at_32 == "relu" else
+                          activate(self.bit_a), x)
+
+    # ------------------------------------------------------------ the rest
+    def maxpool(self, name, x, size, stride=None, padding="VALID"):
+        return self._emit(maxpool(size, stride or size, padding), x)
+
+    def avgpool(self, name, x, size, stride=None, padding="VALID"):
+        return self._emit(avgpool(size, stride or size, padding), x)
+
+    def gap(self, name, x):
+        return self._emit(gap(), x)
+
+    def pad(self, x, before, after, mode="constant"):
+        return self._emit(pad(before, after, mode=mode), x)
+
+    def dropout(self, name, x, rate):
+        return x   # the identity at inference
+
+    def scale(self, x, by):
+        return self._emit(scale(by), x)
+
+    def add(self, a, b):
+        return self._emit(add(), a, b)
+
+    @contextlib.contextmanager
+    def scope(self, name):
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()

@@ -1,0 +1,94 @@
+"""What every script does besides defining its network and its data: train, --eval, --run, --export.
+
+A script parses its flags (:mod:`dorefanet.cli`), builds its model and calls
+:func:`run_script` with its own ``train``, ``evaluate`` and ``run``
+functions; training calls :func:`train_model` with its data flows and
+callbacks.  Everything a run shares lives here: the mode dispatch, errors as
+one line, ``--load`` as a strict start, seeds, the run directory and its
+resume, and the summary line at the end.
+"""
+import json
+import os
+import shlex
+
+from dorefanet.tf_setup import tf
+
+import numpy as np  # noqa: E402
+
+from dorefanet.checkpoints import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
+from dorefanet.cli import run_reporting_errors  # noqa: E402
+from dorefanet.image_io import ImageReadError  # noqa: E402
+from dorefanet.inference import EvaluationError, results_only_on_stdout  # noqa: E402
+from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
+from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
+
+__all__ = ["COMMON_ERRORS", "run_script", "train_model", "summary_line"]
+
+#: Errors whose message is a complete one-line explanation, in every script.
+COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError)
+
+
+def run_script(args, model, train, evaluate, run, training, errors=()):
+    """Run the mode the flags chose; return the exit status (2 and one ``error:`` line for bad input).
+
+    ``train()``, ``evaluate()`` and ``run()`` are the script's own; each runs in
+    a fresh graph.  ``--export`` and ``--export-packed`` need only ``model``.
+    """
+    def act():
+        if training:
+            with tf.Graph().as_default():
+                train()
+            return 0
+        with results_only_on_stdout():
+            if args.export:
+                export_weights(model, args.load, args.export)
+                return 0
+            if args.export_packed:
+                export_packed(model, args.load, args.export_packed, args.first_last_dtype)
+                return 0
+            with tf.Graph().as_default():
+                return evaluate() if args.eval else run()
+
+    return run_reporting_errors(act, COMMON_ERRORS + tuple(errors), training)
+
+
+def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer, plan=None):
+    """Train ``model`` into ``logdir`` (resumed or refused as :func:`dorefanet.training.plan_run` decides).
+
+    ``args``: ``load``, ``seed``, ``epochs``, ``overwrite``.  A given ``plan``
+    (a non-chief process of a multi-process run) replaces the chief's own.
+    Returns the plan the run followed.
+    """
+    if plan is None:
+        plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
+    init = None
+    if args.load and not plan.resumed:
+        init = StrictInit(read_weights(args.load), args.load)
+    np.random.seed(args.seed)
+    tf.set_random_seed(args.seed)
+    launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init)
+    return plan
+
+
+def summary_line(logdir, error_key, what, script, dorefa, data_flags):
+    """The plain line that ends a training run: its final error, where the model is, how to evaluate it.
+
+    ``error_key`` is the ``stats.json`` field of the error (``what`` names it);
+    ``script`` how to call the script; ``data_flags`` the flags that give the
+    evaluation data.
+    """
+    stats = []
+    try:
+        with open(os.path.join(logdir, "stats.json")) as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        pass
+    last = next((s for s in reversed(stats) if error_key in s), None) if isinstance(stats, list) else None
+    command = " ".join(shlex.quote(part) for part in
+                       [script, "--dorefa", str(dorefa), "--load", logdir, "--eval"] + list(data_flags))
+    if last is None:
+        result = "no {} recorded".format(what)
+    else:
+        epochs = last.get("epoch_num", "?")
+        result = "{} {:.4f} after {} epoch{}".format(what, last[error_key], epochs, "" if epochs == 1 else "s")
+    return "done: {}; model in {} (evaluate: {})".format(result, logdir, command)

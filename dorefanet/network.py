@@ -1,0 +1,165 @@
+"""Each network is described once; this module builds that description in TensorFlow.
+
+A model describes its layers in one method, ``network(self, net, x)``, written
+against the small builder interface below (``conv``, ``fc``, ``bn``,
+``maxpool``, ``avgpool``, ``pad``, ``activate``, ``nonlin``, ``dropout``,
+``gap``, ``scale``, ``add``, ``scope``).  Two back-ends implement it:
+
+* :class:`GraphBuilder` (here): tensorpack's layers, the quantizers of
+  :mod:`dorefa`, for training, ``--eval`` and ``--run``;
+* :class:`dorefanet.packed.program.ProgramBuilder`: the op list the packed
+  engine interprets (``--export-packed``).
+
+So a researcher who adds or changes a layer edits one place, and the exactness
+tests (``tests/test_packed_engine.py``) run both results on the same weights.
+
+What the builder's words mean, in both back-ends:
+
+* ``conv`` / ``fc`` with ``quantized=True``: the layer's ``W`` goes through
+  ``fw`` and the gradient flowing into its output through ``fg``; with
+  ``quantized=False`` (the first and the last layer) both stay float;
+* ``activate(x)``: the activation a quantized layer reads: ``clip(x, 0, 1)``
+  quantized to A bits, or at A = 32 the model's float activation
+  (``activation_at_32``: ``"relu"`` for the SVHN net and AlexNet, ``"clip"``
+  for ResNet-18, as published);
+* ``nonlin(x)``: the same without quantization (what the float last layer reads).
+"""
+from dorefanet.tf_setup import tf
+
+from tensorpack.models import (AvgPooling, BatchNorm, Conv2D, Dropout, FullyConnected,  # noqa: E402
+                               GlobalAvgPooling, MaxPooling)
+from tensorpack.tfutils.argscope import argscope  # noqa: E402
+from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
+from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
+
+from dorefa import get_dorefa, quantize_clipped  # noqa: E402
+
+__all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder", "DescribedNetwork"]
+
+#: The batch norm of all three published networks (docs/model-zoo.md).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-4
+#: What ``activate`` / ``nonlin`` are when A = 32.
+ACTIVATIONS_AT_32 = ("relu", "clip")
+
+
+def _identity(v):
+    return v
+
+
+class GraphBuilder:
+    """Builds a network description with tensorpack's layers for ``bits = (W, A, G)``.
+
+    Call :meth:`build` rather than the description directly: it sets the
+    layouts and batch-norm constants every layer shares.
+    """
+
+    def __init__(self, bits, data_format="channels_last", activation_at_32="relu"):
+        if activation_at_32 not in ACTIVATIONS_AT_32:
+            raise ValueError("activation_at_32 must be one of {}, got {!r}".format(ACTIVATIONS_AT_32,
+                                                                                   activation_at_32))
+        self.fw, self.fa, self.fg = get_dorefa(*bits)
+        self.bit_a = bits[1]
+        self.data_format = data_format
+        self.activation_at_32 = activation_at_32
+
+    def build(self, network, x):
+        """``network(self, x)`` inside the layouts and constants its layers share; returns its result."""
+        with argscope([Conv2D, BatchNorm, MaxPooling, AvgPooling, GlobalAvgPooling], data_format=self.data_format), \
+                argscope(BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON):
+            return network(self, x)
+
+    # ------------------------------------------------------------ layers with weights
+    def _weights(self, quantized):
+        fw = self.fw
+
+        def remap(v):
+            # only the kernel: biases, and TTQ's Wp / Wn that fw itself creates, stay as they are
+            return fw(v) if v.op.name.endswith("/W") else v
+
+        return remap if quantized else _identity
+
+    def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
+        with remap_variables(self._weights(quantized)):
+            y = Conv2D(name, x, out, kernel, strides=stride, padding=padding, split=groups, use_bias=bias)
+        return self.fg(y) if quantized else y
+
+    def fc(self, name, x, out, quantized=True, bias=False, flatten="hwc"):
+        """``flatten``: the order (``hwc`` or ``chw``) in which the weight rows expect a map's values."""
+        spatial = x.shape.as_list()[2:] if self.data_format == "channels_first" else x.shape.as_list()[1:3]
+        if x.shape.ndims == 4 and spatial != [1, 1]:
+            if flatten == "chw" and self.data_format == "channels_last":
+                x = tf.transpose(x, [0, 3, 1, 2], name="to_chw")
+            elif flatten == "hwc" and self.data_format == "channels_first":
+                x = tf.transpose(x, [0, 2, 3, 1], name="to_hwc")
+        with remap_variables(self._weights(quantized)):
+            y = FullyConnected(name, x, out, use_bias=bias)
+        return self.fg(y) if quantized else y
+
+    def bn(self, name, x):
+        return BatchNorm(name, x)
+
+    # ------------------------------------------------------------ activations
+    def nonlin(self, x):
+        if self.bit_a == 32 and self.activation_at_32 == "relu":
+            return tf.nn.relu(x)
+        return tf.clip_by_value(x, 0.0, 1.0)
+
+    def activate(self, x):
+        if self.bit_a == 32:
+            return self.fa(self.nonlin(x))
+        # the value of fa(clip(x, 0, 1)) bit for bit, in one fused op with a one-pass gradient
+        return quantize_clipped(x, self.bit_a)
+
+    # ------------------------------------------------------------ the rest
+    def maxpool(self, name, x, size, stride=None, padding="VALID"):
+        return MaxPooling(name, x, size, strides=stride or size, padding=padding)
+
+    def avgpool(self, name, x, size, stride=None, padding="VALID"):
+        return AvgPooling(name, x, size, strides=stride or size, padding=padding)
+
+    def gap(self, name, x):
+        return GlobalAvgPooling(name, x)
+
+    def pad(self, x, before, after, mode="constant"):
+        """Pad height and width only, whatever the layout; ``mode``: ``constant`` (zeros) or ``symmetric``."""
+        hw = [[before, after], [before, after]]
+        paddings = [[0, 0], [0, 0]] + hw if self.data_format == "channels_first" else [[0, 0]] + hw + [[0, 0]]
+        return tf.pad(x, paddings, mode=mode.upper())
+
+    def dropout(self, name, x, rate):
+        return Dropout(name, x, rate=rate if get_current_tower_context().is_training else 0.0)
+
+    def scale(self, x, by):
+        return x * by
+
+    def add(self, a, b):
+        return a + b
+
+    def scope(self, name):
+        return tf.variable_scope(name)
+
+
+class DescribedNetwork:
+    """Mixin of the scripts' models: ``network(net, x)`` is the one description of the layers.
+
+    The model provides ``bits``, ``data_format``, ``image_mean`` / ``image_std``
+    (the input normalisation, BGR in 0..255 units) and ``activation_at_32``.
+    """
+
+    activation_at_32 = "relu"
+
+    def network(self, net, x):
+        """Describe the layers on the normalised input ``x``; return the logits."""
+        raise NotImplementedError("{} does not describe its network".format(type(self).__name__))
+
+    def network_logits(self, x):
+        """The logits of :meth:`network` built in TensorFlow on the normalised batch ``x``."""
+        return GraphBuilder(self.bits, self.data_format, self.activation_at_32).build(self.network, x)
+
+    def packed_program(self):
+        """The same network as a program of the packed engine (``--export-packed``)."""
+        from dorefanet.packed.program import ProgramBuilder
+
+        net = ProgramBuilder(self.bits, self.activation_at_32)
+        return net.program(self.network, self.image_mean, self.image_std)
