@@ -6,7 +6,7 @@
     ./alexnet-dorefa.py --dorefa 1,2,6 --load AlexNet-1,2,6.npz --run cat.jpg dog.png [--json]
     ./alexnet-dorefa.py --dorefa 1,2,6 --fake                             # try training without ImageNet
 
-Architecture, names and preprocessing follow ``docs/model-zoo.md``: BGR uint8
+Architecture, names and preprocessing follow ``docs/networks.md``: BGR uint8
 224x224 input, mean/std normalisation, five convolutions (two-group conv1,
 conv3, conv4), two 4096-wide fully-connected layers and ``fct``; weights
 quantized by ``fw`` except in ``conv0`` and ``fct``; ``fg`` after every
@@ -51,7 +51,7 @@ class AlexNetModel(ImageNetModel):
     total_batch_size = 256
     model_name = "alexnet"
     # channels_last measured faster on a 2-core CPU (oneDNN), e.g. 2.17 s vs 2.48 s per training step and
-    # 0.66 s vs 0.69 s per forward pass of 32 images at 224 (README, "On the CPU")
+    # 0.66 s vs 0.69 s per forward pass of 32 images at 224 (docs/training.md, "On the CPU")
     cpu_data_format = "channels_last"
     min_image_size = 64
 

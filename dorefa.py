@@ -351,7 +351,7 @@ def _bits_to_uniform(bits):
     2^-24, that is n * 2^-24 of a level: about 2^-16 for 8-bit gradients, where more noise bits could not change
     a rounding.  Half the Threefry blocks and half the memory of one 32-bit word per element, which made fg's
     backward pass on an SVHN conv1 gradient (2.65M elements, from memory) about 1 ms faster on the
-    2-core CPU of the README.  Made as XLA's and TensorFlow's generators make their floats: the bits as the top
+    2-core CPU of docs/performance.md.  Made as XLA's and TensorFlow's generators make their floats: the bits as the top
     of the mantissa of a float in [1, 2) (``b * 2^-16``, plus the bit worth 2^-17), minus 1, which is exact.
     """
     mantissa = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(bits, tf.uint32), tf.constant(7, tf.uint32)),

@@ -2,7 +2,7 @@
 
 * class names (``data/synset_words.txt``, line i = class i): :func:`load_class_names`;
 * image decoding and the single-image / validation preprocessing of
-  ``docs/model-zoo.md`` (shorter side to 256 bicubic, center crop 224):
+  ``docs/networks.md`` (shorter side to 256 bicubic, center crop 224):
   :func:`read_image`, :func:`preprocess_image`, :func:`load_image`;
 * the fb.resnet.torch training augmentation: :func:`fbresnet_augmentor`;
 * ILSVRC12 dataflows (``DIR/train/<wnid>/*``, ``DIR/val/...``) and fake data:

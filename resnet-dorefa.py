@@ -6,7 +6,7 @@
     ./resnet-dorefa.py --dorefa 1,4,32 --data ILSVRC --gpu 0,1           # train
     ./resnet-dorefa.py --fake --steps-per-epoch 20 --epochs 1            # try training without ImageNet
 
-Architecture, names and preprocessing follow ``docs/model-zoo.md``: BGR
+Architecture, names and preprocessing follow ``docs/networks.md``: BGR
 224x224 input fed as float 0..255 and divided by 256, the asymmetric paddings,
 pre-activation blocks (with the ``conv2blk1`` quirk), ``lastbn`` -> global
 average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
@@ -49,7 +49,7 @@ class ResNet18Model(ImageNetModel):
     total_batch_size = 256
     model_name = "resnet18"
     # channels_last measured faster on a 2-core CPU (oneDNN), e.g. 1.89 s vs 2.25 s per training step and
-    # 0.58 s vs 0.66 s per forward pass of 32 images at 224 (README, "On the CPU")
+    # 0.58 s vs 0.66 s per forward pass of 32 images at 224 (docs/training.md, "On the CPU")
     cpu_data_format = "channels_last"
     min_image_size = 64
 

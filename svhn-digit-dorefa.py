@@ -7,7 +7,7 @@
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load MODEL --run a.png b.png [--json]
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --export model.npz
 
-Network and recipe: docs/model-zoo.md (SVHN digit net); published errors
+Network and recipe: docs/networks.md (SVHN digit net); published errors
 (1,1,4) 3.1-3.2%, (1,2,4) 3.0-3.1%, (32,32,32) about 2.3%.
 """
 import os
@@ -36,7 +36,7 @@ LOGDIR_PATTERN = "train_log/svhn-dorefa-W,A,G"
 
 
 class SVHNModel(DescribedNetwork, ModelDesc):
-    """The SVHN digit net of docs/model-zoo.md for one (W, A, G)."""
+    """The SVHN digit net of docs/networks.md for one (W, A, G)."""
 
     model_name = "svhn-digit"
     image_mean = (0.0, 0.0, 0.0)

@@ -5,9 +5,10 @@
     python bench/packed_layers.py --batches 1 --repeats 21
     python bench/packed_layers.py --nets svhn resnet --threads 2
 
-For each quantized layer of the project's networks (shapes as the scripts build them: AlexNet at
-224 x 224, SVHN at 40 x 40, ResNet-18 at 224 x 224; AlexNet's grouped convolutions are one call per
-group) and bit widths (W1A2 = 1-bit weights, 2-bit activations; BNN = W1A1; ResNet W1A4):
+For each quantized layer of the project's networks (taken from the scripts' own network descriptions:
+AlexNet at 224 x 224, SVHN at 40 x 40, ResNet-18 at 224 x 224, one row per distinct shape; AlexNet's
+grouped convolutions are one call per group) and bit widths (W1A2 = 1-bit weights, 2-bit activations;
+BNN = W1A1; ResNet W1A4):
 
 * TF float32: ``tf.matmul`` / ``tf.nn.conv2d`` (NHWC) on float32 variables holding the same codes, in a
   ``tf.compat.v1`` session with ``intra_op_parallelism_threads = --threads``, inter-op 1;
@@ -37,34 +38,46 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
+
 from machine_info import cpu_model  # noqa: E402  (bench/ is the script's directory)
 
-# (net, layer, kind, input [H, W, Cin] or [K], output channels, kernel, stride, padding, (k, m))
 W1A2, BNN, W1A4 = (1, 2), (1, 1), (1, 4)
-LAYERS = [
-    ("alexnet", "fc0", "fc", (9216,), 4096, None, None, None, W1A2),
-    ("alexnet", "fc1", "fc", (4096,), 4096, None, None, None, W1A2),
-    ("alexnet", "conv1 (1 of 2 groups)", "conv", (54, 54, 48), 128, (5, 5), 1, "SAME", W1A2),
-    ("alexnet", "conv2", "conv", (27, 27, 256), 384, (3, 3), 1, "SAME", W1A2),
-    ("alexnet", "conv3 (1 of 2 groups)", "conv", (14, 14, 192), 192, (3, 3), 1, "SAME", W1A2),
-    ("alexnet", "conv4 (1 of 2 groups)", "conv", (14, 14, 192), 128, (3, 3), 1, "SAME", W1A2),
-    ("alexnet", "fc0", "fc", (9216,), 4096, None, None, None, BNN),
-    ("alexnet", "fc1", "fc", (4096,), 4096, None, None, None, BNN),
-    ("alexnet", "conv2", "conv", (27, 27, 256), 384, (3, 3), 1, "SAME", BNN),
-    ("svhn", "conv1", "conv", (18, 18, 48), 64, (3, 3), 1, "SAME", W1A2),
-    ("svhn", "conv2", "conv", (18, 18, 64), 64, (3, 3), 1, "SAME", W1A2),
-    ("svhn", "conv3", "conv", (9, 9, 64), 128, (3, 3), 1, "VALID", W1A2),
-    ("svhn", "conv4", "conv", (7, 7, 128), 128, (3, 3), 1, "SAME", W1A2),
-    ("svhn", "conv5", "conv", (7, 7, 128), 128, (3, 3), 1, "VALID", W1A2),
-    ("svhn", "conv6", "conv", (5, 5, 128), 512, (5, 5), 1, "VALID", W1A2),
-    ("svhn", "conv2", "conv", (18, 18, 64), 64, (3, 3), 1, "SAME", BNN),
-    ("svhn", "conv6", "conv", (5, 5, 128), 512, (5, 5), 1, "VALID", BNN),
-    ("resnet", "conv 56x56x64", "conv", (56, 56, 64), 64, (3, 3), 1, "SAME", W1A4),
-    ("resnet", "conv 28x28x128", "conv", (28, 28, 128), 128, (3, 3), 1, "SAME", W1A4),
-    ("resnet", "conv 14x14x256", "conv", (14, 14, 256), 256, (3, 3), 1, "SAME", W1A4),
-    ("resnet", "conv 7x7x512", "conv", (7, 7, 512), 512, (3, 3), 1, "SAME", W1A4),
-    ("resnet", "shortcut 1x1/2 to 28x28x128", "conv", (56, 56, 64), 128, (1, 1), 2, "SAME", W1A4),
-]
+#: net -> the bit widths (W, A) its quantized layers are timed at
+NET_BITS = {"alexnet": (W1A2, BNN), "svhn": (W1A2, BNN), "resnet": (W1A4,)}
+
+
+def network_layers(net, bits):
+    """``[(net, layer, kind, input [H, W, Cin] or [K], output channels, kernel, stride, padding, (k, m))]``.
+
+    The quantized layers of the script's own network description (its packed program), one row per
+    distinct shape; a grouped convolution is timed as one of its groups, as the engine calls it.
+    """
+    from dorefanet.packed.program import layer_inputs
+    from dorefanet.scripts import load_script
+
+    if net == "svhn":
+        model, size = load_script("svhn-digit-dorefa.py").SVHNModel(bits + (32,)), 40
+    elif net == "alexnet":
+        model, size = load_script("alexnet-dorefa.py").AlexNetModel(bits + (32,), "channels_last"), 224
+    else:
+        model, size = load_script("resnet-dorefa.py").ResNet18Model(bits + (32,), "channels_last"), 224
+    rows, seen = [], set()
+    for op, shape in layer_inputs(model.packed_program(), (size, size, 3)):
+        if not op["quantized"]:
+            continue
+        if op["op"] == "fc":
+            row = ("fc", (int(np.prod(shape)),), op["out"], None, None, None)
+            name = op["layer"]
+        else:
+            groups = op["groups"]
+            row = ("conv", shape[:2] + (shape[2] // groups,), op["out"] // groups, tuple(op["kernel"]), op["stride"],
+                   op["padding"])
+            name = op["layer"] + (" (1 of {} groups)".format(groups) if groups > 1 else "")
+        if row not in seen:
+            seen.add(row)
+            rows.append((net, name) + row + (bits,))
+    return rows
 
 
 def tf_pads(size, kernel, stride, padding):
@@ -154,7 +167,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import numba
-    import numpy as np
 
     from dorefanet.packed import kernels
     from dorefanet.tf_setup import tf
@@ -168,9 +180,8 @@ def main(argv=None):
 
     print("| layer | bits | shape | batch | TF float32 ms | packed ms | speedup | speedup of the fastest runs |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for layer in LAYERS:
-        if layer[0] not in args.nets:
-            continue
+    layers = [row for net in args.nets for bits in NET_BITS[net] for row in network_layers(net, bits)]
+    for layer in layers:
         for batch in args.batches:
             desc, tf_ms, packed_ms, best = measure(layer, batch, args.repeats, args.threads, tf, kernels, np)
             print("| %s %s | %s | %s | %d | %.3f | %.3f | %.1fx | %.1fx |"

@@ -36,7 +36,7 @@ from dorefa import get_dorefa, quantize_clipped  # noqa: E402
 
 __all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder", "DescribedNetwork"]
 
-#: The batch norm of all three published networks (docs/model-zoo.md).
+#: The batch norm of all three published networks (docs/networks.md).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-4
 #: What ``activate`` / ``nonlin`` are when A = 32.

@@ -10,6 +10,7 @@ compute what the TensorFlow graphs compute is ``tests/test_packed_engine.py``.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
@@ -112,3 +113,28 @@ def test_graph_builder_rejects_an_unknown_float_activation():
 
     with pytest.raises(ValueError, match="activation_at_32"):
         GraphBuilder((1, 2, 6), activation_at_32="tanh")
+
+
+@pytest.mark.parametrize("kind, bits, key, size", [("svhn", "1,2,4", None, 40), ("alexnet", "1,2,6", "alexnet-1,2,6", 224),
+                                                   ("resnet", "1,4,32", "resnet-1,4,32", 224)])
+def test_layer_inputs_agree_with_the_weight_shapes(kind, bits, key, size):
+    """The map each layer reads, as derived from the program, fits that layer's kernel in the zoo spec."""
+    from dorefanet.packed.program import layer_inputs
+
+    with open(os.path.join(ROOT, "data", "zoo_spec.json")) as f:
+        spec = json.load(f)[key] if key else None
+    found = layer_inputs(model(kind, parse_bits(bits)).packed_program(), (size, size, 3))
+    layers = [op["layer"] for op, _ in found]
+    assert len(layers) == {"svhn": 8, "alexnet": 8, "resnet": 22}[kind]
+    for op, shape in found:
+        if spec is None:
+            continue
+        w = spec[op["layer"] + "/W"]
+        if op["op"] == "fc":
+            assert int(np.prod(shape)) == w[0], op["layer"]
+        else:
+            assert shape[2] // op["groups"] == w[2] and list(op["kernel"]) == w[:2], op["layer"]
+    if kind == "alexnet":
+        assert dict((op["layer"], shape) for op, shape in found)["fc0"] == (6, 6, 256)
+    if kind == "svhn":
+        assert dict((op["layer"], shape) for op, shape in found)["fc1"] == (1, 1, 512)

@@ -14,7 +14,7 @@ from .format import pack_weight_planes, write_packed
 
 __all__ = ["PackedExportError", "packed_arrays", "export_packed", "BN_EPSILON"]
 
-#: The batch norm epsilon of all three networks (docs/model-zoo.md).
+#: The batch norm epsilon of all three networks (docs/networks.md).
 BN_EPSILON = 1e-4
 
 

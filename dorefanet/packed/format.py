@@ -3,7 +3,7 @@
 A packed file is an uncompressed ``.npz`` (a zip of ``.npy`` arrays, read with
 ``allow_pickle=False``).  Its entry ``__packed__`` is a 0-d unicode array
 holding a JSON header; every other entry is an array named ``<layer>/<field>``.
-The README ("The packed format") documents it for readers in other tools.
+docs/packed-format.md documents it for readers in other tools.
 
 Header fields: ``format`` (``"dorefa-packed"``), ``version`` (1), ``model``,
 ``bits`` (``"W,A,G"``), ``input`` (``height``, ``width``, ``channels``, ``dtype``

@@ -22,7 +22,7 @@ import contextlib
 
 __all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
            "nonlin_relu_at_32", "activate_relu_at_32", "gap",
-           "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder"]
+           "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder", "layer_inputs"]
 
 
 def _op(kind, src=None, dst=None, **fields):
@@ -266,3 +266,39 @@ class ProgramBuilder:
             yield
         finally:
             self._scopes.pop()
+
+
+def _window_out(size, kernel, stride, padding):
+    return -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
+
+
+def layer_inputs(program, input_shape):
+    """``[(op, shape)]``: each ``conv`` / ``fc`` op of ``program`` and the shape of one image's map it reads.
+
+    ``input_shape`` is ``(height, width, channels)`` of the images; shapes are
+    HWC for maps and ``(n,)`` once flattened, whichever register they travel in.
+    """
+    shapes, found = {"x": tuple(input_shape)}, []
+    for op in program:
+        kind = op["op"]
+        src = op.get("src", "x")
+        shape = shapes[src[0] if isinstance(src, list) else src]
+        if kind in ("conv", "fc"):
+            found.append((op, shape))
+        if kind == "conv":
+            (kh, kw), stride = op["kernel"], op["stride"]
+            shape = (_window_out(shape[0], kh, stride, op["padding"]), _window_out(shape[1], kw, stride, op["padding"]),
+                     op["out"])
+        elif kind in ("maxpool", "avgpool"):
+            size, stride = op["size"], op["stride"]
+            shape = (_window_out(shape[0], size, stride, op["padding"]),
+                     _window_out(shape[1], size, stride, op["padding"]), shape[2])
+        elif kind == "pad":
+            grow = op["before"] + op["after"]
+            shape = (shape[0] + grow, shape[1] + grow, shape[2])
+        elif kind == "fc":
+            shape = (op["out"],)
+        elif kind == "gap":
+            shape = (shape[-1],)
+        shapes[op.get("dst", "x")] = shape
+    return found
