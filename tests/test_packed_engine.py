@@ -179,9 +179,9 @@ def test_engine_runs_without_tensorflow(tmp_path):
 
 
 # ------------------------------------------------------------------ command line
-def _script(name, *args):
+def _script(name, *args, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, name)] + list(args), capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=ROOT, env=env)
 
 
 def test_svhn_cli_packed_run_prints_what_tensorflow_prints(tmp_path):
@@ -264,6 +264,9 @@ def test_cli_packed_errors_are_one_line(tmp_path):
     import cv2
 
     cv2.imwrite(picture, np.zeros((32, 32, 3), np.uint8))
+    # TensorFlow's own lines follow the user's TF_CPP_MIN_LOG_LEVEL (0 shows its cuInit "CUDA error: " line);
+    # this test runs with tf_setup's default, test_tf_setup checks every level
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     cases = [
         (["--dorefa", "1,2,4", "--load", npz, "--engine", "packed", "--run", picture], "not a packed model"),
         (["--dorefa", "1,1,4", "--load", packed, "--engine", "packed", "--run", picture], "pass --dorefa 1,2,4"),
@@ -274,11 +277,11 @@ def test_cli_packed_errors_are_one_line(tmp_path):
          "only applies to --export-packed"),
     ]
     for args, expected in cases:
-        out = _script("svhn-digit-dorefa.py", *args)
+        out = _script("svhn-digit-dorefa.py", *args, env=env)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert expected in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
         assert len([line for line in out.stderr.splitlines() if "error: " in line]) == 1, out.stderr
-    out = _script("resnet-dorefa.py", "--load", packed, "--engine", "packed", "--run", picture)
+    out = _script("resnet-dorefa.py", "--load", packed, "--engine", "packed", "--run", picture, env=env)
     assert out.returncode == 2 and "is a packed svhn-digit model" in out.stderr, out.stderr
 
 
