@@ -93,7 +93,7 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
     model.add_argument("--json", action="store_true", help="with --run: print one JSON object per image")
     model.add_argument("--export-packed", metavar="OUT.npz",
                        help="write the loaded model as a bit-packed file (integer weight codes, batch norm folded) "
-                            "for --engine packed; format: README, 'Packed models'")
+                            "for --engine packed; format: docs/packed-format.md")
     model.add_argument("--first-last-dtype", choices=("float32", "float16"), default="float32",
                        help="with --export-packed: storage of the unquantized first and last layers; float16 is "
                             "smaller but no longer exact")
