@@ -38,8 +38,9 @@ from dorefanet import cli  # noqa: E402
 from dorefa import check_bits  # noqa: E402
 from dorefanet.image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
 from dorefanet.checkpoints import build_inference_graph, latest_checkpoint  # noqa: E402,F401
-from dorefanet.driver import run_script, summary_line, train_model  # noqa: E402
+from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
 from dorefanet.inference import TopKError, evaluate_topk, load_predictor, run_images, topk_wrong  # noqa: E402,F401
+from dorefanet.layer_bits import LayerBitsError  # noqa: E402
 from dorefanet.network import DescribedNetwork  # noqa: E402
 from dorefanet.training import RunPlan, TrainingSetupError, available_gpus, checkpoint_step, select_trainer  # noqa
 
@@ -569,13 +570,14 @@ class ImageNetModel(DescribedNetwork, ModelDesc):
     cpu_data_format = "channels_last"
     min_image_size = 64
 
-    def __init__(self, bits=(32, 32, 32), data_format="channels_first", image_size=IMAGE_SIZE):
+    def __init__(self, bits=(32, 32, 32), data_format="channels_first", image_size=IMAGE_SIZE, layer_bits=()):
         super().__init__()
         self.bits = tuple(check_bits(*bits))
         self.data_format = normalize_data_format(data_format)
         if int(image_size) < 1:
             raise ValueError("invalid image size {!r}".format(image_size))
         self.image_size = int(image_size)
+        self.plan_layers(layer_bits)
 
     @property
     def channel_axis(self):
@@ -840,6 +842,7 @@ def _train(model, args, script):
               "recipe": {"base_lr": model_class.base_lr, "lr_schedule": list(model_class.lr_schedule),
                          "weight_decay": model_class.weight_decay,
                          "weight_decay_pattern": model_class.weight_decay_pattern}}
+    config.update(layer_bits_record(args, model, config["resume_key"]))
     plan = None if rank == 0 else _follower_plan(logdir, rank, steps, args.overwrite)
     callbacks = [
         # Keyed on epochs: a resumed run starts at the epoch after its checkpoint, and the
@@ -855,7 +858,7 @@ def _train(model, args, script):
         data = ["--fake"] if args.fake else ["--data", os.path.abspath(args.data)]
         if size != IMAGE_SIZE:
             data += ["--image-size", str(size)]
-        print(summary_line(plan.logdir, "val-error-top1", "top-1 validation error", script, args.dorefa, data))
+        print(summary_line(plan.logdir, "val-error-top1", "top-1 validation error", script, data))
     return 0
 
 
@@ -878,7 +881,10 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     parser = make_imagenet_parser(model_class, description or model_class.__doc__, default_dorefa, epilog)
     args = parse_imagenet_args(parser, model_class, argv)
     _resolve_devices(parser, model_class, args)
-    model = model_class(args.dorefa, args.data_format, args.image_size)
+    try:
+        model = model_class(args.dorefa, args.data_format, args.image_size, args.layer_bits)
+    except LayerBitsError as err:
+        parser.error(str(err))
 
     script = script or "./" + os.path.basename(sys.argv[0])
     return run_script(args, model, lambda: _train(model, args, script), lambda: _evaluate(model, args),

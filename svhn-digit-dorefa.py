@@ -19,7 +19,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dorefanet.cli import check_modes, make_parser  # noqa: E402
-from dorefanet.driver import run_script, summary_line, train_model  # noqa: E402
+from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
+from dorefanet.layer_bits import LayerBitsError  # noqa: E402
 from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
 from dorefanet.network import DescribedNetwork  # noqa: E402
 from dorefanet.svhn_data import SVHNDataError, load_svhn, synthetic_digits  # noqa: E402
@@ -43,10 +44,11 @@ class SVHNModel(DescribedNetwork, ModelDesc):
     image_std = 256.0     # the input is BGR 0..255 divided by 256
     activation_at_32 = "relu"
 
-    def __init__(self, bits, steps_per_epoch=RECIPE_STEPS_PER_EPOCH, data_format="channels_last"):
+    def __init__(self, bits, steps_per_epoch=RECIPE_STEPS_PER_EPOCH, data_format="channels_last", layer_bits=()):
         self.bits = bits
         self.steps_per_epoch = int(steps_per_epoch)
         self.data_format = data_format
+        self.plan_layers(layer_bits)
 
     def inputs(self):
         return [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, "input"),
@@ -144,16 +146,20 @@ def make_dataflow(flow, train, batch, workers):
 
 
 # ------------------------------------------------------------------ modes
+def make_model(args, steps_per_epoch=RECIPE_STEPS_PER_EPOCH):
+    return SVHNModel(args.dorefa, steps_per_epoch, args.data_format, args.layer_bits)
+
+
 def evaluate(args):
     flow = source_flow(args, "test")   # read before the weights, so that a bad --data fails at once
-    predict = load_predictor(args, SVHNModel(args.dorefa, data_format=args.data_format))
+    predict = load_predictor(args, make_model(args))
     result = evaluate_topk(predict, make_dataflow(flow, False, args.batch, 0))
     print("test error: {:.4f}".format(result.top1))
     return 0
 
 
 def run(args):
-    predict = load_predictor(args, SVHNModel(args.dorefa, data_format=args.data_format))
+    predict = load_predictor(args, make_model(args))
     failed = run_images(args.run, resize_like_test_data, predict, lambda c: {}, k=5, as_json=args.json)
     return 1 if failed else 0
 
@@ -170,7 +176,8 @@ def train(args):
               "steps_per_epoch": steps, "batch": args.batch, "train_images": len(train_flow),
               "test_images": len(test_flow), "data_format": args.data_format}
     towers = len(args.gpu.split(",")) if args.gpu else max(available_gpus(), 1)
-    model = SVHNModel(args.dorefa, steps_per_epoch=steps, data_format=args.data_format)
+    model = make_model(args, steps)
+    config.update(layer_bits_record(args, model, config["resume_key"]))
     callbacks = [InferenceRunner(make_dataflow(test_flow, False, args.batch, 0),
                                  [ScalarStats("cost"), ClassificationError("wrong-top1", "test-error")])]
     plan = train_model(model, args, logdir, config, make_dataflow(train_flow, True, args.batch // towers, args.workers),
@@ -178,7 +185,7 @@ def train(args):
     # the synthetic digits depend on --seed; real data is named by its absolute path
     data = (["--synthetic"] + (["--seed", str(args.seed)] if args.seed else [])) if args.synthetic else \
         ["--data", os.path.abspath(args.data)]
-    print(summary_line(plan.logdir, "test-error", "test error", "./" + os.path.basename(__file__), args.dorefa, data))
+    print(summary_line(plan.logdir, "test-error", "test error", "./" + os.path.basename(__file__), data))
 
 
 def parse_args(argv=None):
@@ -214,13 +221,17 @@ def parse_args(argv=None):
         parser.error("--workers must be >= 0, got {}".format(args.workers))
     if args.data_format is None:
         args.data_format = "channels_first" if available_gpus() > 0 else "channels_last"
+    try:
+        make_model(args)
+    except LayerBitsError as err:
+        parser.error(str(err))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     training = not (args.export or args.export_packed or args.run or args.eval)
-    return run_script(args, SVHNModel(args.dorefa, data_format=args.data_format), lambda: train(args),
+    return run_script(args, make_model(args), lambda: train(args),
                       lambda: evaluate(args), lambda: run(args), training, errors=(SVHNDataError,))
 
 

@@ -3,6 +3,7 @@
 
     python bench/packed_speed.py                                   # SVHN, AlexNet, ResNet-18; batch 1 and 128
     python bench/packed_speed.py --models svhn --batches 1 128 --repeats 7
+    python bench/packed_speed.py --models svhn --bits 1,2,4 '1,2,4;conv0=8,32,32;conv[12]=2,2,8;fc1=4,32,32'
 
 For each (model, bits): random weights with calibrated batch norms
 (``synthetic_weights``), the float ``.npz`` of ``--export`` and the packed
@@ -39,14 +40,19 @@ MODELS = {
 }
 
 
-def _model(name, bits):
+def _model(name, setting):
+    """The model of a bit setting: ``W,A,G``, optionally followed by ``;PATTERN=W,A,G`` per-layer entries."""
     from dorefanet.cli import dorefa_bits
+    from dorefanet.layer_bits import parse_layer_bits
     from dorefanet.scripts import load_script
 
     script, cls, _, size = MODELS[name]
     model_class = getattr(load_script(script), cls)
-    bits = tuple(dorefa_bits(bits))
-    return model_class(bits) if name == "svhn" else model_class(bits, "channels_last", size)
+    dorefa, *entries = setting.split(";")
+    bits, layer_bits = tuple(dorefa_bits(dorefa)), [parse_layer_bits(e) for e in entries]
+    if name == "svhn":
+        return model_class(bits, layer_bits=layer_bits)
+    return model_class(bits, "channels_last", size, layer_bits)
 
 
 def _time_calls(predict, images, repeats):
@@ -109,8 +115,8 @@ def measure(name, bits, batches, repeats, rounds, workdir):
     shape = spec.shape.as_list()[1:]
     rng = np.random.RandomState(0)
     weights = calibrated_weights(model, rng.uniform(0, 255, [16] + shape).astype(spec.dtype.as_numpy_dtype))
-    npz = os.path.join(workdir, "{}-{}.npz".format(name, bits))
-    packed_path = os.path.join(workdir, "{}-{}.packed.npz".format(name, bits))
+    stem = os.path.join(workdir, "{}-{}".format(name, len(os.listdir(workdir))))   # settings may hold regex characters
+    npz, packed_path = stem + ".npz", stem + ".packed.npz"
     save_npz(weights, npz)
     with contextlib.redirect_stdout(sys.stderr):       # stdout carries only the tables
         export_packed(model, npz, packed_path)
@@ -147,7 +153,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                         help="models to compare (default: %(default)s)")
-    parser.add_argument("--bits", nargs="+", help="bit settings (default: each model's own list)")
+    parser.add_argument("--bits", nargs="+",
+                        help="bit settings: W,A,G, optionally with per-layer entries as in --layer-bits after "
+                             "semicolons ('1,2,4;conv0=8,32,32;conv[12]=2,2,8') (default: each model's own list)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 128], help="batch sizes (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch (default: %(default)s)")

@@ -5,13 +5,17 @@ argument groups, parses, and then calls :func:`check_modes` so that the same
 conflicts are refused the same way everywhere.
 """
 import argparse
+import json
 import os
+import re
 import sys
 from typing import NamedTuple, Union
 
 from dorefa import TERNARY, check_bits
+from dorefanet.layer_bits import LayerBitsError, parse_layer_bits
 
-__all__ = ["Bits", "dorefa_bits", "make_parser", "check_modes", "run_reporting_errors"]
+__all__ = ["Bits", "dorefa_bits", "layer_bits_entry", "make_parser", "check_modes", "check_run_table", "run_config",
+           "run_reporting_errors"]
 
 
 class Bits(NamedTuple):
@@ -48,6 +52,15 @@ def dorefa_bits(text):
         raise argparse.ArgumentTypeError("{} in {!r}".format(err, text)) from None
 
 
+def layer_bits_entry(text):
+    """argparse ``type`` for one ``--layer-bits PATTERN=W,A,G`` entry: ``(pattern, Bits)``."""
+    try:
+        pattern, bits = parse_layer_bits(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return pattern, Bits(*bits)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Appends ``(default: X)`` to each flag's help, unless the help already states its default."""
 
@@ -75,9 +88,16 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
         "model": parser.add_argument_group("loading, evaluation and inference"),
     }
     groups["quantization"].add_argument(
-        "--dorefa", type=dorefa_bits, default=dorefa_bits(default_dorefa), metavar="W,A,G",
-        help="bit widths of weights, activations and gradients; 32 = not quantized, "
-             "W = 't' selects TTQ (with A = G = 32)")
+        "--dorefa", type=dorefa_bits, default=None, metavar="W,A,G",
+        help="bit widths of weights, activations and gradients of every quantized layer; 32 = not quantized, "
+             "W = 't' selects TTQ (with A = G = 32). With --load LOGDIR and no bit flags, the run's own "
+             "(default: {})".format(default_dorefa))
+    groups["quantization"].add_argument(
+        "--layer-bits", type=layer_bits_entry, nargs="+", default=[], metavar="PATTERN=W,A,G",
+        help="bit widths of single layers: PATTERN is a layer name (conv0, fc1, conv2blk1/c3x3a) or a regular "
+             "expression matching whole names, later entries win; W = the layer's weights, A = the activation "
+             "it reads, G = the gradient into it (e.g. conv0=8,32,32 'conv[12]=2,2,8')")
+    parser.set_defaults(default_dorefa=dorefa_bits(default_dorefa))
     groups["data"].add_argument("--data", metavar="DIR", help="dataset directory")
     groups["training"].add_argument("--logdir", metavar="DIR",
                                     help="where checkpoints and logs go; a killed run started again with the same "
@@ -123,6 +143,7 @@ def check_modes(parser, args):
         parser.error("--engine packed runs --eval or --run on a --export-packed file")
     if args.first_last_dtype != "float32" and not args.export_packed:
         parser.error("--first-last-dtype only applies to --export-packed")
+    _bits_of_the_run(parser, args, chosen)
     if args.gpu is not None:
         ids = [part.strip() for part in args.gpu.split(",")]
         if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):
@@ -131,6 +152,79 @@ def check_modes(parser, args):
         # before TensorFlow first looks for GPUs, so that it only ever sees these
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     return args
+
+
+def run_config(path):
+    """What ``path`` records of its bit widths: ``{"dorefa", "layer_bits", "layer_table"}`` or None.
+
+    From the ``config.json`` of the training run that ``path`` (a logdir or a
+    checkpoint in one) belongs to, or from the header of a packed file; a plain
+    ``.npz`` records nothing.
+    """
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    if path.endswith(".npz"):
+        return _packed_config(path)
+    logdir = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(logdir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "dorefa" in config else None
+
+
+def _packed_config(path):
+    from dorefanet.packed.format import HEADER, is_packed_file
+
+    if not is_packed_file(path):
+        return None
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data[HEADER][()]))
+        table = header.get("layer_bits") or {}
+        return {"dorefa": header["bits"], "packed": True,
+                "layer_bits": [[re.escape(layer), bits] for layer, bits in table.items()]}
+    except (OSError, ValueError, KeyError):
+        return None   # reading the file properly reports what is wrong with it
+
+
+def _bits_of_the_run(parser, args, modes):
+    """``--dorefa`` / ``--layer-bits``: as given, else the loaded run's own (not when training), else the default.
+
+    ``args.run_table`` is the run's recorded ``{layer: "W,A,G"}`` when bit flags
+    were given too: the script refuses a model whose table differs from it.
+    """
+    args.run_table = None
+    config = run_config(args.load) if modes else None
+    given = args.dorefa is not None or bool(args.layer_bits)
+    if config is not None and not given:
+        args.dorefa = dorefa_bits(config["dorefa"])
+        args.layer_bits = [layer_bits_entry("{}={}".format(p, b)) for p, b in config.get("layer_bits", [])]
+    elif config is not None and not config.get("packed"):   # a packed file's own check names the layer
+        args.run_table = config.get("layer_table") or {"*": config["dorefa"]}
+    if args.dorefa is None:
+        args.dorefa = args.default_dorefa
+
+
+def check_run_table(args, model):
+    """Refuse bit flags that give ``model`` other bit widths than the loaded run was trained with."""
+    if args.run_table is None:
+        return
+    table = model.layer_plan.table()
+    if "*" in args.run_table:   # a run recorded before per-layer bits: only --dorefa is known
+        if str(args.dorefa) != args.run_table["*"] or model.layer_plan.mixed:
+            raise LayerBitsError("{} was trained at --dorefa {}; these bit flags differ (leave them out to use the "
+                             "run's own)".format(args.load, args.run_table["*"]))
+        return
+    for layer, bits in table.items():
+        if args.run_table.get(layer) != bits:
+            raise LayerBitsError("{} was trained with {} at {}, not {} as these bit flags give; leave --dorefa and "
+                             "--layer-bits out to use the run's own".format(
+                                 args.load, layer, args.run_table.get(layer), bits))
 
 
 def _one_line_os_error(err):

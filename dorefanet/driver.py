@@ -16,16 +16,18 @@ from dorefanet.tf_setup import tf
 import numpy as np  # noqa: E402
 
 from dorefanet.checkpoints import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
-from dorefanet.cli import run_reporting_errors  # noqa: E402
+from dorefanet.cli import check_run_table, run_reporting_errors  # noqa: E402
+from dorefanet.layer_bits import LayerBitsError  # noqa: E402
 from dorefanet.image_io import ImageReadError  # noqa: E402
 from dorefanet.inference import EvaluationError, results_only_on_stdout  # noqa: E402
 from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
 from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
 
-__all__ = ["COMMON_ERRORS", "run_script", "train_model", "summary_line"]
+__all__ = ["COMMON_ERRORS", "run_script", "layer_bits_record", "train_model", "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
-COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError)
+COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
+                 LayerBitsError)
 
 
 def run_script(args, model, train, evaluate, run, training, errors=()):
@@ -35,6 +37,7 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
     a fresh graph.  ``--export`` and ``--export-packed`` need only ``model``.
     """
     def act():
+        check_run_table(args, model)
         if training:
             with tf.Graph().as_default():
                 train()
@@ -50,6 +53,19 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
                 return evaluate() if args.eval else run()
 
     return run_reporting_errors(act, COMMON_ERRORS + tuple(errors), training)
+
+
+def layer_bits_record(args, model, resume_key):
+    """The ``config.json`` fields of a run's bit widths; a mixed table also joins the run's ``resume_key``.
+
+    ``layer_bits`` are the ``--layer-bits`` entries as given (what ``--load
+    LOGDIR`` replays), ``layer_table`` the resolved ``{layer: "W,A,G"}``.
+    """
+    table = model.layer_plan.table()
+    if model.layer_plan.mixed:
+        # a run with the same --dorefa but other per-layer bits is another run, not this one resumed
+        resume_key["layer_table"] = table
+    return {"layer_bits": [[pattern, str(bits)] for pattern, bits in args.layer_bits], "layer_table": table}
 
 
 def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer, plan=None):
@@ -70,12 +86,12 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
     return plan
 
 
-def summary_line(logdir, error_key, what, script, dorefa, data_flags):
+def summary_line(logdir, error_key, what, script, data_flags):
     """The plain line that ends a training run: its final error, where the model is, how to evaluate it.
 
     ``error_key`` is the ``stats.json`` field of the error (``what`` names it);
     ``script`` how to call the script; ``data_flags`` the flags that give the
-    evaluation data.
+    evaluation data (the bit widths come from the run's own config.json).
     """
     stats = []
     try:
@@ -85,7 +101,7 @@ def summary_line(logdir, error_key, what, script, dorefa, data_flags):
         pass
     last = next((s for s in reversed(stats) if error_key in s), None) if isinstance(stats, list) else None
     command = " ".join(shlex.quote(part) for part in
-                       [script, "--dorefa", str(dorefa), "--load", logdir, "--eval"] + list(data_flags))
+                       [script, "--load", logdir, "--eval"] + list(data_flags))
     if last is None:
         result = "no {} recorded".format(what)
     else:

@@ -136,6 +136,7 @@ def make_packed_predictor(path, model):
     The file must have been exported for the script's ``model``: the same
     network, bit widths and input size; otherwise :class:`ModelLoadError`.
     """
+    from dorefanet.layer_bits import LayerPlan
     from dorefanet.packed import PackedFormatError, load_packed
 
     try:
@@ -149,6 +150,13 @@ def make_packed_predictor(path, model):
     if packed.bits != bits:
         raise ModelLoadError("{}: was packed at --dorefa {}, not {}; pass --dorefa {}".format(
             path, packed.bits, bits, packed.bits))
+    # a file exported at --dorefa alone records no table: it is the table --dorefa alone gives
+    packed_table = packed.header.get("layer_bits") or LayerPlan(model.network, model.bits).table()
+    ours = model.layer_plan.table()
+    for layer in ours:
+        if packed_table.get(layer) != ours[layer]:
+            raise ModelLoadError("{}: was packed with {} at {}, not {} as --dorefa / --layer-bits give".format(
+                path, layer, packed_table.get(layer), ours[layer]))
     height, width = model.inputs()[0].shape.as_list()[1:3]
     if (packed.input["height"], packed.input["width"]) != (height, width):
         raise ModelLoadError("{}: takes {}x{} images; this network takes {}x{}".format(

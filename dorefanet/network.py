@@ -18,12 +18,18 @@ What the builder's words mean, in both back-ends:
 * ``conv`` / ``fc`` with ``quantized=True``: the layer's ``W`` goes through
   ``fw`` and the gradient flowing into its output through ``fg``; with
   ``quantized=False`` (the first and the last layer) both stay float;
-* ``activate(x)``: the activation a quantized layer reads: ``clip(x, 0, 1)``
-  quantized to A bits, or at A = 32 the model's float activation
-  (``activation_at_32``: ``"relu"`` for the SVHN net and AlexNet, ``"clip"``
-  for ResNet-18, as published);
-* ``nonlin(x)``: the same without quantization (what the float last layer reads).
+* ``activate(x)``: the activation the next layer reads: ``clip(x, 0, 1)``
+  quantized to that layer's A bits, or at A = 32 the float activation;
+* ``nonlin(x)``: the same where the next layer is float by default (the last
+  layer reads it): the float activation unless that layer is given A < 32.
+
+The float activation is ``relu`` where the model's ``activation_at_32`` is
+``"relu"`` (the SVHN net and AlexNet) and ``--dorefa`` has A = 32, otherwise
+``clip(x, 0, 1)`` (always for ResNet-18), as published.  Which bits each layer
+gets is :mod:`dorefanet.layer_bits`.
 """
+import contextlib
+
 from dorefanet.tf_setup import tf
 
 from tensorpack.models import (AvgPooling, BatchNorm, Conv2D, Dropout, FullyConnected,  # noqa: E402
@@ -32,7 +38,8 @@ from tensorpack.tfutils.argscope import argscope  # noqa: E402
 from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
-from dorefa import get_dorefa, quantize_clipped  # noqa: E402
+from dorefa import get_dorefa, quantize, quantize_clipped  # noqa: E402
+from dorefanet.layer_bits import LayerPlan  # noqa: E402
 
 __all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder", "DescribedNetwork"]
 
@@ -48,20 +55,24 @@ def _identity(v):
 
 
 class GraphBuilder:
-    """Builds a network description with tensorpack's layers for ``bits = (W, A, G)``.
+    """Builds a network description with tensorpack's layers, each layer at the bit widths of ``plan``.
 
-    Call :meth:`build` rather than the description directly: it sets the
-    layouts and batch-norm constants every layer shares.
+    ``plan`` is the model's :class:`dorefanet.layer_bits.LayerPlan` (from
+    ``--dorefa`` and ``--layer-bits``).  Call :meth:`build` rather than the
+    description directly: it sets the layouts and batch-norm constants every
+    layer shares.
     """
 
-    def __init__(self, bits, data_format="channels_last", activation_at_32="relu"):
+    def __init__(self, plan, data_format="channels_last", activation_at_32="relu"):
         if activation_at_32 not in ACTIVATIONS_AT_32:
             raise ValueError("activation_at_32 must be one of {}, got {!r}".format(ACTIVATIONS_AT_32,
                                                                                    activation_at_32))
-        self.fw, self.fa, self.fg = get_dorefa(*bits)
-        self.bit_a = bits[1]
+        self.plan = plan
         self.data_format = data_format
         self.activation_at_32 = activation_at_32
+        self._quantizers = {}
+        self._scopes = []
+        self._activations = 0
 
     def build(self, network, x):
         """``network(self, x)`` inside the layouts and constants its layers share; returns its result."""
@@ -70,19 +81,27 @@ class GraphBuilder:
             return network(self, x)
 
     # ------------------------------------------------------------ layers with weights
-    def _weights(self, quantized):
-        fw = self.fw
+    def _layer_quantizers(self, name):
+        """``(remap, fg)`` of layer ``name``: ``fw`` on its kernel and ``fg`` on its output, or identities."""
+        name = "/".join(self._scopes + [name])
+        if not self.plan.quantized(name):
+            return _identity, _identity
+        bits = self.plan.layers[name]
+        if bits not in self._quantizers:
+            self._quantizers[bits] = get_dorefa(*bits)
+        fw, _, fg = self._quantizers[bits]
 
         def remap(v):
             # only the kernel: biases, and TTQ's Wp / Wn that fw itself creates, stay as they are
             return fw(v) if v.op.name.endswith("/W") else v
 
-        return remap if quantized else _identity
+        return remap, fg
 
     def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
-        with remap_variables(self._weights(quantized)):
+        remap, fg = self._layer_quantizers(name)
+        with remap_variables(remap):
             y = Conv2D(name, x, out, kernel, strides=stride, padding=padding, split=groups, use_bias=bias)
-        return self.fg(y) if quantized else y
+        return fg(y)
 
     def fc(self, name, x, out, quantized=True, bias=False, flatten="hwc"):
         """``flatten``: the order (``hwc`` or ``chw``) in which the weight rows expect a map's values."""
@@ -92,24 +111,37 @@ class GraphBuilder:
                 x = tf.transpose(x, [0, 3, 1, 2], name="to_chw")
             elif flatten == "hwc" and self.data_format == "channels_first":
                 x = tf.transpose(x, [0, 2, 3, 1], name="to_hwc")
-        with remap_variables(self._weights(quantized)):
+        remap, fg = self._layer_quantizers(name)
+        with remap_variables(remap):
             y = FullyConnected(name, x, out, use_bias=bias)
-        return self.fg(y) if quantized else y
+        return fg(y)
 
     def bn(self, name, x):
         return BatchNorm(name, x)
 
     # ------------------------------------------------------------ activations
-    def nonlin(self, x):
-        if self.bit_a == 32 and self.activation_at_32 == "relu":
+    def _next_activation_bits(self):
+        bits = self.plan.activation_bits[self._activations]
+        self._activations += 1
+        return bits
+
+    def _float_activation(self, x):
+        if self.plan.float_activation(self.activation_at_32) == "relu":
             return tf.nn.relu(x)
         return tf.clip_by_value(x, 0.0, 1.0)
 
+    def nonlin(self, x):
+        bits = self._next_activation_bits()
+        if bits == 32:
+            return self._float_activation(x)
+        return quantize_clipped(x, bits)
+
     def activate(self, x):
-        if self.bit_a == 32:
-            return self.fa(self.nonlin(x))
+        bits = self._next_activation_bits()
+        if bits == 32:
+            return quantize(self._float_activation(x), 32)
         # the value of fa(clip(x, 0, 1)) bit for bit, in one fused op with a one-pass gradient
-        return quantize_clipped(x, self.bit_a)
+        return quantize_clipped(x, bits)
 
     # ------------------------------------------------------------ the rest
     def maxpool(self, name, x, size, stride=None, padding="VALID"):
@@ -136,15 +168,22 @@ class GraphBuilder:
     def add(self, a, b):
         return a + b
 
+    @contextlib.contextmanager
     def scope(self, name):
-        return tf.variable_scope(name)
+        with tf.variable_scope(name):
+            self._scopes.append(name)
+            try:
+                yield
+            finally:
+                self._scopes.pop()
 
 
 class DescribedNetwork:
     """Mixin of the scripts' models: ``network(net, x)`` is the one description of the layers.
 
     The model provides ``bits``, ``data_format``, ``image_mean`` / ``image_std``
-    (the input normalisation, BGR in 0..255 units) and ``activation_at_32``.
+    (the input normalisation, BGR in 0..255 units) and ``activation_at_32``,
+    and its constructor calls :meth:`plan_layers` (``--layer-bits``).
     """
 
     activation_at_32 = "relu"
@@ -153,13 +192,18 @@ class DescribedNetwork:
         """Describe the layers on the normalised input ``x``; return the logits."""
         raise NotImplementedError("{} does not describe its network".format(type(self).__name__))
 
+    def plan_layers(self, layer_bits=()):
+        """Resolve the bit widths of every layer (``--dorefa`` for all, then ``layer_bits``); see layer_bits."""
+        self.layer_plan = LayerPlan(self.network, self.bits, layer_bits)
+        return self.layer_plan
+
     def network_logits(self, x):
         """The logits of :meth:`network` built in TensorFlow on the normalised batch ``x``."""
-        return GraphBuilder(self.bits, self.data_format, self.activation_at_32).build(self.network, x)
+        return GraphBuilder(self.layer_plan, self.data_format, self.activation_at_32).build(self.network, x)
 
     def packed_program(self):
         """The same network as a program of the packed engine (``--export-packed``)."""
         from dorefanet.packed.program import ProgramBuilder
 
-        net = ProgramBuilder(self.bits, self.activation_at_32)
+        net = ProgramBuilder(self.layer_plan, self.activation_at_32)
         return net.program(self.network, self.image_mean, self.image_std)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
+from dorefanet.layer_bits import LayerPlan
 from dorefanet.packed.program import ProgramBuilder, validate_program
 from dorefanet.tf_setup import tf
 
@@ -72,7 +73,7 @@ def test_program_builder_registers_and_folding():
         x = net.add(short, y)
         return net.fc("fc", net.gap("gap", x), 10, quantized=False)
 
-    program = ProgramBuilder((1, 2, 32)).program(network, (0, 0, 0), 256.0)
+    program = ProgramBuilder(LayerPlan(network, (1, 2, 32))).program(network, (0, 0, 0), 256.0)
     assert [op["op"] for op in program] == ["normalize", "conv", "activate", "conv", "conv", "activate", "affine",
                                             "add", "gap", "fc", "softmax"]
     assert program[1]["bn"] == "bn0" and "bn" not in program[4]
@@ -90,7 +91,7 @@ def test_program_builder_refuses_a_map_it_folded_away():
         return net.add(y, z)     # z, the map before bn0, no longer exists in the packed program
 
     with pytest.raises(ValueError, match="reads the output of c0 before its batch norm bn0"):
-        ProgramBuilder((1, 2, 32)).program(network, (0, 0, 0), 1.0)
+        ProgramBuilder(LayerPlan(network, (1, 32, 32))).program(network, (0, 0, 0), 1.0)
 
 
 @pytest.mark.parametrize("data_format, flatten, transposed", [
@@ -102,8 +103,10 @@ def test_graph_builder_flattens_in_the_order_the_weights_expect(data_format, fla
     with tf.Graph().as_default() as graph:
         shape = [2, 3, 4, 5] if data_format == "channels_first" else [2, 4, 5, 3]
         x = tf.compat.v1.placeholder(tf.float32, shape)
-        net = GraphBuilder((32, 32, 32), data_format)
-        net.build(lambda net, x: net.fc("fc", x, 7, quantized=False, flatten=flatten), x)
+        def network(net, x):
+            return net.fc("fc", x, 7, quantized=False, flatten=flatten)
+
+        GraphBuilder(LayerPlan(network, (32, 32, 32)), data_format).build(network, x)
         names = [op.name for op in graph.get_operations() if op.type == "Transpose"]
     assert names == ([transposed] if transposed else [])
 
@@ -112,7 +115,7 @@ def test_graph_builder_rejects_an_unknown_float_activation():
     from dorefanet.network import GraphBuilder
 
     with pytest.raises(ValueError, match="activation_at_32"):
-        GraphBuilder((1, 2, 6), activation_at_32="tanh")
+        GraphBuilder(None, activation_at_32="tanh")
 
 
 @pytest.mark.parametrize("kind, bits, key, size", [("svhn", "1,2,4", None, 40), ("alexnet", "1,2,6", "alexnet-1,2,6", 224),

@@ -253,7 +253,13 @@ def test_strict_loading_names_the_mismatch(svhn, svhn_dir, trained, tmp_path, ca
 
 
 def test_wrong_bits_and_pickled_npz_are_refused(svhn, trained, tmp_path, capsys):
+    # a logdir knows its bits: flags that contradict them are refused before any weight is read
     code, _, err = run_main(svhn, ["--dorefa", "t,32,32", "--load", trained, "--run", "x.png"], capsys)
+    assert code == 2 and "was trained with conv1 at 1,2,4, not t,32,32" in err
+    # an .npz does not: strict loading names what the graph lacks
+    npz = str(tmp_path / "exported.npz")
+    assert run_main(svhn, ["--load", trained, "--export", npz], capsys)[0] == 0
+    code, _, err = run_main(svhn, ["--dorefa", "t,32,32", "--load", npz, "--run", "x.png"], capsys)
     assert code == 2 and "missing conv1/Wn" in err
     pickled = str(tmp_path / "pickled.npz")
     np.savez(pickled, **{"conv1/W": np.array([object()], dtype=object)})

@@ -22,23 +22,23 @@ class PackedExportError(ValueError):
     """The weights cannot be packed faithfully (one-line message)."""
 
 
-def _graph_quantized(bits, layers, weights):
-    """``{layer: fw(W)}`` computed by TensorFlow with the graph's quantizer, for the quantized ``layers``."""
+def _graph_quantized(layer_w, weights):
+    """``{layer: fw(W)}`` computed by TensorFlow with the graph's quantizer, for ``layer_w`` = ``{layer: W bits}``."""
     from dorefa import TERNARY, get_dorefa
     from dorefanet.tf_setup import tf
     from dorefanet.training import session_config
 
     with tf.Graph().as_default():
-        fw, _, _ = get_dorefa(*bits)
         tensors, assign, feed = {}, [], {}
-        for layer in layers:
+        for layer, bit_w in layer_w.items():
+            fw, _, _ = get_dorefa(bit_w, 32, 32)
             with tf.variable_scope(layer):
                 # fed, not tf.constant: grappler would spend many seconds constant-folding big weights
                 w = np.asarray(weights[layer + "/W"], np.float32)
                 placeholder = tf.placeholder(tf.float32, w.shape)
                 feed[placeholder] = w
                 tensors[layer] = fw(placeholder)
-        if bits[0] == TERNARY:
+        if TERNARY in layer_w.values():
             # ternarize created the trainable scalars <layer>/Wp and <layer>/Wn; give them the file's values
             for var in tf.global_variables():
                 assign.append(tf.assign(var, np.float32(weights[var.op.name])))
@@ -100,25 +100,28 @@ def _folded(weights, op):
     return scale.astype(np.float32), shift.astype(np.float32)
 
 
-def packed_arrays(bits, program, weights, first_last_dtype="float32"):
-    """``(layers, arrays)``: the header's layer specs and the file's arrays for ``program`` and ``weights``."""
-    bit_w = bits[0]
+def packed_arrays(plan, program, weights, first_last_dtype="float32"):
+    """``(layers, arrays)``: the header's layer specs and the file's arrays for ``program`` and ``weights``.
+
+    ``plan`` (:class:`dorefanet.layer_bits.LayerPlan`) gives each layer's W.
+    """
     layer_ops = [op for op in program if op["op"] in ("conv", "fc")]
-    quantized = [op["layer"] for op in layer_ops if op["quantized"] and bit_w != 32]
-    graph_values = _graph_quantized(bits, quantized, weights) if quantized else {}
+    layer_w = {op["layer"]: plan.layers[op["layer"]][0] for op in layer_ops if op["quantized"]}
+    quantized = {layer: bits for layer, bits in layer_w.items() if bits != 32}
+    graph_values = _graph_quantized(quantized, weights) if quantized else {}
     layers, arrays = {}, {}
     for op in layer_ops:
         name = op["layer"]
         w = np.asarray(weights[name + "/W"], np.float32)
         spec = {"shape": list(w.shape)}
         if name in graph_values:
-            kind, fields = _codes(name, bit_w, w, graph_values[name], weights)
+            kind, fields = _codes(name, layer_w[name], w, graph_values[name], weights)
             spec["kind"] = kind
             if kind == "dorefa":
-                spec["bits"] = int(bit_w)
+                spec["bits"] = int(layer_w[name])
         else:
             spec["kind"] = "float"
-            fields = {"W": w.astype(first_last_dtype if not op["quantized"] else np.float32)}
+            fields = {"W": w.astype(first_last_dtype if not plan.quantized_by_default[name] else np.float32)}
         layers[name] = spec
         arrays.update({"{}/{}".format(name, k): v for k, v in fields.items()})
     for op in program:
@@ -143,7 +146,7 @@ def export_packed(model, source, out, first_last_dtype="float32"):
     weights = read_weights(source)
     check_weights(expected_variables(model), weights, source)
     program = model.packed_program()
-    layers, arrays = packed_arrays(model.bits, program, weights, first_last_dtype)
+    layers, arrays = packed_arrays(model.layer_plan, program, weights, first_last_dtype)
     image_spec = model.inputs()[0]
     height, width, channels = image_spec.shape.as_list()[1:]
     bits = "{},{},{}".format(*model.bits)
@@ -152,6 +155,8 @@ def export_packed(model, source, out, first_last_dtype="float32"):
               "layers": layers, "program": program, "first_last_dtype": first_last_dtype,
               "source": os.path.basename(os.path.normpath(source)),
               "exported_by": "DoReFa-Net toolkit, TensorFlow {}".format(tf.__version__)}
+    if model.layer_plan.mixed:
+        header["layer_bits"] = model.layer_plan.table()   # only then: a --dorefa model's file is as it was
     write_packed(out, header, arrays)
     float_bytes = sum(np.asarray(v).size * 4 for v in weights.values())
     size = os.path.getsize(out)

@@ -21,7 +21,7 @@ Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
 import contextlib
 
 __all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
-           "nonlin_relu_at_32", "activate_relu_at_32", "gap",
+           "gap",
            "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder", "layer_inputs"]
 
 
@@ -87,16 +87,6 @@ def clip(**reg):
 def activate(bits, **reg):
     """``clip(x, 0, 1)``, then ``round(x * n) / n`` with ``n = 2^bits - 1`` (no quantization for 32)."""
     return _op("activate", bits=int(bits), **reg)
-
-
-def nonlin_relu_at_32(bits):
-    """``nonlin`` of the AlexNet and SVHN nets: ``relu`` when A is 32, else a clip to [0, 1]."""
-    return relu() if bits == 32 else clip()
-
-
-def activate_relu_at_32(bits):
-    """``activate`` (``fa(nonlin(x))``) of the AlexNet and SVHN nets: ``relu`` when A is 32."""
-    return relu() if bits == 32 else activate(bits)
 
 
 def gap(**reg):
@@ -165,11 +155,12 @@ class ProgramBuilder:
     reads is folded into it (``bn``); any other is an ``affine`` op.
     """
 
-    def __init__(self, bits, activation_at_32="relu"):
-        self.bit_a = bits[1]
+    def __init__(self, plan, activation_at_32="relu"):
+        self.plan = plan
         self.activation_at_32 = activation_at_32
         self._scopes = []
         self._records = []
+        self._activations = 0
 
     def program(self, network, mean, std):
         """The program of ``network(self, input)``: input normalisation, the layers, softmax."""
@@ -213,11 +204,13 @@ class ProgramBuilder:
 
     # ------------------------------------------------------------ layers with weights
     def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
-        return self._emit(conv(self._name(name), out, kernel, stride=stride, padding=padding, groups=groups,
-                               quantized=quantized, bias=bias), x)
+        name = self._name(name)
+        return self._emit(conv(name, out, kernel, stride=stride, padding=padding, groups=groups,
+                               quantized=self.plan.quantized(name), bias=bias), x)
 
     def fc(self, name, x, out, quantized=True, bias=False, flatten="hwc"):
-        return self._emit(fc(self._name(name), out, quantized=quantized, bias=bias, flatten=flatten), x)
+        name = self._name(name)
+        return self._emit(fc(name, out, quantized=self.plan.quantized(name), bias=bias, flatten=flatten), x)
 
     def bn(self, name, x):
         record = x.record
@@ -230,12 +223,23 @@ class ProgramBuilder:
         return record.out
 
     # ------------------------------------------------------------ activations
+    def _next_activation_bits(self):
+        bits = self.plan.activation_bits[self._activations]
+        self._activations += 1
+        return bits
+
+    def _float_activation(self):
+        return relu() if self.plan.float_activation(self.activation_at_32) == "relu" else clip()
+
     def nonlin(self, x):
-        return self._emit(nonlin_relu_at_32(self.bit_a) if self.activation_at_32 == "relu" else clip(), x)
+        bits = self._next_activation_bits()
+        return self._emit(activate(bits) if bits != 32 else self._float_activation(), x)
 
     def activate(self, x):
-        return self._emit(activate_relu_at_32(self.bit_a) if self.activation_at_32 == "relu" else
-                          activate(self.bit_a), x)
+        bits = self._next_activation_bits()
+        if bits == 32 and self.activation_at_32 == "relu":
+            return self._emit(self._float_activation(), x)
+        return self._emit(activate(bits), x)   # activate(32) is a clip
 
     # ------------------------------------------------------------ the rest
     def maxpool(self, name, x, size, stride=None, padding="VALID"):
