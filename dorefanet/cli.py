@@ -11,8 +11,7 @@ import re
 import sys
 from typing import NamedTuple, Union
 
-from dorefa import TERNARY, check_bits
-from dorefanet.layer_bits import LayerBitsError, parse_layer_bits
+from dorefanet.layer_bits import LayerBitsError, parse_bits, parse_layer_bits
 
 __all__ = ["Bits", "dorefa_bits", "layer_bits_entry", "make_parser", "check_modes", "check_run_table", "run_config",
            "run_reporting_errors"]
@@ -31,25 +30,10 @@ class Bits(NamedTuple):
 
 def dorefa_bits(text):
     """argparse ``type`` for ``--dorefa W,A,G`` (e.g. ``1,2,6``, ``32,32,32``, ``t,32,32``)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 3 or not all(parts):
-        raise argparse.ArgumentTypeError(
-            "expected three comma-separated bit widths W,A,G (e.g. 1,2,6), got {!r}".format(text))
-    values = []
-    for name, part in zip("WAG", parts):
-        if part == TERNARY:
-            values.append(part)
-            continue
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                "{} must be an integer from 1 to 32{}, got {!r} in {!r}".format(
-                    name, " or 't'" if name == "W" else "", part, text)) from None
     try:
-        return Bits(*check_bits(*values))
+        return Bits(*parse_bits(text))
     except ValueError as err:
-        raise argparse.ArgumentTypeError("{} in {!r}".format(err, text)) from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def layer_bits_entry(text):

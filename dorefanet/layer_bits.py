@@ -19,9 +19,9 @@ shortcut and the stem from the same activation).
 """
 import re
 
-from dorefa import check_bits
+from dorefa import TERNARY, check_bits
 
-__all__ = ["LayerBitsError", "parse_layer_bits", "LayerPlan", "FLOAT"]
+__all__ = ["LayerBitsError", "parse_bits", "parse_layer_bits", "LayerPlan", "FLOAT"]
 
 FLOAT = (32, 32, 32)
 
@@ -37,7 +37,7 @@ def parse_bits(text):
         raise ValueError("expected three comma-separated bit widths W,A,G (e.g. 1,2,6), got {!r}".format(text))
     values = []
     for name, part in zip("WAG", parts):
-        if name == "W" and part == "t":
+        if part == TERNARY:   # check_bits says where t is not allowed
             values.append(part)
             continue
         try:
@@ -45,7 +45,10 @@ def parse_bits(text):
         except ValueError:
             raise ValueError("{} must be an integer from 1 to 32{}, got {!r} in {!r}".format(
                 name, " or 't'" if name == "W" else "", part, text)) from None
-    return tuple(check_bits(*values))
+    try:
+        return tuple(check_bits(*values))
+    except ValueError as err:
+        raise ValueError("{} in {!r}".format(err, text)) from None
 
 
 def parse_layer_bits(text):
