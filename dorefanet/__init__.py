@@ -3,6 +3,7 @@
 * :mod:`dorefanet.tf_setup`: TensorFlow prepared for tensorpack (import it first);
 * :mod:`dorefanet.cli`: the shared command line (``--dorefa W,A,G`` and the common flags);
 * :mod:`dorefanet.network`: the one description of a network, built as a TensorFlow graph or a packed program;
+* :mod:`dorefanet.layer_bits`: ``--layer-bits``, each layer's (W, A, G) resolved against that description;
 * :mod:`dorefanet.driver`: train / ``--eval`` / ``--run`` / ``--export`` dispatch shared by the scripts;
 * :mod:`dorefanet.training`: run directories, resuming, trainers;
 * :mod:`dorefanet.checkpoints`: reading, strictly checking and writing model weights;
