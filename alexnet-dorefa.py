@@ -13,7 +13,7 @@ quantized by ``fw`` except in ``conv0`` and ``fct``; ``fg`` after every
 quantized layer, before its batch norm.  Recipe: Adam 2e-4 (epsilon 1e-5),
 4e-5 after epoch 60, 8e-6 after epoch 75, 90 epochs, total batch 256, L2 5e-6
 on ``fc.*/W``.  Everything else (flags, data, training, evaluation) is
-``imagenet_utils.imagenet_main``.
+``dorefanet.imagenet_cli.imagenet_main``.
 """
 import os
 import sys
@@ -22,7 +22,8 @@ from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 from tensorpack.tfutils.summary import add_param_summary  # noqa: E402
 
-from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
+from dorefanet.imagenet_cli import imagenet_main  # noqa: E402
+from imagenet_utils import ImageNetModel  # noqa: E402
 
 DEFAULT_DOREFA = "1,2,6"
 
@@ -86,7 +87,7 @@ class AlexNetModel(ImageNetModel):
 
 
 def main(argv=None):
-    """Train, evaluate, classify or export; see ``imagenet_utils.imagenet_main``."""
+    """Train, evaluate, classify or export; see ``dorefanet.imagenet_cli.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
     return imagenet_main(AlexNetModel, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
                          default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))

@@ -11,14 +11,15 @@ Architecture, names and preprocessing follow ``docs/networks.md``: BGR
 pre-activation blocks (with the ``conv2blk1`` quirk), ``lastbn`` -> global
 average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
 ``conv1`` and ``fct``; activations always clipped to [0, 1].  Everything else
-(flags, data, training, evaluation) is ``imagenet_utils.imagenet_main``.
+(flags, data, training, evaluation) is ``dorefanet.imagenet_cli.imagenet_main``.
 """
 import os
 import sys
 
 from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
-from imagenet_utils import ImageNetModel, imagenet_main  # noqa: E402
+from dorefanet.imagenet_cli import imagenet_main  # noqa: E402
+from imagenet_utils import ImageNetModel  # noqa: E402
 
 DEFAULT_DOREFA = "1,4,32"
 
@@ -98,7 +99,7 @@ class ResNet18Model(ImageNetModel):
 
 
 def main(argv=None):
-    """Train, evaluate, classify or export; see ``imagenet_utils.imagenet_main``."""
+    """Train, evaluate, classify or export; see ``dorefanet.imagenet_cli.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
     return imagenet_main(ResNet18Model, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
                          default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))

@@ -18,6 +18,7 @@ from conftest import ROOT, kill_after_first_checkpoint, load_script
 from dorefanet.checkpoints import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
+from dorefanet import imagenet_cli
 
 # tensorpack 0.11 threads call the deprecated Event.isSet()
 pytestmark = pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")
@@ -314,9 +315,9 @@ def test_help(script, default_bits, capsys):
 
 
 def test_cpu_defaults():
-    parser = iu.make_imagenet_parser(alexnet.AlexNetModel, "test", "1,2,6")
-    args = iu.parse_imagenet_args(parser, alexnet.AlexNetModel, ["--fake"])
-    iu._resolve_devices(parser, alexnet.AlexNetModel, args)
+    parser = imagenet_cli.make_imagenet_parser(alexnet.AlexNetModel, "test", "1,2,6")
+    args = imagenet_cli.parse_imagenet_args(parser, alexnet.AlexNetModel, ["--fake"])
+    imagenet_cli._resolve_devices(parser, alexnet.AlexNetModel, args)
     assert (args.towers, args.data_format, args.batch, args.epochs) == (1, "channels_last", 256, 90)
     assert args.steps_per_epoch is None and args.trainer == "replicated"
 
