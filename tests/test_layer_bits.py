@@ -228,3 +228,32 @@ def test_layer_bits_errors_are_parser_errors():
     assert done.stderr.strip().splitlines()[-1] == (
         "svhn-digit-dorefa.py: error: --layer-bits conv9=1,2,4: 'conv9' matches no layer; the layers are conv0, "
         "conv1, conv2, conv3, conv4, conv5, conv6, fc1")
+
+
+def test_ttq_on_one_layer_adds_its_scalars_only():
+    from dorefanet.checkpoints import expected_variables
+
+    names = expected_variables(svhn.SVHNModel((1, 2, 4), layer_bits=[("conv3", ("t", 32, 32))]))
+    assert sorted(n for n in names if n.endswith(("/Wp", "/Wn"))) == ["conv3/Wn", "conv3/Wp"]
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("alexnet-dorefa.py", ["--layer-bits", "conv0=8,32,32", "fc0=2,4,8", "fct=4,32,32"]),
+    ("resnet-dorefa.py", ["--layer-bits", "conv1=8,32,32", "conv3blk.*=2,2,8", "fct=8,32,32"])])
+def test_mixed_imagenet_models_train_reload_and_run_packed(tmp_path, script, flags):
+    """A few steps on --fake images, then --load with no bit flags, --export-packed and both engines on a picture."""
+    import cv2
+
+    logdir = str(tmp_path / "run")
+    done = _script(script, *flags, "--fake", "--batch", 2, "--epochs", 1, "--steps-per-epoch", 2, "--workers", 0,
+                   "--image-size", 64, "--logdir", logdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    picture = str(tmp_path / "a.png")
+    cv2.imwrite(picture, np.random.RandomState(1).randint(0, 256, (80, 96, 3)).astype(np.uint8))
+    packed = str(tmp_path / "m.packed.npz")
+    export = _script(script, "--load", logdir, "--export-packed", packed, "--image-size", 64)
+    assert export.returncode == 0, export.stderr[-3000:]
+    graph = _script(script, "--load", logdir, "--run", picture, "--json", "--image-size", 64)
+    engine = _script(script, "--load", packed, "--engine", "packed", "--run", picture, "--json", "--image-size", 64)
+    assert graph.returncode == 0 and engine.returncode == 0, (graph.stderr[-2000:], engine.stderr[-2000:])
+    np.testing.assert_allclose(_probabilities(engine), _probabilities(graph), atol=1e-4)
