@@ -21,3 +21,15 @@ def load_average():
         return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def cpu_mhz():
+    """The clock in MHz that /proc/cpuinfo reports for the first CPU (None where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None

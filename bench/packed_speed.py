@@ -16,6 +16,14 @@ pool would slow an engine sharing its process), the two alternate for
 of ``--repeats`` calls after a warm-up.  The "same top-1" column is the
 fraction of the batch where both give the same class (a fast but wrong engine
 cannot hide here).  Per-layer kernel speed: ``bench/packed_layers.py``.
+
+``--profile`` times only the engine, op by op (``dorefanet.packed.profiling``), and prints per
+model and batch where the time goes: every op (fused ones as one row) with the stages inside it
+(``pack``: codes to padded bit planes and window sums; ``popcount``: the bit-plane GEMM;
+``epilogue``: accumulators to floats or codes), and for conv / fc layers the achieved MACs per
+cycle per core (bit-MACs = MACs x W bits x A bits for the popcount path) against this machine's
+bound: 512 one-bit MACs a cycle (one 512-bit popcount port) for popcount layers, 32 fp32 MACs a
+cycle (two 512-bit FMA ports) for float layers, the clock from /proc/cpuinfo.
 """
 import argparse
 import contextlib
@@ -30,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
+from machine_info import cpu_mhz, cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 
 MODELS = {
     # name: (script, class, default bits, image size)
@@ -90,6 +98,107 @@ def child(kind, name, bits, path, batch, repeats):
     print("RESULT {}".format(batch / seconds))
 
 
+#: MACs a cycle a core of the machine's bound, by kernel path (module docstring)
+BOUNDS = {"popcount": 512, "float": 32, "int-gemm": 16}
+CATEGORIES = [("quantized conv / fc", lambda r: r["path"] in ("popcount", "int-gemm")),
+              ("float conv / fc", lambda r: r["path"] == "float"),
+              ("activation quantize", lambda r: r["kind"] == "activate"),
+              ("batch norm (affine)", lambda r: r["kind"] == "affine"),
+              ("pooling", lambda r: r["kind"].split("+")[0] in ("maxpool", "avgpool", "gap")),
+              ("shortcut adds", lambda r: r["kind"] == "add"),
+              ("input normalize", lambda r: r["kind"] == "normalize"),
+              ("other (pad, relu, clip, scale, softmax)", lambda r: True)]
+
+
+def profile_child(path, batch, repeats):
+    """The engine's per-op profile of ``repeats`` calls (after a warm-up), as one JSON line."""
+    import json
+
+    import numpy as np
+
+    from dorefanet.packed import load_packed, profiling
+
+    engine = load_packed(path)
+    shape = [engine.input["height"], engine.input["width"], engine.input["channels"]]
+    images = np.random.RandomState(1).uniform(0, 255, [batch] + shape).astype(engine.input["dtype"])
+    engine.predict(images)
+    runs, totals = [], []
+    for _ in range(repeats):
+        with profiling.recording() as prof:
+            start = time.perf_counter()
+            engine.predict(images)
+            totals.append(time.perf_counter() - start)
+        runs.append(prof.ops)
+    rows = []
+    for records in zip(*runs):
+        r = records[0]
+        stages = {k: statistics.median(rec.stages.get(k, 0.0) for rec in records) for k in r.stages}
+        rows.append({"index": r.index, "kind": r.kind, "layer": r.layer, "path": r.path, "macs": r.macs,
+                     "w_bits": r.w_bits, "a_bits": r.a_bits, "stages": stages,
+                     "seconds": statistics.median(rec.seconds for rec in records)})
+    import numba
+    print("PROFILE " + json.dumps({"total": statistics.median(totals), "rows": rows,
+                                   "threads": numba.get_num_threads()}))
+
+
+def print_profile(name, bits, batch, data, mhz):
+    total, threads = data["total"], data["threads"]
+    hz = (mhz or 0) * 1e6
+    print("#### {} {}, batch {}: {:.2f} ms a batch ({:.1f} img/s), ops sum to {:.2f} ms".format(
+        name, bits, batch, total * 1e3, batch / total, sum(r["seconds"] for r in data["rows"]) * 1e3))
+    print()
+    print("| # | op | layer | path | W x A | ms | share | stages ms | MACs/cycle/core | of bound |")
+    print("|---|---|---|---|---|---:|---:|---|---:|---:|")
+    for r in data["rows"]:
+        stages = ", ".join("{} {:.2f}".format(k, v * 1e3) for k, v in sorted(r["stages"].items()))
+        rate = bound = ""
+        if r["macs"] and hz and r["seconds"] > 0:
+            per = r["macs"] / (r["seconds"] * hz * threads)
+            if r["path"] == "popcount":
+                per *= r["w_bits"] * r["a_bits"]
+            rate = "{:.1f}".format(per)
+            bound = "{:.0%}".format(per / BOUNDS[r["path"]])
+        wa = "{}x{}".format(r["w_bits"] or 32, r["a_bits"] or 32) if r["path"] else ""
+        print("| {} | {} | {} | {} | {} | {:.3f} | {:.1%} | {} | {} | {} |".format(
+            r["index"], r["kind"], r["layer"] or "", r["path"] or "", wa, r["seconds"] * 1e3,
+            r["seconds"] / total, stages, rate, bound))
+    print()
+    print("| stage | ms | share |")
+    print("|---|---:|---:|")
+    left = list(data["rows"])
+    for label, test in CATEGORIES:
+        chosen = [r for r in left if test(r)]
+        left = [r for r in left if not test(r)]
+        seconds = sum(r["seconds"] for r in chosen)
+        if chosen:
+            print("| {} | {:.2f} | {:.1%} |".format(label, seconds * 1e3, seconds / total))
+        if label == "quantized conv / fc" and chosen:
+            for stage in ("pack", "popcount", "epilogue"):
+                s = sum(r["stages"].get(stage, 0.0) for r in chosen)
+                print("| - of which {} | {:.2f} | {:.1%} |".format(stage, s * 1e3, s / total))
+    print()
+
+
+def profile(names, settings, batches, repeats, workdir):
+    import json
+
+    mhz = cpu_mhz()
+    for name in names:
+        for bits in settings or MODELS[name][2]:
+            packed_path = _export(name, bits, workdir)[1]
+            for batch in batches:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--profile-child", packed_path,
+                                      str(batch), str(repeats)], capture_output=True, text=True)
+                lines = [line for line in out.stdout.splitlines() if line.startswith("PROFILE ")]
+                if out.returncode != 0 or not lines:
+                    raise RuntimeError("profile child failed:\n{}".format(out.stderr[-3000:]))
+                print_profile(name, bits, batch, json.loads(lines[-1][len("PROFILE "):]), mhz)
+    print("clock {} MHz (/proc/cpuinfo); bounds per core: popcount {} bit-MACs/cycle, float {} fp32 MACs/cycle, "
+          "int-gemm {} fp64 MACs/cycle".format(mhz, BOUNDS["popcount"], BOUNDS["float"], BOUNDS["int-gemm"]))
+    print()
+    print("machine: " + machine())
+
+
 def _run_child(*args):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + [str(a) for a in args],
                          capture_output=True, text=True)
@@ -99,15 +208,13 @@ def _run_child(*args):
     return float(lines[-1].split()[1])
 
 
-def measure(name, bits, batches, repeats, rounds, workdir):
+def _export(name, bits, workdir):
+    """Random calibrated weights of the model: (float .npz, packed file, model, weights, rng)."""
     import numpy as np
 
-    from dorefanet.inference import make_predictor
     from dorefanet.checkpoints import save_npz
-    from dorefanet.packed import load_packed
     from dorefanet.packed.export import export_packed
     from dorefanet.synthetic_weights import calibrated_weights
-    from dorefanet.tf_setup import tf
 
     logging.getLogger("tensorpack").setLevel(logging.WARNING)     # its graph-building lines go to stdout
     model = _model(name, bits)
@@ -120,6 +227,19 @@ def measure(name, bits, batches, repeats, rounds, workdir):
     save_npz(weights, npz)
     with contextlib.redirect_stdout(sys.stderr):       # stdout carries only the tables
         export_packed(model, npz, packed_path)
+    return npz, packed_path, model, weights, rng
+
+
+def measure(name, bits, batches, repeats, rounds, workdir):
+    import numpy as np
+
+    from dorefanet.inference import make_predictor
+    from dorefanet.packed import load_packed
+    from dorefanet.tf_setup import tf
+
+    npz, packed_path, model, weights, rng = _export(name, bits, workdir)
+    spec = model.inputs()[0]
+    shape = spec.shape.as_list()[1:]
     sizes = {"model": name, "bits": bits, "npz": os.path.getsize(npz), "packed": os.path.getsize(packed_path)}
     check = rng.uniform(0, 255, [32] + shape).astype(spec.dtype.as_numpy_dtype)
     with tf.Graph().as_default():
@@ -161,7 +281,17 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch (default: %(default)s)")
     parser.add_argument("--child", nargs=6, metavar=("KIND", "MODEL", "BITS", "PATH", "BATCH", "REPEATS"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="time the engine op by op instead (no TensorFlow timing): where the time goes")
+    parser.add_argument("--profile-child", nargs=3, metavar=("PATH", "BATCH", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile_child:
+        profile_child(args.profile_child[0], int(args.profile_child[1]), int(args.profile_child[2]))
+        return 0
+    if args.profile:
+        with tempfile.TemporaryDirectory() as workdir:
+            profile(args.models, args.bits, args.batches, args.repeats, workdir)
+        return 0
     if args.child:
         kind, name, bits, path, batch, repeats = args.child
         child(kind, name, bits, path, int(batch), int(repeats))

@@ -22,3 +22,23 @@ def test_packed_speed_prints_size_and_speed_tables():
         assert float(row[4]) > 0 and float(row[5]) > 0 and row[6].strip().endswith("x")
         assert row[7].strip().endswith("%")
     assert lines[-1].startswith("machine: ") and "load average" in lines[-1]
+
+
+def test_packed_speed_profile_prints_every_op_and_the_stage_summary():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "packed_speed.py"), "--profile", "--models", "svhn",
+           "--bits", "1,2,4", "--batches", "2", "--repeats", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("#### svhn 1,2,4, batch 2: ") for line in lines)
+    ops = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.count("|") == 11
+           and line.split("|")[1].strip().isdigit()]
+    # conv0 (float) with its fused pooling and quantizing, then the six popcount convolutions
+    assert ops[1][1] == "conv+maxpool+activate" and ops[1][3] == "float"
+    popcount = [row for row in ops if row[3] == "popcount"]
+    assert len(popcount) == 6 and all(row[4] == "1x2" for row in popcount)
+    for row in popcount:
+        assert float(row[5]) > 0 and row[6].endswith("%") and "popcount" in row[7] and row[9].endswith("%")
+    summary = [line for line in lines if line.startswith("| quantized conv / fc |")]
+    assert len(summary) == 1
+    assert lines[-1].startswith("machine: ")

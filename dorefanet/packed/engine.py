@@ -21,7 +21,7 @@ writes the codes directly (see ``predict``).
 """
 import numpy as np
 
-from . import elementwise, float_conv
+from . import elementwise, float_conv, profiling
 from .format import read_packed, unpack_weight_planes
 
 __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
@@ -144,7 +144,13 @@ class _Layer:
             scale = np.ones(self.shape[-1]) if self.scale is None else self.scale.astype(np.float64)
             shift = np.zeros(self.shape[-1]) if self.shift is None else self.shift.astype(np.float64)
             self._affine[key] = (k1 * scale[channels], k2 * scale[channels], shift[channels])
-        return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
+        prof = profiling.current()
+        if prof is None:
+            return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
+        start = profiling.clock()
+        result = elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
+        prof.add("epilogue", profiling.clock() - start)
+        return result
 
     def epilogue(self, z, channels=slice(None)):
         """Bias and batch norm on a float output ``z`` (float32, as the graph)."""
@@ -196,11 +202,17 @@ class PackedModel:
         self._trace = trace
         registers = {"x": _Map(images)}
         program = self.program
+        prof = profiling.current()
         i = 0
         while i < len(program):
             op = program[i]
             kind = op["op"]
             src = op.get("src", "x")
+            if prof is not None:
+                record = prof.op = profiling.OpRecord(i, kind, op.get("layer"))
+                prof.ops.append(record)
+                start = profiling.clock()
+                first = op
             if kind == "add":
                 result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
             elif trace is None and self._fused_spans[i]:
@@ -217,12 +229,41 @@ class PackedModel:
                 op = program[i]
             else:
                 result = getattr(self, "_" + kind)(registers[src], op)
+            if prof is not None:
+                record.seconds = profiling.clock() - start
+                prof.op = None
+                if op is not first:
+                    record.kind += "+" + "+".join(o["op"] for o in program[record.index + 1:i + 1])
+                if kind in ("conv", "fc"):
+                    self._describe(record, first, registers[src], result)
             registers[op.get("dst", "x")] = result
             i += 1
         out = registers["x"].as_float()
         return out.reshape(out.shape[0], -1)
 
     __call__ = predict
+
+    def _describe(self, record, op, x, result):
+        """A conv / fc record's multiply-adds, bit widths and kernel path (for the profile's bit-MACs per cycle)."""
+        layer = self.layers[op["layer"]]
+        batch = x.values.shape[0]
+        if op["op"] == "conv":
+            kh, kw = op["kernel"]
+            h, w = x.values.shape[1:3]
+            top, bottom, left, right = _pads(op["padding"], h, w, kh, kw, op["stride"])
+            pixels = ((h + top + bottom - kh) // op["stride"] + 1) * ((w + left + right - kw) // op["stride"] + 1)
+            outputs = batch * pixels * layer.shape[-1]     # before any fused pooling
+        else:
+            outputs = batch * layer.shape[-1]
+        record.macs = outputs * int(np.prod(layer.shape[:-1]))
+        record.w_bits = layer.bits if layer.codes is not None else None
+        record.a_bits = int(x.levels).bit_length() if x.levels is not None else None
+        if record.w_bits is None or record.a_bits is None:
+            record.path = "float"
+        elif record.w_bits * record.a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+            record.path = "popcount"
+        else:
+            record.path = "int-gemm"
 
     def _fused_span(self, i):
         """How many ops after op ``i`` it runs fused with: 1 for ``activate``, 2 for ``maxpool, activate``; else 0."""

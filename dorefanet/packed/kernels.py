@@ -56,6 +56,8 @@ from numba import get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+from . import profiling
+
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
            "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "compact_window_words", "reference_gemm",
            "reference_conv"]
@@ -936,10 +938,18 @@ def _run(a, m, w, kernel, stride, pads, out_shape):
         # (the shared task counter's cache line moves between the cores for every row)
         rows = batch * height
         row_block = -(-rows // (8 * prep_threads))
+        prof = profiling.current()
+        if prof is not None:
+            start = profiling.clock()
         _run_workers(_pack_pad_worker if from_codes else _prep_worker, -(-rows // row_block), prep_threads,
                      row_block, a, padded, sums, top, left, kw)
+        if prof is not None:
+            middle = profiling.clock()
+            prof.add("pack", middle - start)
         _run_workers(_conv_worker, n_tasks, threads, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw,
                      stride, out_shape[-2], out_shape[-1], pix_block, panel_block, chunk)
+        if prof is not None:
+            prof.add("popcount", profiling.clock() - middle)
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
     return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
