@@ -298,16 +298,14 @@ class PackedModel:
             return self._quantized(self._conv_group(layer, x, slice(None), kh, kw, stride, pads, levels=levels),
                                    levels)
         cin, per_group = layer.shape[2], op["out"] // groups
-        batch, height, width = x.values.shape[:3]
-        out_h = (height + pads[0] + pads[1] - kh) // stride + 1
-        out_w = (width + pads[2] + pads[3] - kw) // stride + 1
-        out = np.empty((batch, out_h, out_w, op["out"]), np.float32)
-        rows = out.reshape(-1, op["out"])
+        # each group into a contiguous array of its own (codes where the activate is fused), joined once
+        parts = []
         for g in range(groups):
             xs = _Map(np.ascontiguousarray(x.values[..., g * cin:(g + 1) * cin]), x.levels)
             channels = slice(g * per_group, (g + 1) * per_group)
-            self._conv_group(layer, xs, channels, kh, kw, stride, pads, out=rows[:, channels])
-        return self._quantized(out, levels)
+            part = self._conv_group(layer, xs, channels, kh, kw, stride, pads, levels=levels)
+            parts.append(part if levels is None or part.dtype == np.uint8 else elementwise.quantize(part, levels))
+        return self._quantized(np.concatenate(parts, axis=-1), levels)
 
     @staticmethod
     def _quantized(values, levels):

@@ -204,35 +204,177 @@ def _tile1x1(x, w, base, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o
     _emit(out, codes, levels, o, acc, _fload(scale, ob), _fload(shift, ob))
 
 
+@njit(inline="always", **_JIT)
+def _tile6x4(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, codes, levels, o, scale, shift,
+             ob):
+    """6 output pixels (input windows at b0 .. b5) x 64 channels: 24 accumulators, 4 weight loads and 6
+    broadcasts per input value."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = _fzero()
+    a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = _fzero()
+    for ky in range(kh):
+        d = ky * row_in
+        w0 = wrow + ky * span * n_out
+        for j in range(span):
+            q = w0 + j * n_out
+            wa, wb, wc, wd = _fload(w, q), _fload(w, q + 16), _fload(w, q + 32), _fload(w, q + 48)
+            p = d + j
+            a00 = _fma_at(x, b0 + p, wa, a00)
+            a01 = _fma_at(x, b0 + p, wb, a01)
+            a02 = _fma_at(x, b0 + p, wc, a02)
+            a03 = _fma_at(x, b0 + p, wd, a03)
+            a10 = _fma_at(x, b1 + p, wa, a10)
+            a11 = _fma_at(x, b1 + p, wb, a11)
+            a12 = _fma_at(x, b1 + p, wc, a12)
+            a13 = _fma_at(x, b1 + p, wd, a13)
+            a20 = _fma_at(x, b2 + p, wa, a20)
+            a21 = _fma_at(x, b2 + p, wb, a21)
+            a22 = _fma_at(x, b2 + p, wc, a22)
+            a23 = _fma_at(x, b2 + p, wd, a23)
+            a30 = _fma_at(x, b3 + p, wa, a30)
+            a31 = _fma_at(x, b3 + p, wb, a31)
+            a32 = _fma_at(x, b3 + p, wc, a32)
+            a33 = _fma_at(x, b3 + p, wd, a33)
+            a40 = _fma_at(x, b4 + p, wa, a40)
+            a41 = _fma_at(x, b4 + p, wb, a41)
+            a42 = _fma_at(x, b4 + p, wc, a42)
+            a43 = _fma_at(x, b4 + p, wd, a43)
+            a50 = _fma_at(x, b5 + p, wa, a50)
+            a51 = _fma_at(x, b5 + p, wb, a51)
+            a52 = _fma_at(x, b5 + p, wc, a52)
+            a53 = _fma_at(x, b5 + p, wd, a53)
+    sa, sb, sc, sd = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32), _fload(scale, ob + 48)
+    ta, tb, tc, td = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32), _fload(shift, ob + 48)
+    for px, (va, vb, vc, vd) in enumerate(((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23),
+                                           (a30, a31, a32, a33), (a40, a41, a42, a43), (a50, a51, a52, a53))):
+        q = o + px * n_out
+        _emit(out, codes, levels, q, va, sa, ta)
+        _emit(out, codes, levels, q + 16, vb, sb, tb)
+        _emit(out, codes, levels, q + 32, vc, sc, tc)
+        _emit(out, codes, levels, q + 48, vd, sd, td)
+
+
+@njit(inline="always", **_JIT)
+def _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, codes, levels, o, scale, shift,
+              ob):
+    """6 output pixels (input windows at b0 .. b5) x 48 channels: 18 accumulators."""
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = _fzero()
+    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = _fzero()
+    for ky in range(kh):
+        d = ky * row_in
+        w0 = wrow + ky * span * n_out
+        for j in range(span):
+            q = w0 + j * n_out
+            wa, wb, wc = _fload(w, q), _fload(w, q + 16), _fload(w, q + 32)
+            p = d + j
+            a00 = _fma_at(x, b0 + p, wa, a00)
+            a01 = _fma_at(x, b0 + p, wb, a01)
+            a02 = _fma_at(x, b0 + p, wc, a02)
+            a10 = _fma_at(x, b1 + p, wa, a10)
+            a11 = _fma_at(x, b1 + p, wb, a11)
+            a12 = _fma_at(x, b1 + p, wc, a12)
+            a20 = _fma_at(x, b2 + p, wa, a20)
+            a21 = _fma_at(x, b2 + p, wb, a21)
+            a22 = _fma_at(x, b2 + p, wc, a22)
+            a30 = _fma_at(x, b3 + p, wa, a30)
+            a31 = _fma_at(x, b3 + p, wb, a31)
+            a32 = _fma_at(x, b3 + p, wc, a32)
+            a40 = _fma_at(x, b4 + p, wa, a40)
+            a41 = _fma_at(x, b4 + p, wb, a41)
+            a42 = _fma_at(x, b4 + p, wc, a42)
+            a50 = _fma_at(x, b5 + p, wa, a50)
+            a51 = _fma_at(x, b5 + p, wb, a51)
+            a52 = _fma_at(x, b5 + p, wc, a52)
+    sa, sb, sc = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32)
+    ta, tb, tc = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32)
+    for px, (va, vb, vc) in enumerate(((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32),
+                                       (a40, a41, a42), (a50, a51, a52))):
+        q = o + px * n_out
+        _emit(out, codes, levels, q, va, sa, ta)
+        _emit(out, codes, levels, q + 16, vb, sb, tb)
+        _emit(out, codes, levels, q + 32, vc, sc, tc)
+
+
+@njit(inline="always", **_JIT)
+def _tile6x1p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, codes, levels, o, scale, shift,
+              ob):
+    """6 output pixels x 16 channels (the channels left over by the wide tiles): 6 independent accumulators."""
+    a0 = a1 = a2 = a3 = a4 = a5 = _fzero()
+    for ky in range(kh):
+        d = ky * row_in
+        w0 = wrow + ky * span * n_out
+        for j in range(span):
+            wa = _fload(w, w0 + j * n_out)
+            p = d + j
+            a0 = _fma_at(x, b0 + p, wa, a0)
+            a1 = _fma_at(x, b1 + p, wa, a1)
+            a2 = _fma_at(x, b2 + p, wa, a2)
+            a3 = _fma_at(x, b3 + p, wa, a3)
+            a4 = _fma_at(x, b4 + p, wa, a4)
+            a5 = _fma_at(x, b5 + p, wa, a5)
+    sa, ta = _fload(scale, ob), _fload(shift, ob)
+    for px, va in enumerate((a0, a1, a2, a3, a4, a5)):
+        _emit(out, codes, levels, o + px * n_out, va, sa, ta)
+
+
+@njit(inline="always", **_JIT)
+def _window_base(q, per_image, out_w, image_in, row_in, stride, step):
+    """First input element of the window of output pixel ``q`` (flat over the batch)."""
+    image = q // per_image
+    r = q - image * per_image
+    oy = r // out_w
+    return image * image_in + oy * stride * row_in + (r - oy * out_w) * step
+
+
 @njit(**_JIT)
 def _conv_worker(counter, n_tasks, x, width, cin, w, scale, shift, kh, kw, stride, out_h, out_w, out, codes,
-                 levels):
-    """Tasks are output rows (image, oy); ``x`` is the flat padded NHWC input whose rows are ``width`` pixels."""
+                 levels, task_pixels):
+    """Tasks are ``task_pixels`` consecutive output pixels of the batch; ``x`` is the flat padded NHWC input whose
+    rows are ``width`` pixels.  Tiles take 6 consecutive pixels wherever they are (across row and image ends),
+    each with its own window start: tiles bound to one output row left a latency-bound one-pixel tail on most
+    widths (112 % 6 = 4 in ResNet's conv1), and 64 channels ran a third of them in one-accumulator tiles."""
     n_out = scale.size
     row_in = width * cin
     step = stride * cin
-    wide = n_out - n_out % 48
+    span = kw * cin
+    per_image = out_h * out_w
+    image_in = ((out_h - 1) * stride + kh) * row_in
+    n_pix = per_image * (out.size if levels == 0 else codes.size) // (per_image * n_out)
+    vec = 64 if n_out % 64 == 0 else 48
+    wide = n_out - n_out % vec
     while True:
         task = _next_task(counter)
         if task >= n_tasks:
             break
-        image, oy = task // out_h, task % out_h
-        row_base = (image * ((out_h - 1) * stride + kh) + oy * stride) * row_in
-        out_base = task * out_w * n_out
-        ox = 0
-        while ox + _PIXELS <= out_w:
-            for ob in range(0, wide, 48):
-                _tile6x3(x, w, row_base + ox * step, step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
-                         out_base + ox * n_out + ob, scale, shift, ob)
+        q0 = task * task_pixels
+        q1 = min(n_pix, q0 + task_pixels)
+        full = q0 + (q1 - q0) // _PIXELS * _PIXELS
+        for q in range(q0, full, _PIXELS):
+            b0 = _window_base(q, per_image, out_w, image_in, row_in, stride, step)
+            b1 = _window_base(q + 1, per_image, out_w, image_in, row_in, stride, step)
+            b2 = _window_base(q + 2, per_image, out_w, image_in, row_in, stride, step)
+            b3 = _window_base(q + 3, per_image, out_w, image_in, row_in, stride, step)
+            b4 = _window_base(q + 4, per_image, out_w, image_in, row_in, stride, step)
+            b5 = _window_base(q + 5, per_image, out_w, image_in, row_in, stride, step)
+            o = q * n_out
+            for ob in range(0, wide, vec):
+                if vec == 64:
+                    _tile6x4(x, w, b0, b1, b2, b3, b4, b5, ob, n_out, row_in, span, kh, out, codes, levels, o + ob,
+                             scale, shift, ob)
+                else:
+                    _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, ob, n_out, row_in, span, kh, out, codes, levels,
+                              o + ob, scale, shift, ob)
             for ob in range(wide, n_out, 16):
-                for px in range(ox, ox + _PIXELS):
-                    _tile1x1(x, w, row_base + px * step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
-                             out_base + px * n_out + ob, scale, shift, ob)
-            ox += _PIXELS
-        for px in range(ox, out_w):
+                _tile6x1p(x, w, b0, b1, b2, b3, b4, b5, ob, n_out, row_in, span, kh, out, codes, levels, o + ob,
+                          scale, shift, ob)
+        for q in range(full, q1):
+            base = _window_base(q, per_image, out_w, image_in, row_in, stride, step)
             for ob in range(0, n_out, 16):
-                _tile1x1(x, w, row_base + px * step, ob, n_out, row_in, cin, kh, kw, out, codes, levels,
-                         out_base + px * n_out + ob, scale, shift, ob)
+                _tile1x1(x, w, base, ob, n_out, row_in, cin, kh, kw, out, codes, levels, q * n_out + ob, scale,
+                         shift, ob)
+
+
+#: Output pixels of one task of the float convolution (8 tiles).
+_TASK_PIXELS = 8 * _PIXELS
 
 
 def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
@@ -261,11 +403,12 @@ def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
     shape = (batch, out_h, out_w, n_out)
     out = np.empty(shape if levels is None else 0, np.float32)
     codes = np.empty(0 if levels is None else shape, np.uint8)
-    n_tasks = batch * out_h
-    threads = get_num_threads() if n_tasks * out_w * n_out * kh * kw * cin >= 1 << 20 else 1
+    n_pix = batch * out_h * out_w
+    n_tasks = -(-n_pix // _TASK_PIXELS)
+    threads = get_num_threads() if n_pix * n_out * kh * kw * cin >= 1 << 20 else 1
     _run_workers(_conv_worker, n_tasks, threads, x, width, cin,
                  np.ascontiguousarray(w, np.float32).reshape(-1), scale, shift, kh, kw, stride, out_h, out_w,
-                 out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
+                 out.reshape(-1), codes.reshape(-1), np.float32(levels or 0), _TASK_PIXELS)
     return out if levels is None else codes
 
 
