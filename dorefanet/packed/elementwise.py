@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import get_num_threads, njit
 
-__all__ = ["affine_accumulators", "quantize", "maxpool", "normalize"]
+__all__ = ["affine_accumulators", "quantize", "affine_quantize", "maxpool", "normalize"]
 
 _JIT = dict(nogil=True, cache=True)
 #: Elements below which a kernel runs on the calling thread only.
@@ -99,6 +99,34 @@ def quantize(x, n, dtype=np.uint8):
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty(flat.shape, dtype)
     _split_rows(_quantize, flat.size, flat.size, flat, np.float32(n), out)
+    return out.reshape(x.shape)
+
+
+@njit(**_JIT)
+def _affine_quantize(r0, r1, x, scale, shift, n, out):
+    xs, codes = x[r0:r1], out[r0:r1]
+    zero, one = np.float32(0), np.float32(1)
+    for r in range(xs.shape[0]):
+        row, target = xs[r], codes[r]
+        for j in range(row.size):
+            # two float32 roundings, as numpy's x * scale + shift (no fused multiply-add)
+            y = row[j] * scale[j] + shift[j]
+            target[j] = np.rint(min(max(y, zero), one) * n)
+
+
+def affine_quantize(x, scale, shift, n):
+    """:func:`quantize` of ``x * scale + shift`` (float32, per channel of NHWC ``x``; None: 1 and 0) in one pass:
+    a batch norm and the activation quantizing after it, without the float map in between."""
+    x = np.ascontiguousarray(x, np.float32)
+    channels = x.shape[-1]
+    scale = np.ones(channels, np.float32) if scale is None else np.asarray(scale, np.float32)
+    shift = np.zeros(channels, np.float32) if shift is None else np.asarray(shift, np.float32)
+    # x * 1 + 0 is x: a missing scale or shift changes nothing
+    width = x.shape[-2] if x.ndim == 4 else 1
+    rows = x.reshape(-1, width * channels)
+    out = np.empty(rows.shape, np.uint8)
+    _split_rows(_affine_quantize, rows.shape[0], rows.size, rows, np.tile(scale, width), np.tile(shift, width),
+                np.float32(n), out)
     return out.reshape(x.shape)
 
 

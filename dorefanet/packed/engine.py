@@ -30,6 +30,8 @@ __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
 POPCOUNT_MAX_PLANE_PAIRS = 8
 #: Bytes of im2col rows materialised at once by the float and integer-GEMM convolutions.
 _IM2COL_BYTES = 64 << 20
+#: Bytes of the largest map of a chunk of images run together (see ``PackedModel._chunk``).
+_CHUNK_BYTES = 128 << 20
 
 
 class _Map:
@@ -116,17 +118,34 @@ class _Layer:
             self.float_w = np.where(planes[0] == 1, wp, np.where(planes[1] == 1, -wn, np.float32(0)))
             self.codes = None
             return
-        weights = 1 << np.arange(planes.shape[0], dtype=np.int64)
-        self.codes = np.tensordot(weights, planes.astype(np.int64), axes=1)
+        # codes in the narrowest integer type, summed plane by plane: an int64 tensordot over AlexNet's
+        # fc0 took most of a second of every load
+        codes = np.zeros(planes.shape[1:], np.uint8 if planes.shape[0] <= 8 else np.int64)
+        for b in range(planes.shape[0]):
+            codes |= planes[b].astype(codes.dtype, copy=False) << codes.dtype.type(b)
+        self.codes = codes
         self.levels = (1 << self.bits) - 1
         if self.kind == "binary":
             self.E = np.float32(arrays[name + "/E"])
-            self.float_w = np.where(self.codes == 1, self.E, -self.E).astype(np.float32)
-        else:
-            # the graph's 2 * (q / m) - 1 in float32, with its division by a constant made a product
-            self.float_w = np.float32(2) * (self.codes.astype(np.float32) * _reciprocal(self.levels)) - np.float32(1)
+        self._float_w = None        # made on first use: only layers fed with float maps need it
         self._planes = {}
         self._affine = {}
+
+    @property
+    def float_w(self):
+        """The weights' float32 values in the graph (for layers computed in float)."""
+        if self._float_w is None:
+            if self.kind == "binary":
+                self._float_w = np.where(self.codes == 1, self.E, -self.E).astype(np.float32)
+            else:
+                # the graph's 2 * (q / m) - 1 in float32, with its division by a constant made a product
+                self._float_w = (np.float32(2) * (self.codes.astype(np.float32) * _reciprocal(self.levels))
+                                 - np.float32(1))
+        return self._float_w
+
+    @float_w.setter
+    def float_w(self, value):
+        self._float_w = value
 
     def accumulators_to_output(self, acc, sums, levels, channels, out=None, quantize_levels=None):
         """The layer's output (bias and batch norm applied) from ``acc = sum(c q)`` and ``sums = sum(c)``.
@@ -181,8 +200,13 @@ class PackedModel:
         self.affines = {op["layer"]: (arrays.get(op["layer"] + "/scale"), arrays.get(op["layer"] + "/shift"))
                         for op in self.program if op["op"] == "affine"}
         self._trace = None
-        # which ops run fused with the activate (and max pooling) after them: fixed by the program
-        self._fused_spans = [self._fused_span(i) for i in range(len(self.program))]
+        self._image_bytes = {}      # per input shape: the largest map of one image (see _chunk)
+        self._largest = 0
+        # without a trace, the engine runs a program with some op pairs merged (see _merged); in both, which
+        # ops run fused with the activate (and max pooling) after them is fixed by the program
+        self._fast_program = _merged(self.program, self.affines)
+        self._fused_spans = {False: [self._fused_span(self._fast_program, i) for i in range(len(self._fast_program))],
+                             True: [self._fused_span(self.program, i) for i in range(len(self.program))]}
 
     # ---------------------------------------------------------------- running
     def predict(self, images, trace=None):
@@ -199,9 +223,36 @@ class PackedModel:
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError("{}: expects images of shape [batch, {}, {}, {}], got {}".format(
                 self.path, *want, list(images.shape)))
+        if trace is None and len(images) > 1:
+            chunk = self._chunk(images)
+            if chunk < len(images):
+                # images are independent, so the chunks' results are the whole batch's
+                return np.concatenate([self._run(images[i:i + chunk], None) for i in range(0, len(images), chunk)])
+        return self._run(images, trace)
+
+    __call__ = predict
+
+    def _chunk(self, images):
+        """Images per chunk of a large batch: the largest map of a chunk about ``_CHUNK_BYTES``.
+
+        Every layer of a whole batch 128 of ResNet-18 wrote and read maps of hundreds of MB: out of cache,
+        and new pages to fault in on every call (freed maps go back to the system).  The size of the maps of
+        one image is taken from a first image run alone, once per input shape.
+        """
+        key = images.shape[1:]
+        if key not in self._image_bytes:
+            self._largest = 0
+            self._run(images[:1], None)
+            self._image_bytes[key] = max(self._largest, 1)
+        per = max(1, _CHUNK_BYTES // self._image_bytes[key])
+        chunks = -(-len(images) // per)
+        return -(-len(images) // chunks)
+
+    def _run(self, images, trace):
         self._trace = trace
         registers = {"x": _Map(images)}
-        program = self.program
+        program = self.program if trace is not None else self._fast_program
+        spans = self._fused_spans[trace is not None]
         prof = profiling.current()
         i = 0
         while i < len(program):
@@ -215,13 +266,13 @@ class PackedModel:
                 first = op
             if kind == "add":
                 result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
-            elif trace is None and self._fused_spans[i]:
+            elif trace is None and spans[i]:
                 # conv / fc / maxpool followed by a quantizing activate that replaces its input: the
                 # codes come straight from the float32 results (no float map stored in between).  A
                 # max pooling in between pools the codes: quantizing is monotone, so it commutes with
                 # max.  The trace needs the float maps, so tracing runs the ops one by one; a test
                 # checks that both give the same output.
-                span = self._fused_spans[i]
+                span = spans[i]
                 result = getattr(self, "_" + kind)(registers[src], op, levels=(1 << program[i + span]["bits"]) - 1)
                 if span == 2:
                     result = self._maxpool(result, program[i + 1])
@@ -237,11 +288,11 @@ class PackedModel:
                 if kind in ("conv", "fc"):
                     self._describe(record, first, registers[src], result)
             registers[op.get("dst", "x")] = result
+            # in 4-byte values: integer sums and float maps of codes that travel as bytes
+            self._largest = max(self._largest, result.values.size * 4)
             i += 1
         out = registers["x"].as_float()
         return out.reshape(out.shape[0], -1)
-
-    __call__ = predict
 
     def _describe(self, record, op, x, result):
         """A conv / fc record's multiply-adds, bit widths and kernel path (for the profile's bit-MACs per cycle)."""
@@ -265,9 +316,9 @@ class PackedModel:
         else:
             record.path = "int-gemm"
 
-    def _fused_span(self, i):
+    @staticmethod
+    def _fused_span(program, i):
         """How many ops after op ``i`` it runs fused with: 1 for ``activate``, 2 for ``maxpool, activate``; else 0."""
-        program = self.program
         if program[i]["op"] not in ("conv", "fc", "maxpool"):
             return 0
         dst = program[i].get("dst", "x")
@@ -387,10 +438,15 @@ class PackedModel:
             v = v + shift
         return _Map(v.astype(np.float32, copy=False))
 
+    def _affine_activate(self, x, op):
+        scale, shift = self.affines[op["layer"]]
+        n = (1 << op["bits"]) - 1
+        return _Map(elementwise.affine_quantize(x.as_float(), scale, shift, n), n)
+
     def _maxpool(self, x, op, levels=None):
         k, s = op["size"], op["stride"]
         v = x.values
-        pads = _pads(op["padding"], v.shape[1], v.shape[2], k, k, s)
+        pads = tuple(op["pads"]) if "pads" in op else _pads(op["padding"], v.shape[1], v.shape[2], k, k, s)
         if x.levels is not None:
             # pooling codes: max commutes with the (monotone) dequantization
             pooled = _Map(elementwise.maxpool(v, k, s, pads), x.levels)
@@ -438,6 +494,44 @@ class PackedModel:
         v = v.reshape(v.shape[0], -1)
         e = np.exp(v - v.max(axis=1, keepdims=True))
         return _Map((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+def _chained(first, second):
+    """Whether ``second`` reads only ``first``'s result and overwrites it (nothing else reads that map)."""
+    dst = first.get("dst", "x")
+    return second.get("src", "x") == dst and second.get("dst", "x") == dst
+
+
+def _merged(program, affines):
+    """``program`` with op pairs that have a one-pass equivalent merged (the same values, fewer full maps):
+
+    * ``pad`` (symmetric, 1 on every side), ``maxpool`` (VALID, size >= 2) -> a max pooling with 1 pixel of
+      padding that never wins: a mirrored border pixel is a copy of a pixel in the same window, so it can
+      never change a maximum (ResNet's stem);
+    * ``affine``, ``activate`` (1..8 bits) -> ``affine_activate``: the batch norm's float32 product and sum
+      and the quantizing of each value in one pass, with no float map stored.
+
+    Tracing runs the program as it is (the trace needs each activate's float input).
+    """
+    out = []
+    i = 0
+    while i < len(program):
+        op, nxt = program[i], program[i + 1] if i + 1 < len(program) else None
+        if (nxt is not None and op["op"] == "pad" and nxt["op"] == "maxpool" and op["mode"] == "symmetric"
+                and op["before"] == op["after"] == 1 and nxt["padding"] == "VALID" and nxt["size"] >= 2
+                and _chained(op, nxt)):
+            merged = dict(nxt, pads=[1, 1, 1, 1], src=op.get("src", "x"))
+            out.append(merged)
+            i += 2
+            continue
+        if (nxt is not None and op["op"] == "affine" and nxt["op"] == "activate" and 1 <= nxt["bits"] <= 8
+                and _chained(op, nxt) and all(a is None or a.dtype == np.float32 for a in affines[op["layer"]])):
+            out.append(dict(op, op="affine_activate", bits=nxt["bits"]))
+            i += 2
+            continue
+        out.append(op)
+        i += 1
+    return out
 
 
 def load_packed(path):
