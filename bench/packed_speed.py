@@ -110,6 +110,21 @@ CATEGORIES = [("quantized conv / fc", lambda r: r["path"] in ("popcount", "int-g
               ("other (pad, relu, clip, scale, softmax)", lambda r: True)]
 
 
+def _by_op(records):
+    """One record per program op: the engine runs a large batch in chunks, each op once per chunk."""
+    merged = {}
+    for r in records:
+        if r.index not in merged:
+            merged[r.index] = r
+            continue
+        m = merged[r.index]
+        m.seconds += r.seconds
+        m.macs += r.macs
+        for k, v in r.stages.items():
+            m.add(k, v)
+    return [merged[i] for i in sorted(merged)]
+
+
 def profile_child(path, batch, repeats):
     """The engine's per-op profile of ``repeats`` calls (after a warm-up), as one JSON line."""
     import json
@@ -128,7 +143,7 @@ def profile_child(path, batch, repeats):
             start = time.perf_counter()
             engine.predict(images)
             totals.append(time.perf_counter() - start)
-        runs.append(prof.ops)
+        runs.append(_by_op(prof.ops))
     rows = []
     for records in zip(*runs):
         r = records[0]
@@ -196,6 +211,56 @@ def profile(names, settings, batches, repeats, workdir):
     print("clock {} MHz (/proc/cpuinfo); bounds per core: popcount {} bit-MACs/cycle, float {} fp32 MACs/cycle, "
           "int-gemm {} fp64 MACs/cycle".format(mhz, BOUNDS["popcount"], BOUNDS["float"], BOUNDS["int-gemm"]))
     print()
+    print("machine: " + machine())
+
+
+def _write_jpegs(root, count):
+    """``count`` ImageNet-like validation JPEGs (500 x 375, quality 90, as bench/train_speed.py) under root/val."""
+    import cv2
+    import numpy as np
+
+    from dorefanet import tf_setup  # noqa: F401  (imagenet_utils imports tensorpack)
+    import imagenet_utils
+
+    rng = np.random.RandomState(0)
+    names = imagenet_utils.load_class_names()
+    for i in range(count):
+        folder = os.path.join(root, "val", names[i % 4][0])
+        os.makedirs(folder, exist_ok=True)
+        image = cv2.GaussianBlur(rng.randint(0, 256, (375, 500, 3)).astype(np.uint8), (7, 7), 2)
+        cv2.imwrite(os.path.join(folder, "{}.JPEG".format(i)), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def eval_speed(name, bits, images, batch, rounds, workdir):
+    """Wall time of the whole ``--eval`` command, TensorFlow on the .npz against ``--engine packed``."""
+    npz, packed_path = _export(name, bits, workdir)[:2]
+    data = os.path.join(workdir, "jpegs")
+    _write_jpegs(data, images)
+    script = os.path.join(ROOT, MODELS[name][0])
+    commands = {"tensorflow": [sys.executable, script, "--load", npz, "--dorefa", bits.split(";")[0], "--eval",
+                               "--data", data, "--batch", str(batch)],
+                "packed": [sys.executable, script, "--load", packed_path, "--engine", "packed", "--eval",
+                           "--data", data, "--batch", str(batch)]}
+    times = {k: [] for k in commands}
+    errors = {}
+    for _ in range(rounds):
+        for kind, cmd in commands.items():
+            start = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            times[kind].append(time.perf_counter() - start)
+            if out.returncode != 0:
+                raise RuntimeError("{} failed:\n{}".format(" ".join(cmd), out.stderr[-3000:]))
+            errors[kind] = [line for line in out.stdout.splitlines() if line.startswith("top-")]
+            print("  {} --eval: {:.1f} s".format(kind, times[kind][-1]), file=sys.stderr, flush=True)
+    tf_s, packed_s = statistics.median(times["tensorflow"]), statistics.median(times["packed"])
+    print("| model | bits | JPEGs | batch | TensorFlow --eval s | packed --eval s | speedup | same errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("| {} | {} | {} | {} | {:.1f} | {:.1f} | {:.2f}x | {} |".format(
+        name, bits, images, batch, tf_s, packed_s, tf_s / packed_s,
+        "yes" if errors["tensorflow"] == errors["packed"] else "no: {} / {}".format(errors["tensorflow"],
+                                                                                     errors["packed"])))
+    print()
+    print("whole commands (process start, loading, decoding, network), median of {} alternating rounds".format(rounds))
     print("machine: " + machine())
 
 
@@ -284,7 +349,18 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="time the engine op by op instead (no TensorFlow timing): where the time goes")
     parser.add_argument("--profile-child", nargs=3, metavar=("PATH", "BATCH", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--eval-jpegs", type=int, metavar="N",
+                        help="instead: time the whole --eval command of the first of --models (alexnet or resnet) "
+                             "on N generated JPEGs, TensorFlow engine on the .npz against --engine packed")
+    parser.add_argument("--eval-batch", type=int, default=128, help="--batch of the --eval commands (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.eval_jpegs:
+        name = args.models[0]
+        if name == "svhn":
+            parser.error("--eval-jpegs needs an ImageNet model (alexnet or resnet)")
+        with tempfile.TemporaryDirectory() as workdir:
+            eval_speed(name, (args.bits or MODELS[name][2])[0], args.eval_jpegs, args.eval_batch, args.rounds, workdir)
+        return 0
     if args.profile_child:
         profile_child(args.profile_child[0], int(args.profile_child[1]), int(args.profile_child[2]))
         return 0

@@ -2,7 +2,9 @@
 top-k output, whole-set top-1/top-5 error, and clean stdout for results."""
 import contextlib
 import json
+import queue
 import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -84,12 +86,58 @@ def topk_wrong(probs, labels, k):
     return (higher >= k) | ~np.isfinite(target)
 
 
-def evaluate_topk(predict, dataflow, total=None, progress=True):
+def _prefetched(dataflow, depth):
+    """The batches of ``dataflow``, read by a thread of their own up to ``depth`` batches ahead.
+
+    Decoding and resizing the next batch then overlap the network's work on this one (OpenCV and the
+    engines release the GIL).  An exception of the reader reaches the consumer at the batch it
+    would have come with; a consumer that stops early stops the reader.
+    """
+    items = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item):
+        """Queue ``item`` unless the consumer has stopped (then False)."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def read():
+        try:
+            for dp in dataflow:
+                if not put((dp, None)):
+                    return
+            put((done, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put((done, err))
+
+    reader = threading.Thread(target=read, name="eval-prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            dp, err = items.get()
+            if err is not None:
+                raise err
+            if dp is done:
+                return
+            yield dp
+    finally:
+        stop.set()
+        reader.join()
+
+
+def evaluate_topk(predict, dataflow, total=None, progress=True, prefetch=1):
     """Top-1 and top-5 error of ``predict`` over every batch of ``dataflow`` (the partial last one included).
 
     ``predict(images) -> probabilities [B, classes]``; ``dataflow`` yields
     ``[images, labels]`` batches.  ``total``: number of batches for the progress
-    bar (default ``len(dataflow)`` when available).  Returns :class:`TopKError`.
+    bar (default ``len(dataflow)`` when available).  ``prefetch``: batches read
+    ahead by a thread while ``predict`` runs (0: none).  Returns :class:`TopKError`.
     """
     if total is None:
         try:
@@ -99,7 +147,7 @@ def evaluate_topk(predict, dataflow, total=None, progress=True):
     dataflow.reset_state()
     wrong1 = wrong5 = count = 0
     with tqdm.tqdm(total=total, disable=not progress, unit="batch", desc="evaluating", dynamic_ncols=True) as bar:
-        for images, labels in dataflow:
+        for images, labels in (_prefetched(dataflow, prefetch) if prefetch > 0 else dataflow):
             probs = np.asarray(predict(images))
             labels = np.asarray(labels)
             if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:

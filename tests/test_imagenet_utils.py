@@ -413,3 +413,34 @@ def test_evaluate_topk_rejects_bad_predictions():
         iu.evaluate_topk(lambda images: np.zeros((3, 10)), ds, progress=False)
     with pytest.raises(ValueError, match="no images"):
         iu.evaluate_topk(lambda images: images, DataFromList([], shuffle=False), progress=False)
+
+
+def test_evaluate_topk_prefetches_in_order_and_hands_over_reader_errors():
+    from dorefanet.inference import _prefetched
+
+    class Flow:
+        def __init__(self, n, fail_at=None):
+            self.n, self.fail_at, self.read = n, fail_at, 0
+
+        def __iter__(self):
+            for i in range(self.n):
+                if i == self.fail_at:
+                    raise OSError("disk gone at batch {}".format(i))
+                self.read += 1
+                yield [np.full((1, 1), i, np.float32), np.array([i % 10])]
+
+    seen = [int(images[0, 0]) for images, _ in _prefetched(Flow(7), 2)]
+    assert seen == list(range(7))
+    with pytest.raises(OSError, match="batch 3"):
+        list(_prefetched(Flow(7, fail_at=3), 1))
+    # a consumer that stops early stops the reader (no thread left blocked on a full queue)
+    flow = Flow(1000)
+    batches = _prefetched(flow, 1)
+    next(batches)
+    batches.close()
+    assert flow.read < 10
+    # the same result with and without reading ahead
+    data = [[np.eye(10)[[i % 10]], np.array([(i * 3) % 10])] for i in range(9)]
+    ahead = iu.evaluate_topk(lambda images: images, DataFromList(data, shuffle=False), progress=False)
+    assert ahead == iu.evaluate_topk(lambda images: images, DataFromList(data, shuffle=False), progress=False,
+                                     prefetch=0)
