@@ -265,7 +265,7 @@ class PackedModel:
                 start = profiling.clock()
                 first = op
             if kind == "add":
-                result = _Map(sum(registers[s].as_float() for s in src).astype(np.float32))
+                result = _Map(_sum_maps([registers[s] for s in src]))
             elif trace is None and spans[i]:
                 # conv / fc / maxpool followed by a quantizing activate that replaces its input: the
                 # codes come straight from the float32 results (no float map stored in between).  A
@@ -494,6 +494,17 @@ class PackedModel:
         v = v.reshape(v.shape[0], -1)
         e = np.exp(v - v.max(axis=1, keepdims=True))
         return _Map((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+def _sum_maps(maps):
+    """The float32 sum of the maps, left to right, in one pass per term after the first two.
+
+    (Python's ``sum`` started from 0, then copied the result once more: 3 passes over the maps for 2 terms.)
+    """
+    total = np.add(maps[0].as_float(), maps[1].as_float(), dtype=np.float32)
+    for m in maps[2:]:
+        np.add(total, m.as_float(), out=total)
+    return total
 
 
 def _chained(first, second):
