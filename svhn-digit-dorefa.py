@@ -6,6 +6,7 @@
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --eval --data SVHN_DIR
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load MODEL --run a.png b.png [--json]
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --export model.npz
+    ./svhn-digit-dorefa.py --dorefa 1,2,4 --summary [--json]          # per-layer bits, MACs, BOPs, sizes
 
 Network and recipe: docs/networks.md (SVHN digit net); published errors
 (1,1,4) 3.1-3.2%, (1,2,4) 3.0-3.1%, (32,32,32) about 2.3%.
@@ -208,7 +209,7 @@ def parse_args(argv=None):
     args = check_modes(parser, parser.parse_args(argv))
     if args.synthetic and args.data:
         parser.error("--synthetic and --data cannot be combined; choose one data source")
-    needs_data = not (args.run or args.export or args.export_packed)
+    needs_data = not (args.run or args.export or args.export_packed or args.summary)
     if needs_data and not (args.synthetic or args.data):
         parser.error("give --data SVHN_DIR (with train_32x32.mat and test_32x32.mat) or --synthetic")
     for flag in ("epochs", "batch", "steps_per_epoch"):
@@ -230,7 +231,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    training = not (args.export or args.export_packed or args.run or args.eval)
+    training = not (args.export or args.export_packed or args.run or args.eval or args.summary)
     return run_script(args, make_model(args), lambda: train(args),
                       lambda: evaluate(args), lambda: run(args), training, errors=(SVHNDataError,))
 

@@ -94,7 +94,12 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
                        help="a logdir (its latest checkpoint), a checkpoint, or an .npz of name -> array")
     model.add_argument("--eval", action="store_true", help="evaluate the loaded model on the test/validation set")
     model.add_argument("--run", nargs="+", metavar="IMAGE", help="classify these image files")
-    model.add_argument("--json", action="store_true", help="with --run: print one JSON object per image")
+    model.add_argument("--summary", action="store_true",
+                       help="print one row per layer (kind, output shape, W/A/G bits, parameters, MACs, bit "
+                            "operations, float and packed bytes) and the totals, then exit; needs no data or "
+                            "checkpoint (with --load: of the loaded model)")
+    model.add_argument("--json", action="store_true",
+                       help="with --run: print one JSON object per image; with --summary: one JSON object")
     model.add_argument("--export-packed", metavar="OUT.npz",
                        help="write the loaded model as a bit-packed file (integer weight codes, batch norm folded) "
                             "for --engine packed; format: docs/packed-format.md")
@@ -121,13 +126,16 @@ def check_modes(parser, args):
         parser.error("{} cannot be combined; choose one".format(" and ".join(chosen)))
     if chosen and not args.load:
         parser.error("{} needs --load PATH (a logdir, checkpoint or .npz)".format(chosen[0]))
-    if args.json and not args.run:
-        parser.error("--json only applies to --run")
+    if args.summary and chosen:
+        parser.error("--summary cannot be combined with {}; it only prints the model's summary".format(chosen[0]))
+    if args.json and not (args.run or args.summary):
+        parser.error("--json only applies to --run and --summary")
     if args.engine == "packed" and not (args.run or args.eval):
         parser.error("--engine packed runs --eval or --run on a --export-packed file")
-    if args.first_last_dtype != "float32" and not args.export_packed:
-        parser.error("--first-last-dtype only applies to --export-packed")
-    _bits_of_the_run(parser, args, chosen)
+    if args.first_last_dtype != "float32" and not (args.export_packed or args.summary):
+        parser.error("--first-last-dtype only applies to --export-packed (and --summary)")
+    # a --summary of a --load takes the run's own bits, as the other modes on a loaded model do
+    _bits_of_the_run(parser, args, chosen or (["--summary"] if args.summary and args.load else []))
     if args.gpu is not None:
         ids = [part.strip() for part in args.gpu.split(",")]
         if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):

@@ -21,13 +21,14 @@ from dorefanet.layer_bits import LayerBitsError  # noqa: E402
 from dorefanet.image_io import ImageReadError  # noqa: E402
 from dorefanet.inference import EvaluationError, results_only_on_stdout  # noqa: E402
 from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
+from dorefanet.packed.format import PackedFormatError  # noqa: E402
 from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
 
-__all__ = ["COMMON_ERRORS", "run_script", "layer_bits_record", "train_model", "summary_line"]
+__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "layer_bits_record", "train_model", "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
-                 LayerBitsError)
+                 PackedFormatError, LayerBitsError)
 
 
 def run_script(args, model, train, evaluate, run, training, errors=()):
@@ -38,6 +39,10 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
     """
     def act():
         check_run_table(args, model)
+        if getattr(args, "summary", False):
+            with results_only_on_stdout():
+                print(model_summary(model, args))
+            return 0
         if training:
             with tf.Graph().as_default():
                 train()
@@ -53,6 +58,47 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
                 return evaluate() if args.eval else run()
 
     return run_reporting_errors(act, COMMON_ERRORS + tuple(errors), training)
+
+
+def model_summary(model, args):
+    """``--summary``: the table (or with ``--json`` the JSON object) of :mod:`dorefanet.summary` for ``model``.
+
+    Without ``--load`` the variables are those the model's graph creates; with a
+    checkpoint or ``.npz`` they are the loaded ones (checked strictly against the
+    model); a packed file must hold the model's own program, and its first and
+    last layers' storage is the file's.
+    """
+    from dorefanet.checkpoints import check_weights, expected_variables
+    from dorefanet.packed.format import is_packed_file, read_packed
+    from dorefanet.summary import format_table, summarise, to_json
+
+    expected = expected_variables(model)
+    program = model.packed_program()
+    first_last = args.first_last_dtype
+    source = None
+    if args.load:
+        source = os.path.expanduser(args.load)
+        if source.endswith(".npz") and is_packed_file(source):
+            header, _ = read_packed(source)
+            if header["program"] != program:
+                raise PackedFormatError("{}: its program is not this model's at these bit widths ({} at --dorefa "
+                                        "{})".format(source, header["model"], header["bits"]))
+            first_last = header.get("first_last_dtype", "float32")
+        else:
+            weights = read_weights(source)
+            check_weights(expected, weights, source)
+            expected = {name: tuple(np.shape(value)) for name, value in weights.items()}
+    height, width, channels = model.inputs()[0].shape.as_list()[1:]
+    summary = summarise(program, model.layer_plan, (height, width, channels), expected, first_last)
+    fields = {"model": model.model_name, "dorefa": str(args.dorefa), "layer_bits": model.layer_plan.table(),
+              "input": [height, width, channels], "first_last_dtype": first_last, "load": source}
+    if args.json:
+        return to_json(summary, **fields)
+    extra = " with --layer-bits " + " ".join("{}={}".format(p, b) for p, b in args.layer_bits) \
+        if args.layer_bits else ""
+    title = "{} at --dorefa {}{}, input {}x{}x{}{}".format(
+        model.model_name, args.dorefa, extra, height, width, channels, ", loaded from " + source if source else "")
+    return format_table(summary, title)
 
 
 def layer_bits_record(args, model, resume_key):

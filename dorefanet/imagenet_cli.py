@@ -80,7 +80,7 @@ def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
 def parse_imagenet_args(parser, model_class, argv=None):
     """Parse and check the flags that need no TensorFlow device query; conflicts end in ``parser.error``."""
     args = cli.check_modes(parser, parser.parse_args(argv))
-    training = not (args.eval or args.run or args.export or args.export_packed)
+    training = not (args.eval or args.run or args.export or args.export_packed or args.summary)
     if args.fake and args.data:
         parser.error("--fake and --data cannot be combined; choose one data source")
     if (training or args.eval) and not (args.fake or args.data):

@@ -276,8 +276,8 @@ def _window_out(size, kernel, stride, padding):
     return -(-size // stride) if padding == "SAME" else (size - kernel) // stride + 1
 
 
-def layer_inputs(program, input_shape):
-    """``[(op, shape)]``: each ``conv`` / ``fc`` op of ``program`` and the shape of one image's map it reads.
+def layer_inputs(program, input_shape, kinds=("conv", "fc")):
+    """``[(op, shape)]``: each ``conv`` / ``fc`` op (or each op of ``kinds``) and the shape of the map it reads.
 
     ``input_shape`` is ``(height, width, channels)`` of the images; shapes are
     HWC for maps and ``(n,)`` once flattened, whichever register they travel in.
@@ -287,7 +287,7 @@ def layer_inputs(program, input_shape):
         kind = op["op"]
         src = op.get("src", "x")
         shape = shapes[src[0] if isinstance(src, list) else src]
-        if kind in ("conv", "fc"):
+        if kind in kinds:
             found.append((op, shape))
         if kind == "conv":
             (kh, kw), stride = op["kernel"], op["stride"]
