@@ -176,3 +176,26 @@ def test_a_load_of_another_model_is_one_line(tmp_path, capsys):
     status, out, err = _main(svhn, ["--summary", "--load", bad], capsys)
     assert status == 2 and out == ""
     assert err.strip().startswith("error: {}".format(bad)) and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script, bits", [("resnet", (1, 4, 32)), ("alexnet", ("t", 32, 32))])
+def test_imagenet_packed_and_float_bytes_are_the_real_files(tmp_path, script, bits):
+    # ResNet-18 has batch norms of their own (rows of kind bn); AlexNet grouped convolutions and TTQ scalars
+    model_class = {"resnet": resnet.ResNet18Model, "alexnet": alexnet.AlexNetModel}[script]
+    model = model_class(bits, "channels_last", 64)
+    images = np.random.RandomState(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    npz, packed = str(tmp_path / "m.npz"), str(tmp_path / "m.packed.npz")
+    save_npz(calibrated_weights(model, images), npz)
+    export_packed(model, npz, packed)
+    program = model.packed_program()
+    summary = summarise(program, model.layer_plan, (64, 64, 3), expected_variables(model))
+    rows = {r["layer"]: r for r in summary["layers"]}
+    bn_of = {op["bn"]: op["layer"] for op in program if op.get("bn")}
+    with np.load(packed) as data:
+        arrays = {k: data[k] for k in data.files if k != HEADER}
+    with np.load(npz) as data:
+        floats = {k: data[k] for k in data.files}
+    assert {name: r["packed_bytes"] for name, r in rows.items()} == _bytes_by_owner(arrays)
+    assert {name: r["float_bytes"] for name, r in rows.items()} == _bytes_by_owner(floats, bn_of)
+    assert summary["totals"]["packed_bytes"] == sum(a.nbytes for a in arrays.values())
+    assert summary["totals"]["float_bytes"] == sum(a.nbytes for a in floats.values())
