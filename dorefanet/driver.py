@@ -84,6 +84,10 @@ def model_summary(model, args):
                 raise PackedFormatError("{}: its program is not this model's at these bit widths ({} at --dorefa "
                                         "{})".format(source, header["model"], header["bits"]))
             first_last = header.get("first_last_dtype", "float32")
+            if args.first_last_dtype != "float32" and args.first_last_dtype != first_last:
+                # the file's storage is a fact about it, not an option of the summary
+                raise PackedFormatError("{}: stores its first and last layers as {}; --first-last-dtype {} does "
+                                        "not apply".format(source, first_last, args.first_last_dtype))
         else:
             weights = read_weights(source)
             check_weights(expected, weights, source)

@@ -131,6 +131,16 @@ def test_cli_summary_json_and_table(svhn_files, capsys):
     assert status == 0, err
     assert json.loads(out)["totals"] == fresh["totals"]
     assert json.loads(out)["layer_bits"]["conv3"] == "t,32,32"
+    # the float16 file's first and last layers take half the bytes, as --first-last-dtype float16 predicts
+    status, out, err = _main(svhn, ["--summary", "--json", "--load", packed["float16"]], capsys)
+    assert status == 0, err
+    half = json.loads(out)
+    status, out, err = _main(svhn, ["--summary", "--json", "--first-last-dtype", "float16"] + MIXED_FLAGS, capsys)
+    assert status == 0, err
+    assert json.loads(out)["totals"] == half["totals"] != fresh["totals"]
+    status, out, err = _main(svhn, ["--summary", "--load", packed["float32"], "--first-last-dtype", "float16"],
+                             capsys)
+    assert status == 2 and "--first-last-dtype float16" in err and len(err.strip().splitlines()) == 1
     status, out, err = _main(svhn, ["--summary"] + MIXED_FLAGS, capsys)
     assert status == 0, err
     lines = out.splitlines()
