@@ -28,7 +28,7 @@ norm that is not folded into a layer, kind ``bn``):
 import json
 import math
 
-__all__ = ["TERNARY_BITS", "summarise", "format_table", "to_json"]
+__all__ = ["TERNARY_BITS", "layer_macs", "summarise", "format_table", "to_json"]
 
 #: Bits a ternary (TTQ, W = 't') weight counts as in bit operations: the engine reads two planes.
 TERNARY_BITS = 2
