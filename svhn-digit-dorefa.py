@@ -7,6 +7,7 @@
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load MODEL --run a.png b.png [--json]
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --load LOGDIR --export model.npz
     ./svhn-digit-dorefa.py --dorefa 1,2,4 --summary [--json]          # per-layer bits, MACs, BOPs, sizes
+    ./svhn-digit-dorefa.py --sweep 32,32,32 1,2,4 1,1,4 --synthetic --epochs 3 [--seeds 3]   # table + plot
 
 Network and recipe: docs/networks.md (SVHN digit net); published errors
 (1,1,4) 3.1-3.2%, (1,2,4) 3.0-3.1%, (32,32,32) about 2.3%.
@@ -19,8 +20,8 @@ from dorefanet.tf_setup import tf  # noqa: I100  (prepares TensorFlow; must come
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dorefanet.cli import check_modes, make_parser  # noqa: E402
-from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
+from dorefanet.cli import check_modes, dorefa_bits, make_parser, run_reporting_errors  # noqa: E402
+from dorefanet.driver import COMMON_ERRORS, layer_bits_record, run_script, summary_line, train_model  # noqa: E402
 from dorefanet.layer_bits import LayerBitsError  # noqa: E402
 from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
 from dorefanet.network import DescribedNetwork  # noqa: E402
@@ -35,6 +36,7 @@ RECIPE_EPOCHS = 200
 RECIPE_STEPS_PER_EPOCH = 4721   # one pass over train + extra at batch 128
 LR_HALVING_EPOCHS = 100
 LOGDIR_PATTERN = "train_log/svhn-dorefa-W,A,G"
+SWEEP_LOGDIR = "train_log/svhn-sweep"
 
 
 class SVHNModel(DescribedNetwork, ModelDesc):
@@ -189,6 +191,41 @@ def train(args):
     print(summary_line(plan.logdir, "test-error", "test error", "./" + os.path.basename(__file__), data))
 
 
+def sweep(args):
+    """--sweep: every configuration (and seed) trained by this script in its own run, then the table and plot."""
+    from dorefanet.driver import model_totals
+    from dorefanet.sweep import Sweep
+    from dorefanet.training import quiet_tensorpack
+
+    quiet_tensorpack()   # the sweep's own output is its progress lines and the table; the runs log to logs/
+
+    data = ["--synthetic"] if args.synthetic else ["--data", os.path.abspath(args.data)]
+    flags = data + ["--epochs", str(args.epochs), "--batch", str(args.batch), "--workers", str(args.workers),
+                    "--data-format", args.data_format]
+    flags += ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
+    flags += ["--gpu", args.gpu] if args.gpu else []
+
+    def figures(bits):
+        return model_totals(SVHNModel(dorefa_bits(bits), data_format=args.data_format))
+
+    what = "built-in digits" if args.synthetic else "SVHN " + os.path.abspath(args.data)
+    title = "SVHN digit net on {}, {} epoch{}{}".format(
+        what, args.epochs, "" if args.epochs == 1 else "s",
+        " of {} steps".format(args.steps_per_epoch) if args.steps_per_epoch else "")
+    runs = Sweep(os.path.abspath(args.logdir or SWEEP_LOGDIR), args.sweep, range(args.seed, args.seed + args.seeds),
+                 os.path.abspath(__file__), flags, data, args.epochs, "test-error", r"test error: ([0-9.]+)",
+                 figures, title, ["./" + os.path.basename(__file__)] + list(args.argv))
+    records = runs.run()
+    print(runs.write(records))
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        print("error: {} of {} runs failed ({}); the others are in the table, and running the same command again "
+              "retries only those".format(len(failed), len(records), ", ".join(
+                  "{} seed {}".format(r["bits"], r["seed"]) for r in failed)), file=sys.stderr)
+        return 1
+    return 0
+
+
 def parse_args(argv=None):
     parser, groups = make_parser(__doc__.splitlines()[0], "1,2,4", logdir_pattern=LOGDIR_PATTERN)
     groups["data"].add_argument("--synthetic", action="store_true",
@@ -204,9 +241,19 @@ def parse_args(argv=None):
                    help="start over even if --logdir holds a finished run (it is moved aside, not deleted)")
     t.add_argument("--data-format", choices=["channels_last", "channels_first"], default=None,
                    help="tensor layout (default: channels_first on GPUs, channels_last on the CPU)")
+    t.add_argument("--sweep", type=dorefa_bits, nargs="+", metavar="W,A,G",
+                   help="train each of these configurations in its own run under --logdir (default: {}), then "
+                        "write results.md, results.json and error_vs_bits.png there; the same command resumes "
+                        "a killed sweep".format(SWEEP_LOGDIR))
+    t.add_argument("--seeds", type=int, default=1,
+                   help="with --sweep: runs per configuration, seeds --seed, --seed + 1, ...")
     groups["model"].add_argument("--export", metavar="OUT.npz",
                                  help="write the loaded model's variables (no optimizer state) to an .npz")
-    args = check_modes(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    dorefa_given = args.dorefa is not None
+    args = check_modes(parser, args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    check_sweep(parser, args, dorefa_given)
     if args.synthetic and args.data:
         parser.error("--synthetic and --data cannot be combined; choose one data source")
     needs_data = not (args.run or args.export or args.export_packed or args.summary)
@@ -229,8 +276,29 @@ def parse_args(argv=None):
     return args
 
 
+def check_sweep(parser, args, dorefa_given):
+    if args.sweep is None:
+        if args.seeds != 1:
+            parser.error("--seeds only applies to --sweep")
+        return
+    clashes = [flag for flag, given in (("--dorefa", dorefa_given),
+                                        ("--layer-bits", args.layer_bits), ("--load", args.load),
+                                        ("--summary", args.summary), ("--overwrite", args.overwrite)) if given]
+    if clashes:
+        parser.error("--sweep cannot be combined with {}: it gives each run its --dorefa and its own run "
+                     "directory".format(clashes[0]))
+    names = [str(bits) for bits in args.sweep]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        parser.error("--sweep lists {} more than once".format(", ".join(twice)))
+    if args.seeds < 1:
+        parser.error("--seeds must be a positive integer, got {}".format(args.seeds))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sweep:
+        return run_reporting_errors(lambda: sweep(args), COMMON_ERRORS + (SVHNDataError,), training=True)
     training = not (args.export or args.export_packed or args.run or args.eval or args.summary)
     return run_script(args, make_model(args), lambda: train(args),
                       lambda: evaluate(args), lambda: run(args), training, errors=(SVHNDataError,))

@@ -24,7 +24,7 @@ from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E4
 from dorefanet.packed.format import PackedFormatError  # noqa: E402
 from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
 
-__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "layer_bits_record", "train_model", "summary_line"]
+__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "model_totals", "layer_bits_record", "train_model", "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
@@ -92,7 +92,7 @@ def model_summary(model, args):
             weights = read_weights(source)
             check_weights(expected, weights, source)
             expected = {name: tuple(np.shape(value)) for name, value in weights.items()}
-    height, width, channels = model.inputs()[0].shape.as_list()[1:]
+    height, width, channels = _input_shape(model)
     summary = summarise(program, model.layer_plan, (height, width, channels), expected, first_last)
     fields = {"model": model.model_name, "dorefa": str(args.dorefa), "layer_bits": model.layer_plan.table(),
               "input": [height, width, channels], "first_last_dtype": first_last, "load": source}
@@ -103,6 +103,19 @@ def model_summary(model, args):
     title = "{} at --dorefa {}{}, input {}x{}x{}{}".format(
         model.model_name, args.dorefa, extra, height, width, channels, ", loaded from " + source if source else "")
     return format_table(summary, title)
+
+
+def _input_shape(model):
+    return tuple(model.inputs()[0].shape.as_list()[1:])
+
+
+def model_totals(model):
+    """``--summary``'s totals of ``model`` as built (float32 first and last layers): what ``--sweep`` tabulates."""
+    from dorefanet.checkpoints import expected_variables
+    from dorefanet.summary import summarise
+
+    return summarise(model.packed_program(), model.layer_plan, _input_shape(model),
+                     expected_variables(model))["totals"]
 
 
 def layer_bits_record(args, model, resume_key):

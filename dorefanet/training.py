@@ -199,6 +199,33 @@ def select_trainer(num_towers):
     return SyncMultiGPUTrainerReplicated(num_towers)
 
 
+def _epoch_timer():
+    """A callback recording each epoch's training time as ``epoch_seconds`` (in ``stats.json``).
+
+    The time is that of the epoch's steps only: TensorFlow start-up, graph
+    building and the evaluation after the epoch are not in it, so the figure
+    compares configurations, and a resumed run's epochs add up to its whole
+    training (an epoch killed before its checkpoint is dropped with its stats).
+    """
+    import time
+
+    from tensorpack.callbacks import Callback
+
+    class EpochTimer(Callback):
+        _chief_only = False
+
+        def _before_epoch(self):
+            self._start = time.perf_counter()
+
+        def _after_epoch(self):
+            self._seconds = time.perf_counter() - self._start
+
+        def _trigger_epoch(self):
+            self.trainer.monitors.put_scalar("epoch_seconds", self._seconds)
+
+    return EpochTimer()
+
+
 def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer, session_init=None,
            extra_monitors=()):
     """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so."""
@@ -213,7 +240,7 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
     config = TrainConfig(
         model=model,
         data=QueueInput(dataflow),
-        callbacks=[ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] + list(callbacks),
+        callbacks=[_epoch_timer(), ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] + list(callbacks),
         monitors=[TFEventWriter(), JSONWriter(), ScalarPrinter()] + list(extra_monitors),
         steps_per_epoch=steps_per_epoch,
         max_epoch=max_epoch,
