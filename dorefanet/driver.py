@@ -24,7 +24,8 @@ from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E4
 from dorefanet.packed.format import PackedFormatError  # noqa: E402
 from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
 
-__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "model_totals", "layer_bits_record", "train_model", "summary_line"]
+__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "model_totals", "layer_bits_record", "train_model",
+           "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,

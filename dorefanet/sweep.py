@@ -157,7 +157,12 @@ class Sweep:
         if isinstance(stored, dict) and stored.get("status") == "ok" and stored.get("command") == record["command"]:
             return dict(stored, reused=True)
         log_path = self._log_path(bits, seed)
-        if self._trained_through(logdir) < self.epochs:
+        trained = self._trained_through(logdir)
+        if trained > self.epochs:
+            # its weights are not those of --epochs: no honest figure for this sweep
+            return dict(record, status="failed", error="{} holds {} epochs, more than --epochs {}; use another "
+                        "--logdir".format(logdir, trained, self.epochs))
+        if trained < self.epochs:
             status = self._child(args, log_path)
             if status != 0:
                 return dict(record, status="failed", error=self._failure(log_path, status))
