@@ -202,6 +202,10 @@ def test_sweep_killed_resumed_failing_configuration_table_json_and_plot(svhn, da
         code = svhn.main(["--load", second, "--eval", "--data", data_dir])
         printed = capsys.readouterr().out
         assert code == 0 and "test error: {:.4f}".format(runs["1,2,4"]["test_error"]) in printed
+        # and its figures are --summary's of the run (bits from the run's own config.json)
+        assert svhn.main(["--summary", "--json", "--load", second]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["dorefa"] == "1,2,4" and summary["totals"] == runs["1,2,4"]["figures"]
 
         # 4. trained but not recorded (killed between the two): read by --eval, not trained again
         os.remove(os.path.join(second, RESULT_FILE))
