@@ -1,9 +1,10 @@
 """Files that are either completely written or not there at all: nothing a user trained is half-saved."""
 import contextlib
+import json
 import os
 import tempfile
 
-__all__ = ["atomic_open"]
+__all__ = ["atomic_open", "write_json_atomic", "read_json"]
 
 
 @contextlib.contextmanager
@@ -27,3 +28,19 @@ def atomic_open(path, mode="w"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(obj, path):
+    """``obj`` as indented JSON in ``path``, atomically (what a run records: config, stats, results)."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path):
+    """The JSON in ``path``, or None when it is missing or unreadable (a record not written yet)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

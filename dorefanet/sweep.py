@@ -20,7 +20,6 @@ training time is the sum of its epochs' ``epoch_seconds`` (steps only: no
 start-up, no evaluation).  Parameters, sizes and bit operations come from
 ``--summary`` (:mod:`dorefanet.summary`).
 """
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import signal
 import subprocess
 import sys
 
-from dorefanet.atomic_file import atomic_open
+from dorefanet.atomic_file import atomic_open, read_json, write_json_atomic
 
 __all__ = ["RESULT_FILE", "run_name", "Sweep", "aggregate", "format_results", "plot_results"]
 
@@ -39,20 +38,6 @@ RESULT_FILE = "sweep-result.json"
 def run_name(bits, seed):
     """The run directory's name of configuration ``bits`` (``'1,2,4'``) and ``seed``."""
     return "dorefa-{}-seed{}".format(bits, seed)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(obj, path):
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
 
 
 def _die_with_parent():
@@ -126,7 +111,7 @@ class Sweep:
         from dorefanet.checkpoints import latest_checkpoint
         from dorefanet.training import checkpoint_step
 
-        config = _read_json(os.path.join(logdir, "config.json")) or {}
+        config = read_json(os.path.join(logdir, "config.json")) or {}
         steps = config.get("steps_per_epoch")
         try:
             ckpt = latest_checkpoint(logdir) if os.path.isdir(logdir) else None
@@ -153,7 +138,7 @@ class Sweep:
         """Train (or reuse, or resume) one run; return its record (``status`` ``'ok'`` or ``'failed'``)."""
         logdir, args = self.logdir(bits, seed), self.run_args(bits, seed)
         record = {"bits": bits, "seed": seed, "logdir": logdir, "command": " ".join(shlex.quote(a) for a in args)}
-        stored = _read_json(os.path.join(logdir, RESULT_FILE))
+        stored = read_json(os.path.join(logdir, RESULT_FILE))
         if isinstance(stored, dict) and stored.get("status") == "ok" and stored.get("command") == record["command"]:
             return dict(stored, reused=True)
         log_path = self._log_path(bits, seed)
@@ -166,7 +151,7 @@ class Sweep:
             status = self._child(args, log_path)
             if status != 0:
                 return dict(record, status="failed", error=self._failure(log_path, status))
-        stats = _read_json(os.path.join(logdir, "stats.json"))
+        stats = read_json(os.path.join(logdir, "stats.json"))
         stats = stats if isinstance(stats, list) else []
         last = [s for s in stats if s.get("epoch_num") == self.epochs and self.error_key in s]
         error = last[-1][self.error_key] if last else self._evaluate(bits, seed, log_path)
@@ -174,13 +159,13 @@ class Sweep:
             return dict(record, status="failed", error="no test error recorded and --eval failed (see {})".format(
                 log_path))
         timed = {s["epoch_num"]: s["epoch_seconds"] for s in stats if "epoch_seconds" in s}
-        config = _read_json(os.path.join(logdir, "config.json")) or {}
+        config = read_json(os.path.join(logdir, "config.json")) or {}
         record.update(status="ok", test_error=float(error), epochs=self.epochs,
                       train_seconds=sum(timed.values()),
                       # an epoch whose statistics a kill lost is missing from the time
                       train_seconds_complete=set(timed) >= set(range(1, self.epochs + 1)),
                       resumed=bool(config.get("resumed_at")), figures=self.figures_of(bits))
-        _write_json(record, os.path.join(logdir, RESULT_FILE))
+        write_json_atomic(record, os.path.join(logdir, RESULT_FILE))
         return record
 
     # ------------------------------------------------------------ the sweep
@@ -207,7 +192,7 @@ class Sweep:
         """``results.json``, ``results.md`` and ``error_vs_bits.png`` of ``records`` (each atomically)."""
         rows = aggregate(records, self.configs, self.figures_of)
         clean = [{k: v for k, v in r.items() if k != "reused"} for r in records]
-        _write_json({"title": self.title, "command": self.command, "directory": self.directory,
+        write_json_atomic({"title": self.title, "command": self.command, "directory": self.directory,
                      "configs": rows, "runs": clean}, os.path.join(self.directory, "results.json"))
         table = format_results(rows, self.title)
         with atomic_open(os.path.join(self.directory, "results.md"), "w") as f:

@@ -9,7 +9,6 @@ from the checkpoint and the epoch is derived from it, so the learning-rate
 schedule continues exactly where it was.
 """
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -17,7 +16,7 @@ import sys
 
 from dorefanet.tf_setup import tf
 
-from dorefanet.atomic_file import atomic_open  # noqa: E402
+from dorefanet.atomic_file import read_json, write_json_atomic  # noqa: E402
 from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
@@ -26,12 +25,6 @@ __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "pa
 
 class TrainingSetupError(RuntimeError):
     """A training run cannot start as asked (one-line message)."""
-
-
-def write_json_atomic(obj, path):
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
 
 
 def package_versions():
@@ -87,7 +80,7 @@ def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
     ckpt, step = _last_checkpoint(logdir) if os.path.isdir(logdir) else (None, 0)
     if ckpt is not None:
         done_epochs = step // steps_per_epoch
-        previous = _read_json(record_path)
+        previous = read_json(record_path)
         if previous is None:
             raise TrainingSetupError(
                 "{} has checkpoints but no readable config.json, so this command cannot be checked against the "
@@ -137,18 +130,10 @@ def _now():
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _trim_stats(logdir, done_epochs):
     """Drop stats.json entries of epochs after the checkpoint (a kill can land between the two writes)."""
     path = os.path.join(logdir, "stats.json")
-    stats = _read_json(path)
+    stats = read_json(path)
     if isinstance(stats, list):
         kept = [s for s in stats if int(s.get("epoch_num", 0)) <= done_epochs]
         if len(kept) != len(stats):
