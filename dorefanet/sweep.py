@@ -280,6 +280,23 @@ def format_results(rows, title):
     return "\n".join(lines)
 
 
+def _label_offsets(points):
+    """``(x, y, label, vertical offset in points)``: labels of points that nearly coincide fan out vertically."""
+    if not points:
+        return []
+    ys = [y for _, y, _ in points]
+    near_y = 0.05 * max(max(ys) - min(ys), 1.0)
+    clusters = []
+    for x, y, row in sorted(points, key=lambda p: (p[1], p[0])):
+        home = next((c for c in clusters if any(max(x, cx) / min(x, cx) < 1.25 and abs(y - cy) < near_y
+                                                for cx, cy, _ in c)), None)
+        if home is None:
+            home = []
+            clusters.append(home)
+        home.append((x, y, row["bits"]))
+    return [(x, y, label, 12 * (k - (len(c) - 1) / 2)) for c in clusters for k, (x, y, label) in enumerate(c)]
+
+
 def plot_results(rows, path, title):
     """``error_vs_bits.png``: test error (%) against BOPs (log axis), a labelled point per configuration."""
     import matplotlib
@@ -287,18 +304,25 @@ def plot_results(rows, path, title):
     matplotlib.use("Agg")   # headless: no display on training machines and CI
     from matplotlib import pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     done = [r for r in rows if "test_error" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for row in done:
-        x, y = row["figures"]["bops"], 100 * row["test_error"]
+    points = [(r["figures"]["bops"], 100 * r["test_error"], r) for r in done]
+    for x, y, row in points:
         std = 100 * row["test_error_std"] if row["test_error_std"] is not None else None
         ax.errorbar([x], [y], yerr=[std] if std is not None else None, fmt="o", capsize=4, color="tab:blue")
-        ax.annotate(row["bits"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    for x, y, label, dy in _label_offsets(points):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=9, va="center")
     ax.set_xscale("log")
+    # ticks at 1, 2 and 5 of each decade, labelled 5G, 10G, 20G: a sweep often spans less than a decade
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _count(v)))
     if done:   # room for the labels of the outermost points
         xs = [r["figures"]["bops"] for r in done]
         ax.set_xlim(min(xs) / 1.5, max(xs) * 2.0)
-    ax.set_xlabel("bit operations per image (MACs x W bits x A bits, log scale)")
+    ax.set_xlabel("bit operations per image (MACs x W bits x A bits; log scale, G = 1e9)")
     ax.set_ylabel("test error (%)")
     seeds = sorted({len(r["seeds"]) for r in done})
     ax.set_title(title + ("" if seeds in ([], [1]) else "\n(error bars: standard deviation over seeds)"),
@@ -309,7 +333,8 @@ def plot_results(rows, path, title):
         low = min(100 * r["test_error"] - d for r, d in zip(done, spread))
         high = max(100 * r["test_error"] + d for r, d in zip(done, spread))
         pad = max(1.0, 0.15 * (high - low))
-        ax.set_ylim(max(0.0, low - pad), high + pad)
+        bottom = max(0.0, low - pad)
+        ax.set_ylim(bottom - 0.04 * (high + pad - bottom), high + pad)   # a point at 0 % stays visible
     missing = [r["bits"] for r in rows if "test_error" not in r]
     if missing:
         fig.text(0.01, 0.01, "not plotted (failed or not run): " + ", ".join(missing), fontsize=8)
