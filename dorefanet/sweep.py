@@ -86,11 +86,17 @@ class Sweep:
     def _log_path(self, bits, seed):
         return os.path.join(self.directory, "logs", run_name(bits, seed) + ".log")
 
-    def _child(self, args, log_path):
+    @staticmethod
+    def _open_log(log_path, args):
+        """``log_path`` for appending (its folder made), with the command about to run written first."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        with open(log_path, "ab") as log:
-            log.write("$ {}\n".format(" ".join(shlex.quote(a) for a in args)).encode())
-            log.flush()
+        log = open(log_path, "a")
+        log.write("$ {}\n".format(" ".join(shlex.quote(a) for a in args)))
+        log.flush()
+        return log
+
+    def _child(self, args, log_path):
+        with self._open_log(log_path, args) as log:
             return subprocess.call([sys.executable] + args, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
@@ -124,8 +130,8 @@ class Sweep:
         args = [self.script, "--load", self.logdir(bits, seed), "--eval"] + self.eval_flags
         out = subprocess.run([sys.executable] + args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                              preexec_fn=_die_with_parent)
-        with open(log_path, "a") as log:
-            log.write("$ {}\n{}{}".format(" ".join(shlex.quote(a) for a in args), out.stdout, out.stderr))
+        with self._open_log(log_path, args) as log:
+            log.write(out.stdout + out.stderr)
         found = re.search(self.eval_pattern, out.stdout)
         return float(found.group(1)) if out.returncode == 0 and found else None
 
