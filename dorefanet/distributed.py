@@ -269,10 +269,16 @@ class Worker:
                 self.cluster.index, waited, self.timeout, who))
 
 
+_TELLING = ("aborted", "timed out", "timeout", "deadline", "socket", "unavailable", "connect", "refused")
+
+
 def _first_line(err):
+    """The line of a TensorFlow error that says what happened (its first line is "Graph execution error:")."""
     text = getattr(err, "message", None) or str(err)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    lines = [line for line in lines if line != "Graph execution error:" and not line.startswith(("File ", "From /job"))]
+    telling = [line for line in lines if any(word in line.lower() for word in _TELLING)]
+    return (telling or lines or [type(err).__name__])[0][:300]
 
 
 def check_agreement(records, fields):
@@ -352,6 +358,11 @@ def _make_builder_class():
             return reduced
 
         def build(self, grad_list, get_opt_fn):
+            from tensorpack.tfutils.common import get_global_step_var
+
+            # tensorpack creates the global step only after the trainer's graph; it must exist now to be
+            # broadcast (a resumed worker would otherwise count its steps from 0).
+            get_global_step_var()
             all_grads, all_vars = split_grad_list(grad_list)
             reduced = self.allreduce(all_grads)
             self.grads = merge_grad_list([reduced] * len(self.towers), all_vars)
@@ -425,12 +436,42 @@ def _make_trainer_class():
                 callbacks.append(_make_check_callback(self.worker))
             return callbacks
 
+        def initialize_hooks(self):
+            from tensorflow.python.training.monitored_session import _MonitoredSession
+            from tensorpack.tfutils.sesscreate import ReuseSessionCreator
+
+            # tensorpack's MonitoredSession treats Unavailable and Aborted (how a collective op reports a
+            # lost worker) as a preemption: it closes the session and "recovers" by reusing the closed one,
+            # which hides the real error behind "Attempted to use a closed Session". Do not recover.
+            _fix_tensorpack_failure_log()
+            self.hooked_sess = _MonitoredSession(ReuseSessionCreator(self.sess), self._callbacks.get_hooks(),
+                                                 should_recover=False)
+
         def initialize(self, session_creator, session_init):
             config = getattr(session_creator, "config", None) or tf.ConfigProto()
             super().initialize(NewSessionCreator(self.worker.server.target, self.worker.patch_config(config)),
                                session_init)
 
     return CollectiveTrainer
+
+
+class _FailureLogFilter:
+    """tensorpack 0.11 logs ``logger.error("Training failed at global_step=", step)``: a format string
+    without ``%s``, so Python's logging prints "--- Logging error ---" and a traceback on stderr,
+    burying the one-line error. This adds the missing ``%s``."""
+
+    def filter(self, record):
+        if record.msg == "Training failed at global_step=" and record.args:
+            record.msg = "Training failed at global_step=%s"
+        return True
+
+
+def _fix_tensorpack_failure_log():
+    import logging
+
+    logger = logging.getLogger("tensorpack")
+    if not any(isinstance(f, _FailureLogFilter) for f in logger.filters):
+        logger.addFilter(_FailureLogFilter())
 
 
 def _local_sync_only():

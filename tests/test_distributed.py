@@ -130,7 +130,7 @@ def test_two_workers_stay_identical_and_equal_one_process_with_two_towers(tmp_pa
     """ResNet-18 1,4,32 (G = 32: no fg noise), total batch 4: 2 workers x 1 tower against 1 process x 2 towers.
 
     Both start from the same --load weights (the chief loads them; worker 1 starts from other random values,
-    its seed differs, and gets the chief's by the broadcast). The workers train 3 steps and must hold
+    its seed differs, and gets the chief's by the broadcast). The workers train 2 steps and must hold
     bit-identical variables after every step (the per-step check) and at the end (their dumps). After step 1
     the chief's checkpoint must equal the one process's: only the summation order of the gradients differs
     (all-reduce of the workers' sums vs the replicated trainer's add_n), measured as at most a few float32
@@ -141,7 +141,7 @@ def test_two_workers_stay_identical_and_equal_one_process_with_two_towers(tmp_pa
     logdir, ref = str(tmp_path / "log"), str(tmp_path / "ref")
     ports = free_ports(2)
     common = SMALL + ["--batch", "4", "--steps-per-epoch", "1", "--load", init]
-    workers = [procs.start("resnet-dorefa.py", common + ["--epochs", "3", "--logdir", logdir, "--cluster",
+    workers = [procs.start("resnet-dorefa.py", common + ["--epochs", "2", "--logdir", logdir, "--cluster",
                                                          cluster_flag(ports), "--task", str(i),
                                                          "--worker-timeout", "120"], "worker{}".format(i))
                for i in range(2)]
@@ -151,7 +151,7 @@ def test_two_workers_stay_identical_and_equal_one_process_with_two_towers(tmp_pa
         assert procs.wait(proc, 240) == 0, procs.stderr(proc.name)[-3000:]
 
     # only the chief records the run; worker 1 logs beside it
-    assert {"model-3.index", "config.json", "stats.json", "log.log"} <= set(os.listdir(logdir))
+    assert {"model-2.index", "config.json", "stats.json", "log.log"} <= set(os.listdir(logdir))
     follower = logdir + ".worker1"
     assert "log.log" in os.listdir(follower)
     assert not {"checkpoint", "config.json", "stats.json"} & set(os.listdir(follower))
@@ -166,7 +166,7 @@ def test_two_workers_stay_identical_and_equal_one_process_with_two_towers(tmp_pa
         assert sorted(a.files) == sorted(b.files) and "conv1/W/Momentum" in a.files
         differ = [name for name in a.files if not name.endswith("/EMA") and not np.array_equal(a[name], b[name])]
         assert differ == []
-        assert int(a["global_step"]) == 3
+        assert int(a["global_step"]) == 2
 
     mine, theirs = read_checkpoint(os.path.join(logdir, "model-1")), read_checkpoint(os.path.join(ref, "model-1"))
     assert sorted(mine) == sorted(theirs)
@@ -267,12 +267,14 @@ def test_killed_cluster_resumes_from_the_chiefs_checkpoint(tmp_path, procs):
     assert [r["step"] for r in config["resumed_at"]] == [killed_at]
     with open(os.path.join(logdir, "stats.json")) as f:
         stats = json.load(f)
-    assert stats[-1]["global_step"] == 6 and [s["epoch_num"] for s in stats] == [1, 2, 3]
+    # (a kill between the checkpoint and the stats.json write of an epoch loses that epoch's entry)
+    assert stats[-1]["global_step"] == 6
+    assert [s["epoch_num"] for s in stats if s["epoch_num"] > killed_at // 2] == list(range(killed_at // 2 + 1, 4))
     with open(os.path.join(logdir + ".worker1", "log.log")) as f:
         follower_log = f.read()
-    # worker 1 started again at the chief's epoch, not at epoch 1
-    second_run = follower_log.split("Start Epoch 1 ...")[-1]
-    assert "Start Epoch {} ...".format(killed_at // 2 + 1) in second_run
+    # worker 1 started again at the chief's epoch, not at epoch 1 (tensorpack logs Argv at each start)
+    second_run = follower_log.split("Argv:")[-1]
+    assert "Start Epoch 1 ..." not in second_run and "Start Epoch {} ...".format(killed_at // 2 + 1) in second_run
     with np.load(os.path.join(logdir, "replica-variables.npz")) as a, \
             np.load(os.path.join(logdir + ".worker1", "replica-variables.npz")) as b:
         assert int(a["global_step"]) == int(b["global_step"]) == 6
