@@ -251,6 +251,19 @@ def test_mismatched_workers_are_refused_at_start_naming_the_flag(tmp_path, procs
     assert not os.path.exists(os.path.join(logdir, "checkpoint"))
 
 
+def test_the_chiefs_refusal_reaches_every_worker(tmp_path, procs):
+    logdir, ports = tmp_path / "log", free_ports(2)
+    logdir.mkdir()
+    (logdir / "checkpoint").write_text('model_checkpoint_path: "model-5"\n')  # names files that do not exist
+    workers = [procs.start("alexnet-dorefa.py", worker_argv(str(logdir), ports, i), "worker{}".format(i))
+               for i in range(2)]
+    for proc in workers:
+        assert procs.wait(proc, 120) == 2
+    chief, follower = one_error_line(procs.stderr("worker0")), one_error_line(procs.stderr("worker1"))
+    assert chief.startswith("error: {}: its last checkpoint cannot be read".format(logdir)), chief
+    assert follower == "error: the chief (worker 0) cannot start: " + chief[len("error: "):]
+
+
 # ---------------------------------------------------------------- kill both, same commands: resume
 def test_killed_cluster_resumes_from_the_chiefs_checkpoint(tmp_path, procs):
     logdir, ports = str(tmp_path / "log"), free_ports(2)
