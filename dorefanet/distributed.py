@@ -287,15 +287,15 @@ def check_agreement(records, fields):
     for index, record in enumerate(records[1:], 1):
         for field in fields:
             if record.get(field) != chief.get(field):
-                name = field.replace("_", "-")
                 raise DistributedError(
                     "worker {} has {} {} but the chief (worker 0) has {}: start every worker with the same "
-                    "flags".format(index, "--" + name if field in _FLAG_FIELDS else name, record.get(field),
-                                   chief.get(field)))
+                    "flags".format(index, _FIELD_NAMES.get(field, "--" + field.replace("_", "-")),
+                                   record.get(field), chief.get(field)))
 
 
-#: Handshake fields that are a command-line flag of the same name (the others are derived).
-_FLAG_FIELDS = {"dorefa", "batch", "image_size", "steps_per_epoch", "epochs", "gpu"}
+#: How the error names a handshake field that is not the flag of the same name.
+_FIELD_NAMES = {"model": "model (script)", "towers": "towers (--gpu)", "data": "data (--fake or --data)",
+                "cluster": "the worker list (--cluster or TF_CONFIG)"}
 
 
 def translate_runtime_error(err, cluster, timeout):

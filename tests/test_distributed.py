@@ -351,3 +351,16 @@ def test_tf_config_and_flags_that_agree_are_one_cluster():
     Args.cluster, Args.task = None, None
     assert distributed.resolve_cluster(Args, {"TF_CONFIG": TF_CONFIG}) == cluster
     assert distributed.resolve_cluster(Args, {}) is None
+
+
+@pytest.mark.parametrize("field, chief, other, message", [
+    ("towers", 1, 2, "worker 1 has towers (--gpu) 2 but the chief (worker 0) has 1"),
+    ("image_size", 64, 96, "worker 1 has --image-size 96 but the chief (worker 0) has 64"),
+    ("model", "alexnet", "resnet18", "worker 1 has model (script) resnet18 but the chief (worker 0) has alexnet"),
+])
+def test_handshake_mismatch_names_the_field(field, chief, other, message):
+    records = [{"batch": 4, field: chief}, {"batch": 4, field: chief}, {"batch": 4, field: other}]
+    distributed.check_agreement(records[:2], ("batch", field))
+    with pytest.raises(distributed.DistributedError, match=r"^" + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("1 has", "2 has")):
+        distributed.check_agreement(records, ("batch", field))
