@@ -200,8 +200,11 @@ def select_trainer(num_towers):
 
 
 def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer, session_init=None,
-           extra_monitors=()):
-    """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so."""
+           extra_monitors=(), chief=True):
+    """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so.
+
+    ``chief=False`` (a worker of a cluster other than the chief): no checkpoints, events or stats.json, only the log.
+    """
     from tensorpack import (JSONWriter, ModelSaver, QueueInput, SaverRestore, ScalarPrinter, TFEventWriter,
                             TrainConfig, launch_train_with_config, logger)
 
@@ -213,8 +216,8 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
     config = TrainConfig(
         model=model,
         data=QueueInput(dataflow),
-        callbacks=[ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] + list(callbacks),
-        monitors=[TFEventWriter(), JSONWriter(), ScalarPrinter()] + list(extra_monitors),
+        callbacks=([ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] if chief else []) + list(callbacks),
+        monitors=([TFEventWriter(), JSONWriter()] if chief else []) + [ScalarPrinter()] + list(extra_monitors),
         steps_per_epoch=steps_per_epoch,
         max_epoch=max_epoch,
         starting_epoch=plan.starting_epoch,
