@@ -132,21 +132,23 @@ def layer_bits_record(args, model, resume_key):
     return {"layer_bits": [[pattern, str(bits)] for pattern, bits in args.layer_bits], "layer_table": table}
 
 
-def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer, plan=None):
+def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer, plan=None, chief=True,
+                seed=None):
     """Train ``model`` into ``logdir`` (resumed or refused as :func:`dorefanet.training.plan_run` decides).
 
-    ``args``: ``load``, ``seed``, ``epochs``, ``overwrite``.  A given ``plan``
-    (a non-chief process of a multi-process run) replaces the chief's own.
-    Returns the plan the run followed.
+    ``args``: ``load``, ``seed``, ``epochs``, ``overwrite``.  On a cluster
+    (:mod:`dorefanet.distributed`) the handshake's ``plan`` replaces this
+    process's own, only the ``chief`` reads ``--load`` and writes checkpoints,
+    and ``seed`` is the worker's graph seed.  Returns the plan the run followed.
     """
     if plan is None:
         plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
     init = None
-    if args.load and not plan.resumed:
+    if args.load and not plan.resumed and chief:
         init = StrictInit(read_weights(args.load), args.load)
     np.random.seed(args.seed)
-    tf.set_random_seed(args.seed)
-    launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init)
+    tf.set_random_seed(args.seed if seed is None else seed)
+    launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init, chief=chief)
     return plan
 
 

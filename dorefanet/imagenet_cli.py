@@ -12,14 +12,14 @@ import functools
 import os
 import sys
 
-import dorefanet.tf_setup  # noqa: F401  (prepares TensorFlow before tensorpack)
+from dorefanet.tf_setup import tf  # noqa: I100  (prepares TensorFlow before tensorpack)
 
 from dorefanet import cli  # noqa: E402
-from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
+from dorefanet import distributed  # noqa: E402
 from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
 from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
 from dorefanet.layer_bits import LayerBitsError  # noqa: E402
-from dorefanet.training import RunPlan, TrainingSetupError, available_gpus, checkpoint_step, select_trainer  # noqa
+from dorefanet.training import TrainingSetupError, available_gpus, plan_run, select_trainer  # noqa: E402
 from imagenet_utils import (IMAGE_SIZE, RESIZE_SHORTER, ClassNamesError, ImageNetDataError,  # noqa: E402
                             default_parallelism, fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow,
                             list_imagenet_files, load_class_names, preprocess_image)
@@ -30,10 +30,8 @@ __all__ = ["ILSVRC12_TRAIN_IMAGES", "make_imagenet_parser", "parse_imagenet_args
 ILSVRC12_TRAIN_IMAGES = 1281167
 #: Batches of random images validated per epoch by ``--fake`` training and evaluated by ``--eval --fake``.
 FAKE_EVAL_BATCHES = 2
-#: Batches in one pass of a ``--fake`` training flow (it repeats a single random batch: it measures speed,
-#: not learning; the trainer re-iterates it).
-FAKE_TRAIN_BATCHES = 16
-TRAINERS = ("replicated", "horovod")
+#: replicated: the towers of one process; collective: one process per machine (--cluster or TF_CONFIG).
+TRAINERS = ("replicated", "collective")
 
 
 def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
@@ -50,7 +48,7 @@ def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
     data.add_argument("--workers", type=int, default=None,
                       help="parallel data loading: processes that decode and augment training images and "
                            "threads that decode validation images; 0 loads in the main process. By default half "
-                           "the CPUs ({}), shared among the Horovod processes of a machine".format(
+                           "the CPUs ({})".format(
                                default_parallelism()))
     t = groups["training"]
     t.add_argument("--epochs", type=int, default=model_class.max_epoch, help="epochs to train; the recipe by default")
@@ -58,14 +56,22 @@ def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
                    help="training steps per epoch; by default one pass over the training images "
                         "(ILSVRC12: {} // --batch)".format(ILSVRC12_TRAIN_IMAGES))
     t.add_argument("--batch", type=int, default=model_class.total_batch_size,
-                   help="total batch size, split evenly over the towers (--gpu) or the Horovod processes; "
+                   help="total batch size, split evenly over the towers (--gpu) of every worker (--cluster); "
                         "also the batch of --eval")
     t.add_argument("--overwrite", action="store_true",
                    help="start over even if --logdir holds a finished run (it is moved aside, not deleted)")
-    t.add_argument("--trainer", choices=TRAINERS, default="replicated",
+    t.add_argument("--trainer", choices=TRAINERS, default=None,
                    help="replicated: synchronous data-parallel training in one process, one tower per --gpu "
-                        "(tensorpack SyncMultiGPUTrainerReplicated); horovod: one process per GPU on one or "
-                        "more machines, started with horovodrun (tensorpack HorovodTrainer)")
+                        "(tensorpack SyncMultiGPUTrainerReplicated); collective: the same on several machines, "
+                        "one process per machine, gradients all-reduced between them over gRPC (docs/distributed.md). "
+                        "Default: collective with --cluster or TF_CONFIG, else replicated")
+    # -- several machines (dorefanet/distributed.py, docs/distributed.md) --
+    t.add_argument("--cluster", metavar="HOST:PORT,...",
+                   help="train on several machines: every worker's address, the same list on each (or TF_CONFIG)")
+    t.add_argument("--task", type=int, metavar="I", help="with --cluster: this machine's index in it (0 = the chief)")
+    t.add_argument("--worker-timeout", type=float, default=distributed.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="with --cluster: how long a worker waits for the others at start-up and in each all-reduce "
+                        "before it stops with an error; must exceed the chief's validation and checkpoint time")
     t.add_argument("--data-format", choices=("channels_first", "channels_last"), default=None,
                    help="layout of the feature maps inside the network; by default channels_first when a GPU "
                         "is visible, {} on the CPU (measured faster there). Checkpoints work in either "
@@ -96,14 +102,29 @@ def parse_imagenet_args(parser, model_class, argv=None):
         parser.error("--workers must be >= 0, got {}".format(args.workers))
     if args.image_size < model_class.min_image_size:
         parser.error("--image-size must be at least {}, got {}".format(model_class.min_image_size, args.image_size))
-    if args.trainer == "horovod":
-        if not training:
-            parser.error("--trainer horovod is for training; --eval, --run and --export run in one process")
-        if args.gpu is not None:
-            parser.error("--gpu does not apply to --trainer horovod: horovodrun starts one process per GPU and "
-                         "each process uses the GPU of its local rank")
+    _parse_cluster(parser, args, training)
     args.training = training
     return args
+
+
+def _parse_cluster(parser, args, training):
+    """``args.cluster``: the :class:`distributed.Cluster` of --cluster/--task or TF_CONFIG, or None."""
+    try:
+        cluster = distributed.resolve_cluster(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if cluster is not None and cluster.size == 1:
+        cluster = None  # a cluster of one machine is the ordinary training
+    if cluster is not None and not training:
+        parser.error("--cluster/TF_CONFIG is for training; --eval, --run and --export run in one process")
+    if args.trainer == "collective" and cluster is None and training:
+        parser.error("--trainer collective needs the workers: --cluster HOST:PORT,... --task I, or TF_CONFIG")
+    if args.trainer == "replicated" and cluster is not None:
+        parser.error("--trainer replicated trains in one process; --cluster/TF_CONFIG needs --trainer collective")
+    if not args.worker_timeout > 0:
+        parser.error("--worker-timeout must be a positive number of seconds, got {:g}".format(args.worker_timeout))
+    args.cluster = cluster
+    args.trainer = "collective" if cluster is not None else "replicated"
 
 
 def _resolve_devices(parser, model_class, args):
@@ -112,9 +133,11 @@ def _resolve_devices(parser, model_class, args):
     # On a machine without GPUs, --gpu 0,1 still builds two towers (tensorpack places them on the
     # CPU through soft placement), which is how multi-tower training is tested here.
     args.towers = len(args.gpu.split(",")) if args.gpu else max(gpus, 1)
-    if args.training and args.trainer == "replicated" and args.batch % args.towers:
-        parser.error("--batch {} cannot be split evenly over {} towers; use a multiple of {}".format(
-            args.batch, args.towers, args.towers))
+    replicas = args.towers * (args.cluster.size if args.cluster else 1)
+    if args.training and args.batch % replicas:
+        where = " ({} workers x {})".format(args.cluster.size, args.towers) if args.cluster else ""
+        parser.error("--batch {} cannot be split evenly over {} towers{}; use a multiple of {}".format(
+            args.batch, replicas, where, replicas))
     if args.data_format is None:
         args.data_format = "channels_first" if gpus else model_class.cpu_data_format
 
@@ -163,36 +186,40 @@ def _run(model, args):
 
 
 def _make_trainer(args):
-    """The tensorpack trainer; for Horovod also ``(rank, size, local_size)`` (``(0, 1, 1)`` otherwise)."""
-    if args.trainer != "horovod":
-        return select_trainer(args.towers), (0, 1, 1)
-    try:
-        import horovod.tensorflow  # noqa: F401  (HorovodTrainer imports it; checked here for a clear message)
-    except ImportError as err:
-        raise TrainingSetupError(
-            "--trainer horovod needs Horovod with TensorFlow support (pip install horovod[tensorflow]; start "
-            "the processes with horovodrun), but it cannot be imported: {}".format(err)) from None
-    from tensorpack import HorovodTrainer
-
-    trainer = HorovodTrainer(average=True)
-    return trainer, (trainer.hvd.rank(), trainer.hvd.size(), trainer.hvd.local_size())
+    """The tensorpack trainer and, on a cluster, this process's :class:`distributed.Worker` (else None)."""
+    if args.cluster is None:
+        return select_trainer(args.towers), None
+    worker = distributed.Worker(args.cluster, args.worker_timeout)
+    return distributed.CollectiveTrainer(args.towers, worker), worker
 
 
-def _follower_plan(logdir, rank, steps_per_epoch, overwrite):
-    """Where a non-chief Horovod process starts.
+def _handshake(worker, args, config, plan_chief):
+    """Agree with the other workers before building the graph; returns this worker's :class:`RunPlan`.
 
-    Only the chief (rank 0) records the run and writes checkpoints; the others
-    start from the same checkpoint and epoch (their variables are overwritten
-    by the chief's broadcast anyway, but the epoch drives the lr schedule) and
-    log to their own directory, next to the chief's so that ``--overwrite``
-    moving the chief's aside cannot pull it away from under them.
+    The chief plans the run (resume or fresh) and tells the others its step;
+    every worker compares the configuration that must be equal everywhere and
+    stops with the same one-line error when it is not.
     """
-    own = "{}.rank{}".format(logdir.rstrip("/"), rank)
-    checkpoint = None if overwrite or not os.path.isdir(logdir) else latest_checkpoint(logdir)
-    if checkpoint is None:
-        return RunPlan(own)
-    step = checkpoint_step(checkpoint)
-    return RunPlan(own, checkpoint, step, step // steps_per_epoch + 1)
+    key = config["resume_key"]
+    record = dict(key, towers=args.towers, data="fake" if args.fake else "imagenet", epochs=args.epochs,
+                  cluster=",".join(args.cluster.workers), step=0, error=None)
+    plan = None
+    if args.cluster.is_chief:
+        try:
+            plan = plan_chief()
+            record["step"] = plan.step
+        except TrainingSetupError as err:
+            record["error"] = str(err)
+    records = worker.handshake(record)
+    if records[0]["error"]:
+        raise TrainingSetupError(records[0]["error"] if args.cluster.is_chief else
+                                 "the chief (worker 0) cannot start: {}".format(records[0]["error"]))
+    distributed.check_agreement(records, ("cluster", "model", "dorefa", "layer_table", "batch", "image_size",
+                                          "steps_per_epoch", "epochs", "towers", "data"))
+    if plan is None:
+        plan = distributed.follower_plan(config["logdir"], args.cluster.index, records[0]["step"],
+                                         key["steps_per_epoch"])
+    return plan
 
 
 def _train(model, args, script):
@@ -200,16 +227,16 @@ def _train(model, args, script):
                             ScheduledHyperParamSetter)
 
     model_class = type(model)
-    trainer, (rank, processes, local_processes) = _make_trainer(args)
-    replicas = processes if args.trainer == "horovod" else args.towers
-    if args.batch % replicas:
-        raise TrainingSetupError("--batch {} cannot be split evenly over {} Horovod processes; use a multiple "
-                                 "of {}".format(args.batch, replicas, replicas))
+    trainer, worker = _make_trainer(args)
+    cluster = args.cluster
+    replicas = args.towers * (cluster.size if cluster else 1)
     batch_per_replica = args.batch // replicas
-    workers = max(1, default_parallelism() // local_processes) if args.workers is None else args.workers
+    workers = default_parallelism() if args.workers is None else args.workers
     size = args.image_size
     if args.fake:
-        train_flow = fake_dataflow(batch_per_replica, size, size=FAKE_TRAIN_BATCHES)
+        # seeded, the same batch on every tower of every worker: the multi-machine test compares a cluster
+        # with one process (distributed.fake_train_flow says why not one batch per tower)
+        train_flow = distributed.fake_train_flow(batch_per_replica, size, args.seed)
         train_images = ILSVRC12_TRAIN_IMAGES
     else:
         files = list_imagenet_files(args.data, "train")
@@ -231,18 +258,31 @@ def _train(model, args, script):
                          "weight_decay": model_class.weight_decay,
                          "weight_decay_pattern": model_class.weight_decay_pattern}}
     config.update(layer_bits_record(args, model, config["resume_key"]))
-    plan = None if rank == 0 else _follower_plan(logdir, rank, steps, args.overwrite)
-    callbacks = [
-        # Keyed on epochs: a resumed run starts at the epoch after its checkpoint, and the
-        # learning_rate variable itself is restored from the checkpoint.
-        ScheduledHyperParamSetter("learning_rate", list(model_class.lr_schedule)),
-        InferenceRunner(val_flow, [ScalarStats("xentropy-loss"),
-                                   ClassificationError("wrong-top1", "val-error-top1"),
-                                   ClassificationError("wrong-top5", "val-error-top5")]),
-        EstimatedTimeLeft(),
-    ]
-    plan = train_model(model, args, logdir, config, train_flow, steps, callbacks, trainer, plan=plan)
-    if rank == 0:
+    plan = None
+    if cluster is not None:
+        plan = _handshake(worker, args, dict(config, logdir=logdir),
+                          lambda: plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite))
+    chief = cluster is None or cluster.is_chief
+    # Keyed on epochs: a resumed run starts at the epoch after its checkpoint, and the
+    # learning_rate variable itself is restored from the checkpoint.
+    callbacks = [ScheduledHyperParamSetter("learning_rate", list(model_class.lr_schedule))]
+    if chief:   # validation, checkpoints and stats.json are the chief's
+        callbacks += [InferenceRunner(val_flow, [ScalarStats("xentropy-loss"),
+                                                 ClassificationError("wrong-top1", "val-error-top1"),
+                                                 ClassificationError("wrong-top5", "val-error-top5")]),
+                      EstimatedTimeLeft()]
+    # Other workers draw other fg noise (as the towers of one process do); their initial values do not
+    # matter: the chief broadcasts its variables at the start.
+    seed = args.seed + (1000 * cluster.index if cluster else 0)
+    try:
+        plan = train_model(model, args, logdir, config, train_flow, steps, callbacks, trainer, plan=plan,
+                           chief=chief, seed=seed)
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError,
+            tf.errors.AbortedError, tf.errors.InternalError) as err:
+        if cluster is None:
+            raise
+        raise distributed.translate_runtime_error(err, cluster, args.worker_timeout) from None
+    if chief:
         data = ["--fake"] if args.fake else ["--data", os.path.abspath(args.data)]
         if size != IMAGE_SIZE:
             data += ["--image-size", str(size)]
@@ -254,8 +294,8 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     """Everything an ImageNet script does besides defining its network; returns the exit status.
 
     * training (the default): ``--data DIR`` or ``--fake``, the model's recipe,
-      ``--gpu`` towers with tensorpack's replicated trainer or ``--trainer
-      horovod``, a checkpoint every epoch in ``--logdir``, resumed when the same
+      ``--gpu`` towers with tensorpack's replicated trainer, on several machines
+      with ``--cluster`` / ``TF_CONFIG`` (docs/distributed.md), a checkpoint every epoch in ``--logdir``, resumed when the same
       command runs again, validation top-1/top-5 error every epoch, and a
       summary line at the end;
     * ``--load PATH --eval``: top-1 / top-5 error over the whole validation set;
@@ -276,4 +316,5 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
 
     script = script or "./" + os.path.basename(sys.argv[0])
     return run_script(args, model, lambda: _train(model, args, script), lambda: _evaluate(model, args),
-                      lambda: _run(model, args), args.training, errors=(ImageNetDataError, ClassNamesError))
+                      lambda: _run(model, args), args.training, errors=(ImageNetDataError, ClassNamesError,
+                                                                          distributed.DistributedError))

@@ -175,13 +175,59 @@ def session_config(num_towers=1):
     return config
 
 
+def gate_gradients(grads):
+    """``grads`` (a tower's ``[(gradient, variable), ...]``), released only once every one of them is computed.
+
+    The variables are TF1 reference variables (``disable_v2_behavior``): an
+    op of the backward pass that uses a variable's value (``dx = dy W^T`` of
+    ``fct``, a batch norm's gradient using gamma) reads the variable's buffer
+    when it runs, and ``apply_gradients`` updates that buffer in place.
+    tensorpack computes the gradients with ``gate_gradients=False``, so the
+    update of a variable may run as soon as *its* gradient is ready, while
+    the backward through that variable's layer to the layers below has not
+    run yet: those then see the updated value.  With two towers and two
+    inter-op threads that happened in some runs and not others (measured:
+    the two towers of one process, same batch and same variables, got equal
+    ``fct`` gradients and gradients of every layer below ``fct`` that
+    differed by about 100 %; the final variables differed by up to 1e7 ulps
+    between two runs of the same command).  The gate makes every update wait
+    for the whole backward pass of its tower (and, through the averaged
+    gradient, of every tower).
+    """
+    from dorefanet.tf_setup import tf
+
+    if not grads:
+        return grads
+    gated = tf.tuple([g for g, _ in grads], name="gate_gradients")
+    return [(g, v) for g, (_, v) in zip(gated, grads)]
+
+
+def _gated(trainer_class):
+    """``trainer_class`` whose towers' gradients go through :func:`gate_gradients`."""
+
+    class Gated(trainer_class):
+        def _make_get_grad_fn(self, input, get_cost_fn, get_opt_fn):
+            get_grads = super()._make_get_grad_fn(input, get_cost_fn, get_opt_fn)
+
+            def get_gated_grads():
+                grads = get_grads()
+                return None if grads is None else gate_gradients(grads)
+            return get_gated_grads
+
+    Gated.__name__ = Gated.__qualname__ = "Gated" + trainer_class.__name__
+    return Gated
+
+
 def select_trainer(num_towers):
-    """tensorpack's synchronous replicated trainer for several towers, else a simple one."""
+    """tensorpack's synchronous replicated trainer for several towers, else a simple one.
+
+    Both update the variables only after the whole backward pass (:func:`gate_gradients`).
+    """
     from tensorpack import SimpleTrainer, SyncMultiGPUTrainerReplicated
 
     if num_towers <= 1:
-        return SimpleTrainer()
-    return SyncMultiGPUTrainerReplicated(num_towers)
+        return _gated(SimpleTrainer)()
+    return _gated(SyncMultiGPUTrainerReplicated)(num_towers)
 
 
 def _epoch_timer():
@@ -212,8 +258,11 @@ def _epoch_timer():
 
 
 def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer, session_init=None,
-           extra_monitors=()):
-    """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so."""
+           extra_monitors=(), chief=True):
+    """Train ``model`` on ``dataflow`` into ``plan.logdir``, resuming when ``plan`` says so.
+
+    ``chief=False`` (a worker of a cluster other than the chief): no checkpoints, events or stats.json, only the log.
+    """
     from tensorpack import (JSONWriter, ModelSaver, QueueInput, SaverRestore, ScalarPrinter, TFEventWriter,
                             TrainConfig, launch_train_with_config, logger)
 
@@ -225,8 +274,9 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
     config = TrainConfig(
         model=model,
         data=QueueInput(dataflow),
-        callbacks=[_epoch_timer(), ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] + list(callbacks),
-        monitors=[TFEventWriter(), JSONWriter(), ScalarPrinter()] + list(extra_monitors),
+        callbacks=[_epoch_timer()] + ([ModelSaver(max_to_keep=3, keep_checkpoint_every_n_hours=1000)] if chief else [])
+        + list(callbacks),
+        monitors=([TFEventWriter(), JSONWriter()] if chief else []) + [ScalarPrinter()] + list(extra_monitors),
         steps_per_epoch=steps_per_epoch,
         max_epoch=max_epoch,
         starting_epoch=plan.starting_epoch,

@@ -33,6 +33,7 @@ SIZE = ["--image-size", "64"]
 def _restore_cuda_visible_devices(monkeypatch):
     """main() sets CUDA_VISIBLE_DEVICES for --gpu; keep that from leaking into other tests."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    monkeypatch.delenv("TF_CONFIG", raising=False)  # a cluster in the shell would make training distributed
 
 
 def run_main(script, argv, capsys):
@@ -258,7 +259,7 @@ def test_missing_and_pickled_weights(tmp_path, capsys):
     assert code == 2 and "pickle" in err
 
 
-# ---------------------------------------------------------------- bad directories, flags, horovod
+# ---------------------------------------------------------------- bad directories, flags
 def test_bad_data_directories(tmp_path, resnet_npz, capsys):
     code, _, err = run_main(resnet, ["--load", resnet_npz, "--eval", "--data", str(tmp_path / "nope")], capsys)
     assert code == 2 and err.startswith("error: ImageNet directory") and "nope" in err
@@ -269,18 +270,6 @@ def test_bad_data_directories(tmp_path, resnet_npz, capsys):
     assert not logdir.exists()  # nothing is created for a run that cannot start
 
 
-def test_horovod_missing_is_one_clear_error(tmp_path, capsys):
-    try:
-        import horovod.tensorflow  # noqa: F401
-        pytest.skip("horovod is installed here")
-    except ImportError:
-        pass
-    logdir = tmp_path / "log"
-    code, _, err = run_main(alexnet, ["--fake", "--trainer", "horovod", "--logdir", str(logdir)] + SIZE, capsys)
-    assert code == 2 and err.startswith("error: --trainer horovod needs Horovod") and err.count("\n") == 1
-    assert "horovodrun" in err and not logdir.exists()
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--fake", "--data", "x"], "--fake and --data cannot be combined"),
     ([], "give --data ILSVRC_DIR"),
@@ -288,8 +277,6 @@ def test_horovod_missing_is_one_clear_error(tmp_path, capsys):
     (["--load", "m.npz", "--run", "a.png", "--fake"], "--data and --fake do not apply"),
     (["--fake", "--gpu", "0,1", "--batch", "5"], "--batch 5 cannot be split evenly over 2 towers"),
     (["--fake", "--gpu", "0,x"], "--gpu takes distinct comma-separated GPU ids"),
-    (["--fake", "--trainer", "horovod", "--gpu", "0"], "--gpu does not apply to --trainer horovod"),
-    (["--load", "m.npz", "--eval", "--fake", "--trainer", "horovod"], "--trainer horovod is for training"),
     (["--fake", "--epochs", "0"], "--epochs must be a positive integer"),
     (["--fake", "--workers", "-1"], "--workers must be >= 0"),
     (["--fake", "--image-size", "32"], "--image-size must be at least 64"),
@@ -308,7 +295,8 @@ def test_help(script, default_bits, capsys):
         script.main(["--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0
-    for flag in ("--fake", "--trainer {replicated,horovod}", "--data-format", "--steps-per-epoch", "--workers",
+    for flag in ("--fake", "--trainer {replicated,collective}", "--cluster", "--task",
+                 "--worker-timeout", "--data-format", "--steps-per-epoch", "--workers",
                  "--overwrite", "--export", "--json", default_bits):
         assert flag in out
     assert "--image-size" not in out  # a hidden developer flag
