@@ -155,12 +155,11 @@ def fake_train_flow(batch_size, image_size, seed, num_classes=1000):
 
     Every tower of every worker gets this batch, so that a cluster trains on
     what the towers of one process would.  The towers of one process take
-    their batches from one queue in no fixed order, and the result of a step
-    depends on which tower takes which batch (measured with tensorpack's
-    replicated trainer: two different outcomes over four runs of distinct
-    per-tower batches), so distinct batches per tower would make the
-    one-process run itself irreproducible.  The workers still compute different
-    gradients wherever fg adds its noise (G < 32): each worker draws its own.
+    their batches from one queue in no fixed order, and tensorpack updates the
+    batch-norm moving statistics from the first tower's batch only, so with
+    distinct batches per tower the one-process run would depend on which tower
+    took which batch.  The workers still compute different gradients wherever
+    fg adds its noise (G < 32): each worker draws its own.
     """
     from tensorpack.dataflow import DataFromList
 
