@@ -191,7 +191,8 @@ def print_profile(name, bits, batch, data, mhz):
         if label == "quantized conv / fc" and chosen:
             for stage in ("pack", "popcount", "epilogue", "popcount+epilogue"):
                 s = sum(r["stages"].get(stage, 0.0) for r in chosen)
-                print("| - of which {} | {:.2f} | {:.1%} |".format(stage, s * 1e3, s / total))
+                if any(stage in r["stages"] for r in chosen):   # stages no op had: no row
+                    print("| - of which {} | {:.2f} | {:.1%} |".format(stage, s * 1e3, s / total))
     print()
 
 
