@@ -12,17 +12,17 @@ import functools
 import os
 import sys
 
-import dorefanet.tf_setup  # noqa: F401  (prepares TensorFlow before tensorpack)
+from dorefanet import cli
+from dorefanet.driver import layer_bits_record, packed_only, run_script, summary_line, train_model
+from dorefanet.errors import TrainingSetupError
+from dorefanet.inference import evaluate_topk, load_predictor, run_images
+from dorefanet.layer_bits import LayerBitsError
+from dorefanet.imagenet_data import (IMAGE_SIZE, RESIZE_SHORTER, ClassNamesError, ImageNetDataError,
+                                     ValidationBatches, default_parallelism, list_imagenet_files, load_class_names,
+                                     preprocess_image)
 
-from dorefanet import cli  # noqa: E402
-from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
-from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
-from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
-from dorefanet.layer_bits import LayerBitsError  # noqa: E402
-from dorefanet.training import RunPlan, TrainingSetupError, available_gpus, checkpoint_step, select_trainer  # noqa
-from imagenet_utils import (IMAGE_SIZE, RESIZE_SHORTER, ClassNamesError, ImageNetDataError,  # noqa: E402
-                            default_parallelism, fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow,
-                            list_imagenet_files, load_class_names, preprocess_image)
+# TensorFlow and tensorpack (imagenet_utils, dorefanet.training, dorefanet.checkpoints) are imported
+# only by the modes that use them: the packed engine's --eval / --run run without.
 
 __all__ = ["ILSVRC12_TRAIN_IMAGES", "make_imagenet_parser", "parse_imagenet_args", "imagenet_main"]
 
@@ -106,9 +106,15 @@ def parse_imagenet_args(parser, model_class, argv=None):
     return args
 
 
-def _resolve_devices(parser, model_class, args):
-    """Towers and the default layout; called once ``CUDA_VISIBLE_DEVICES`` reflects ``--gpu``."""
-    gpus = available_gpus()
+def _resolve_devices(parser, model_class, args, gpus=None):
+    """Towers and the default layout; called once ``CUDA_VISIBLE_DEVICES`` reflects ``--gpu``.
+
+    ``gpus``: the number of GPUs if known (default: ask TensorFlow).
+    """
+    if gpus is None:
+        from dorefanet.training import available_gpus
+
+        gpus = available_gpus()
     # On a machine without GPUs, --gpu 0,1 still builds two towers (tensorpack places them on the
     # CPU through soft placement), which is how multi-tower training is tested here.
     args.towers = len(args.gpu.split(",")) if args.gpu else max(gpus, 1)
@@ -136,6 +142,10 @@ def _describe_class(class_names, label):
 
 def _validation_flow(args, batch_size, parallel):
     """The validation batches of ``--data`` (whole set, partial last batch) or a few ``--fake`` batches."""
+    if packed_only(args):     # the same batches, without tensorpack
+        return ValidationBatches(args.data, batch_size, args.image_size, parallel=parallel)
+    from imagenet_utils import fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow
+
     if args.fake:
         return fake_dataflow(batch_size, args.image_size, size=FAKE_EVAL_BATCHES)
     return get_imagenet_dataflow(args.data, "val", batch_size, augmentors=fbresnet_augmentor(False, args.image_size),
@@ -164,6 +174,8 @@ def _run(model, args):
 
 def _make_trainer(args):
     """The tensorpack trainer; for Horovod also ``(rank, size, local_size)`` (``(0, 1, 1)`` otherwise)."""
+    from dorefanet.training import select_trainer
+
     if args.trainer != "horovod":
         return select_trainer(args.towers), (0, 1, 1)
     try:
@@ -187,6 +199,9 @@ def _follower_plan(logdir, rank, steps_per_epoch, overwrite):
     log to their own directory, next to the chief's so that ``--overwrite``
     moving the chief's aside cannot pull it away from under them.
     """
+    from dorefanet.checkpoints import latest_checkpoint
+    from dorefanet.training import RunPlan, checkpoint_step
+
     own = "{}.rank{}".format(logdir.rstrip("/"), rank)
     checkpoint = None if overwrite or not os.path.isdir(logdir) else latest_checkpoint(logdir)
     if checkpoint is None:
@@ -198,6 +213,7 @@ def _follower_plan(logdir, rank, steps_per_epoch, overwrite):
 def _train(model, args, script):
     from tensorpack import (ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats,
                             ScheduledHyperParamSetter)
+    from imagenet_utils import fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow
 
     model_class = type(model)
     trainer, (rank, processes, local_processes) = _make_trainer(args)
@@ -268,7 +284,12 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     """
     parser = make_imagenet_parser(model_class, description or model_class.__doc__, default_dorefa, epilog)
     args = parse_imagenet_args(parser, model_class, argv)
-    _resolve_devices(parser, model_class, args)
+    if packed_only(args):
+        # no TensorFlow: the network description is enough, and the layout does not matter
+        _resolve_devices(parser, model_class, args, gpus=0)
+    else:
+        model_class = getattr(model_class, "with_tensorflow", lambda: model_class)()
+        _resolve_devices(parser, model_class, args)
     try:
         model = model_class(args.dorefa, args.data_format, args.image_size, args.layer_bits)
     except LayerBitsError as err:
