@@ -18,27 +18,20 @@ on ``fc.*/W``.  Everything else (flags, data, training, evaluation) is
 import os
 import sys
 
-from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
-
-from tensorpack.tfutils.summary import add_param_summary  # noqa: E402
-
-from dorefanet.imagenet_cli import imagenet_main  # noqa: E402
-from imagenet_utils import ImageNetModel  # noqa: E402
+# TensorFlow and tensorpack only where used (AlexNetModel): --engine packed --eval / --run run without
+from dorefanet.imagenet_cli import imagenet_main
+from dorefanet.imagenet_data import ImageNetNetwork
 
 DEFAULT_DOREFA = "1,2,6"
 
-__all__ = ["AlexNetModel", "DEFAULT_DOREFA", "main"]
+__all__ = ["AlexNetModel", "AlexNet", "DEFAULT_DOREFA", "main"]
 
 
-class AlexNetModel(ImageNetModel):
-    """DoReFa AlexNet: ``AlexNetModel(bits=(1, 2, 6), data_format='channels_first', image_size=224)``.
-
-    ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works), W may be ``'t'`` (TTQ).
-    Other ``image_size`` values change only the shape of ``fc0/W`` (the flattened
-    final map), which is useful for small tests; the published weights need 224.
+class AlexNet(ImageNetNetwork):
+    """DoReFa AlexNet without TensorFlow: the layers, bit widths and recipe of :class:`AlexNetModel`
+    (what the packed engine's ``--eval`` / ``--run`` need); ``AlexNet.with_tensorflow()`` is ``AlexNetModel``.
     """
 
-    image_dtype = tf.uint8
     # ImageNet mean / std in BGR order, in 0..255 units (model-zoo.md).
     image_mean = tuple(v * 255.0 for v in (0.406, 0.456, 0.485))
     image_std = tuple(v * 255.0 for v in (0.225, 0.224, 0.229))
@@ -77,19 +70,55 @@ class AlexNetModel(ImageNetModel):
         x = net.nonlin(net.bn("bnfc1", net.fc("fc1", x, 4096)))
         return net.fc("fct", x, 1000, quantized=False, bias=True)
 
-    def get_logits(self, image):
-        logits = self.network_logits(image)
-        add_param_summary((".*/W", ["histogram", "rms"]))
-        return logits
+    @classmethod
+    def with_tensorflow(cls):
+        return _tensorflow_model()
 
-    def optimizer(self):
-        return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
+
+_MODEL = []
+
+
+def _tensorflow_model():
+    """``AlexNetModel``, defined (and TensorFlow imported) on first use."""
+    if not _MODEL:
+        from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
+        from tensorpack.tfutils.summary import add_param_summary
+        from imagenet_utils import ImageNetModel
+
+        class AlexNetModel(AlexNet, ImageNetModel):
+            """DoReFa AlexNet: ``AlexNetModel(bits=(1, 2, 6), data_format='channels_first', image_size=224)``.
+
+            ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works), W may be ``'t'`` (TTQ).
+            Other ``image_size`` values change only the shape of ``fc0/W`` (the flattened
+            final map), which is useful for small tests; the published weights need 224.
+            """
+
+            image_dtype = tf.uint8
+
+            def get_logits(self, image):
+                logits = self.network_logits(image)
+                add_param_summary((".*/W", ["histogram", "rms"]))
+                return logits
+
+            def optimizer(self):
+                return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
+
+        AlexNetModel.__qualname__ = "AlexNetModel"
+        _MODEL.append(AlexNetModel)
+    return _MODEL[0]
+
+
+def __getattr__(name):
+    # AlexNetModel is a module attribute as before, made when first asked for
+    if name == "AlexNetModel":
+        return _tensorflow_model()
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))
 
 
 def main(argv=None):
     """Train, evaluate, classify or export; see ``dorefanet.imagenet_cli.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
-    return imagenet_main(AlexNetModel, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
+    return imagenet_main(AlexNet, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
                          default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))
 
 

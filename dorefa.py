@@ -39,18 +39,16 @@ arithmetic as TensorFlow's; the one exception is the sign of a zero (see
 :data:`USE_XLA` to False before building a graph) to build everything from plain
 TensorFlow ops.
 """
-import numbers
 import os
 
 import numpy as np
 
 from dorefanet.tf_setup import tf
 
+from dorefanet.bitwidths import TERNARY, _check_width, check_bits  # noqa: E402,F401  (TensorFlow-free)
+
 __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bits", "TERNARY",
            "USE_XLA"]
-
-#: The weight "bit width" that selects Trained Ternary Quantization.
-TERNARY = "t"
 
 #: Build the quantizers' element-wise work from fused kernels (XLA-compiled functions for
 #: the backward passes, the k-bit weights' and TTQ's values, BWN's sign select and fg's noise;
@@ -60,31 +58,6 @@ TERNARY = "t"
 #: TensorFlow's Philox, 23 bits; both i.i.d. per element, uniform on equally spaced values)
 #: and for the sign of zeros in quantize_clipped.
 USE_XLA = os.environ.get("DOREFA_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _check_width(value, what, allow_ternary=False):
-    allowed = "an integer from 1 to 32" + (" or 't' (TTQ)" if allow_ternary else "")
-    if allow_ternary and isinstance(value, str) and value == TERNARY:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
-    if not 1 <= int(value) <= 32:
-        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
-    return int(value)
-
-
-def check_bits(bitW, bitA, bitG):
-    """Validate a (W, A, G) triple and return it normalised to ints (or ``'t'`` for W).
-
-    Raises ``ValueError`` naming the bad value: widths are integers in 1..32
-    (32 = not quantized); W may be ``'t'`` (TTQ), which implies A = G = 32.
-    """
-    bitW = _check_width(bitW, "weight bit width (W)", allow_ternary=True)
-    bitA = _check_width(bitA, "activation bit width (A)")
-    bitG = _check_width(bitG, "gradient bit width (G)")
-    if bitW == TERNARY and (bitA, bitG) != (32, 32):
-        raise ValueError("W = 't' (TTQ) implies A = G = 32, got A = {}, G = {}".format(bitA, bitG))
-    return bitW, bitA, bitG
 
 
 def _levels(k):

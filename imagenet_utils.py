@@ -15,9 +15,6 @@ The command line of both scripts (train, ``--eval``, ``--run``, ``--export``) is
 :mod:`dorefanet.tf_setup` first, as every module of the project does.
 """
 import collections
-import multiprocessing
-import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
@@ -32,11 +29,15 @@ from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
 from tensorpack.models import regularize_cost  # noqa: E402
 from tensorpack.utils.utils import get_rng  # noqa: E402
 
-from dorefa import check_bits  # noqa: E402
-from dorefanet.image_io import ImageReadError, read_image_bgr  # noqa: E402  (one exception class for the project)
+from dorefanet.image_io import ImageReadError  # noqa: E402  (one exception class for the project)
 from dorefanet.checkpoints import build_inference_graph  # noqa: E402,F401
 from dorefanet.inference import TopKError, evaluate_topk, topk_wrong  # noqa: E402,F401
-from dorefanet.network import DescribedNetwork  # noqa: E402
+# the pieces that need no TensorFlow (what the packed engine's --eval / --run use)
+from dorefanet.imagenet_data import (  # noqa: E402,F401
+    CLASS_NAMES_FILE, IMAGE_EXTENSIONS, IMAGE_SIZE, NUM_CLASSES, RESIZE_SHORTER, ROOT, VAL_LABEL_FILES, _WNID,
+    ClassNamesError, ImageNetDataError, ImageNetNetwork, ValidationBatches, _is_image_file, _list_class_dirs,
+    _raise_failures, _read_label_file, _wnid_to_label, center_crop, default_parallelism, list_imagenet_files,
+    load_class_names, load_image, normalize_data_format, preprocess_image, read_image, resize_shorter_side)
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
@@ -44,126 +45,8 @@ __all__ = [
     "load_class_names", "read_image", "resize_shorter_side", "center_crop", "preprocess_image", "load_image",
     "RandomSizedCrop", "fbresnet_augmentor", "list_imagenet_files", "get_imagenet_dataflow", "fake_dataflow",
     "ImageNetModel", "build_inference_graph", "TopKError", "evaluate_topk", "topk_wrong", "normalize_data_format",
-    "IMAGE_EXTENSIONS", "default_parallelism",
+    "IMAGE_EXTENSIONS", "default_parallelism", "ImageNetNetwork", "ValidationBatches",
 ]
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-#: The shipped class list: 1000 lines ``wnid words``; line i is class i.
-CLASS_NAMES_FILE = os.path.join(ROOT, "data", "synset_words.txt")
-NUM_CLASSES = 1000
-#: Network input size and the shorter side the validation images are resized to.
-IMAGE_SIZE = 224
-RESIZE_SHORTER = 256
-#: Where a flat validation directory's labels may live, relative to the data directory, in
-#: the order they are looked for.
-VAL_LABEL_FILES = (os.path.join("val", "val.txt"), "val.txt")
-#: Files of a class directory that are read as images (compared case-insensitively); the
-#: content, not the extension, decides how a file is decoded.
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-
-_WNID = re.compile(r"n\d{8}\Z")
-
-
-class ClassNamesError(ValueError):
-    """The class-name list is missing or malformed (one-line message naming the file)."""
-
-
-class ImageNetDataError(ValueError):
-    """The ILSVRC12 directory does not have the expected layout (one-line message saying what was expected)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# class names
-
-def load_class_names(path=None, num_classes=NUM_CLASSES):
-    """Read the class list: returns ``[(wnid, words), ...]`` where index i is class i.
-
-    ``path`` defaults to the shipped ``data/synset_words.txt``.  Every line must be
-    ``nXXXXXXXX words...``; there must be exactly ``num_classes`` lines (``None``:
-    any number) and no duplicate wnid.  Raises :class:`ClassNamesError` otherwise.
-    """
-    path = CLASS_NAMES_FILE if path is None else os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as err:
-        raise ClassNamesError("cannot read the class names file {}: {}; expected {} lines 'wnid words'".format(
-            path, err.strerror or err, num_classes or "")) from None
-    except UnicodeDecodeError:
-        raise ClassNamesError("{} is not a UTF-8 text file of 'wnid words' lines".format(path)) from None
-    names, seen = [], {}
-    for number, line in enumerate(lines, 1):
-        parts = line.strip().split(None, 1)
-        if not parts and number == len(lines):
-            continue  # a trailing blank line
-        if len(parts) != 2 or not _WNID.match(parts[0]):
-            raise ClassNamesError("{} line {}: expected 'nXXXXXXXX words', got {!r}".format(path, number, line[:80]))
-        if parts[0] in seen:
-            raise ClassNamesError("{} line {}: wnid {} already on line {}".format(
-                path, number, parts[0], seen[parts[0]]))
-        seen[parts[0]] = number
-        names.append((parts[0], parts[1].strip()))
-    if num_classes is not None and len(names) != num_classes:
-        raise ClassNamesError("{} has {} classes, expected {}".format(path, len(names), num_classes))
-    return names
-
-
-def _wnid_to_label(class_names):
-    return {wnid: index for index, (wnid, _) in enumerate(class_names)}
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding and single-image / validation preprocessing
-
-def read_image(path):
-    """Decode an image file by its content (JPEG, PNG, ... whatever its extension) as BGR uint8 HxWx3.
-
-    Grayscale images are expanded to three channels and an alpha channel is
-    dropped.  Raises :class:`ImageReadError` naming the file when it cannot be
-    read or decoded.  This is :func:`image_io.read_image_bgr`, the decoder
-    ``--run`` uses, so that training, evaluation and single images are decoded
-    the same way and raise the same exception class.
-    """
-    return read_image_bgr(path)
-
-
-def resize_shorter_side(image, size=RESIZE_SHORTER, interpolation=cv2.INTER_CUBIC):
-    """Resize so that the shorter side is ``size``; the longer becomes ``int(long * size / short + 0.5)``.
-
-    Bicubic on the image's own dtype by default (uint8 for decoded images), as the
-    published models were evaluated.
-    """
-    h, w = image.shape[:2]
-    short = min(h, w)
-    if h <= w:
-        new_h, new_w = size, int(w * size / short + 0.5)
-    else:
-        new_h, new_w = int(h * size / short + 0.5), size
-    if (new_h, new_w) == (h, w):
-        return image
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    # cv2.resize drops a trailing channel axis of size 1; keep the input's rank.
-    return resized.reshape((new_h, new_w) + image.shape[2:])
-
-
-def center_crop(image, size=IMAGE_SIZE):
-    """Crop the central ``size`` x ``size`` window, offsets ``(dim - size) // 2``."""
-    h, w = image.shape[:2]
-    if h < size or w < size:
-        raise ValueError("cannot center-crop {0}x{0} from a {1}x{2} image".format(size, h, w))
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[top:top + size, left:left + size]
-
-
-def preprocess_image(image, resize=RESIZE_SHORTER, crop=IMAGE_SIZE):
-    """Single-image and validation preprocessing: shorter side to ``resize`` (bicubic), center crop ``crop``."""
-    return center_crop(resize_shorter_side(image, resize), crop)
-
-
-def load_image(path, resize=RESIZE_SHORTER, crop=IMAGE_SIZE):
-    """:func:`read_image` then :func:`preprocess_image`: a BGR uint8 ``crop`` x ``crop`` x 3 array."""
-    return preprocess_image(read_image(path), resize, crop)
-
 
 # ---------------------------------------------------------------------------------------------
 # training augmentation (fb.resnet.torch)
@@ -241,113 +124,6 @@ def fbresnet_augmentor(is_training, size=IMAGE_SIZE, interp=cv2.INTER_CUBIC):
 # ---------------------------------------------------------------------------------------------
 # ILSVRC12 file lists and dataflows
 
-def _is_image_file(path):
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path)
-
-
-def _list_class_dirs(directory, wnid_to_label, what):
-    """``[(path, label)]`` of the images in ``directory/<wnid>/``; errors name the offending directory."""
-    files = []
-    for entry in sorted(os.listdir(directory)):
-        sub = os.path.join(directory, entry)
-        if entry.startswith(".") or not os.path.isdir(sub):
-            continue
-        if entry not in wnid_to_label:
-            raise ImageNetDataError("{} directory {} is not a class: expected directories named by the wnids "
-                                    "of {}".format(what, sub, CLASS_NAMES_FILE))
-        label = wnid_to_label[entry]
-        files.extend((os.path.join(sub, name), label) for name in sorted(os.listdir(sub))
-                     if _is_image_file(os.path.join(sub, name)))
-    return files
-
-
-def _read_label_file(label_file, image_dir, wnid_to_label):
-    """``[(path, label)]`` from ``filename label`` lines (label: class index or wnid)."""
-    num_classes = len(wnid_to_label)
-    files = []
-    try:
-        with open(label_file, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ImageNetDataError("cannot read the validation label file {}: {}".format(label_file, err)) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        where = "{} line {}".format(label_file, number)
-        if len(parts) != 2:
-            raise ImageNetDataError("{}: expected 'filename label', got {!r}".format(where, line[:80]))
-        name, label = parts
-        if label in wnid_to_label:
-            label = wnid_to_label[label]
-        else:
-            try:
-                label = int(label)
-            except ValueError:
-                label = -1
-            if not 0 <= label < num_classes:
-                raise ImageNetDataError("{}: label {!r} is neither a class index 0..{} nor a known wnid".format(
-                    where, parts[1], num_classes - 1))
-        path = os.path.join(image_dir, name)
-        if not os.path.isfile(path):
-            raise ImageNetDataError("{}: image {} does not exist".format(where, path))
-        files.append((path, label))
-    return files
-
-
-def list_imagenet_files(datadir, split, class_names=None):
-    """List ``(path, label)`` pairs of an ILSVRC12 split (``'train'`` or ``'val'``), sorted.
-
-    Accepted layouts (``DIR`` = ``datadir``):
-
-    * train: ``DIR/train/<wnid>/<image>``;
-    * val: a label file ``DIR/val/val.txt`` or, failing that, ``DIR/val.txt``, of
-      ``filename label`` lines (filename relative to ``DIR/val``; label a class
-      index 0..999 or a wnid), for a flat ``DIR/val/`` -- the label file is used
-      whenever it exists; otherwise ``DIR/val/<wnid>/<image>``.
-
-    Class directories are matched to labels through the class list
-    (``class_names``, default :func:`load_class_names`); images are the files
-    whose extension is one of :data:`IMAGE_EXTENSIONS` (decoded by content).
-    Raises :class:`ImageNetDataError` naming what is missing or wrong.
-    """
-    if split not in ("train", "val"):
-        raise ValueError("unknown ImageNet split {!r}; expected 'train' or 'val'".format(split))
-    if datadir is None:
-        raise ImageNetDataError("no ImageNet directory given (--data DIR, with DIR/train and DIR/val)")
-    datadir = os.fspath(datadir)
-    if not os.path.isdir(datadir):
-        raise ImageNetDataError("ImageNet directory {} does not exist".format(datadir))
-    class_names = load_class_names() if class_names is None else class_names
-    wnid_to_label = _wnid_to_label(class_names)
-    split_dir = os.path.join(datadir, split)
-    if split == "train":
-        if not os.path.isdir(split_dir):
-            raise ImageNetDataError("{} does not exist; expected the training images in {}/<wnid>/".format(
-                split_dir, split_dir))
-        files = _list_class_dirs(split_dir, wnid_to_label, "training")
-    else:
-        label_files = [os.path.join(datadir, name) for name in VAL_LABEL_FILES]
-        label_file = next((name for name in label_files if os.path.isfile(name)), None)
-        if not os.path.isdir(split_dir):
-            raise ImageNetDataError("{} does not exist; expected the validation images in {}/<wnid>/ or a "
-                                    "flat {} with a label file {}".format(split_dir, split_dir, split_dir,
-                                                                          " or ".join(label_files)))
-        if label_file is not None:
-            files = _read_label_file(label_file, split_dir, wnid_to_label)
-        else:
-            has_dirs = any(os.path.isdir(os.path.join(split_dir, e)) for e in os.listdir(split_dir)
-                           if not e.startswith("."))
-            if not has_dirs:
-                raise ImageNetDataError("{} has no <wnid>/ class directories and there is no label file {}".format(
-                    split_dir, " or ".join(label_files)))
-            files = _list_class_dirs(split_dir, wnid_to_label, "validation")
-    if not files:
-        raise ImageNetDataError("no images found in {} (extensions {})".format(split_dir, ", ".join(IMAGE_EXTENSIONS)))
-    return files
-
-
 class _FileList(DataFlow):
     """Yields ``[path, label]``, optionally reshuffled at every pass."""
 
@@ -396,15 +172,6 @@ class _DecodeAugment:
             return [{"error": type(err).__name__, "message": "while preparing {}: {}".format(path, err)}, label]
 
 
-def _raise_failures(dp):
-    image = dp[0]
-    if isinstance(image, dict):
-        if image["error"] == "read":
-            raise ImageReadError(image["message"])
-        raise ImageNetDataError("{} {}".format(image["error"], image["message"]))
-    return dp
-
-
 class _DecodeAugmentData(ProxyDataFlow):
     """In-process decode + augment (also what each training worker process runs); owns the augmentor RNG."""
 
@@ -445,11 +212,6 @@ class _ThreadedDecodeAugment(_DecodeAugmentData):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
-
-
-def default_parallelism():
-    """Decoding workers by default: half the CPUs (hyper-threading), at least 1, at most 40."""
-    return max(1, min(40, multiprocessing.cpu_count() // 2))
 
 
 def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=None, class_names=None,
@@ -506,16 +268,6 @@ def fake_dataflow(batch_size, image_size=IMAGE_SIZE, size=100, dtype="uint8", nu
 # ---------------------------------------------------------------------------------------------
 # the model base class
 
-def normalize_data_format(data_format):
-    """Accept ``'channels_first'``/``'NCHW'`` or ``'channels_last'``/``'NHWC'``; return the ``channels_*`` name."""
-    value = {"nchw": "channels_first", "channels_first": "channels_first",
-             "nhwc": "channels_last", "channels_last": "channels_last"}.get(str(data_format).lower())
-    if value is None:
-        raise ValueError("invalid data_format {!r}; expected 'channels_first' (NCHW) or 'channels_last' "
-                         "(NHWC)".format(data_format))
-    return value
-
-
 def _prediction_incorrect(logits, label, k, name):
     # tensorpack convention: a float 0/1 vector per sample, 1 where the label is not in the top k.
     with tf.name_scope(name + "_internals"):
@@ -523,7 +275,7 @@ def _prediction_incorrect(logits, label, k, name):
     return tf.cast(wrong, tf.float32, name=name)
 
 
-class ImageNetModel(DescribedNetwork, ModelDesc):
+class ImageNetModel(ImageNetNetwork, ModelDesc):
     """Shared inputs, preprocessing, loss, errors and optimizer of the ImageNet models.
 
     Subclasses set the class attributes and describe their layers in
@@ -551,31 +303,6 @@ class ImageNetModel(DescribedNetwork, ModelDesc):
     """
 
     image_dtype = tf.uint8
-    image_mean = (0.0, 0.0, 0.0)
-    image_std = (1.0, 1.0, 1.0)
-    weight_decay = 0.0
-    weight_decay_pattern = r"/W$"
-    base_lr = 0.1
-    lr_schedule = ()
-    max_epoch = None
-    total_batch_size = 256
-    model_name = "imagenet"
-    cpu_data_format = "channels_last"
-    min_image_size = 64
-
-    def __init__(self, bits=(32, 32, 32), data_format="channels_first", image_size=IMAGE_SIZE, layer_bits=()):
-        super().__init__()
-        self.bits = tuple(check_bits(*bits))
-        self.data_format = normalize_data_format(data_format)
-        if int(image_size) < 1:
-            raise ValueError("invalid image size {!r}".format(image_size))
-        self.image_size = int(image_size)
-        self.plan_layers(layer_bits)
-
-    @property
-    def channel_axis(self):
-        """The channel axis of the network's feature maps (1 for NCHW, 3 for NHWC)."""
-        return 1 if self.data_format == "channels_first" else 3
 
     def inputs(self):
         return [tf.TensorSpec([None, self.image_size, self.image_size, 3], self.image_dtype, "input"),

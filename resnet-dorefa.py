@@ -16,29 +16,20 @@ average pool -> x49 -> ``fct``; weights quantized by ``fw`` except in
 import os
 import sys
 
-from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
-
-from dorefanet.imagenet_cli import imagenet_main  # noqa: E402
-from imagenet_utils import ImageNetModel  # noqa: E402
+# TensorFlow and tensorpack only where used (ResNet18Model): --engine packed --eval / --run run without
+from dorefanet.imagenet_cli import imagenet_main
+from dorefanet.imagenet_data import ImageNetNetwork
 
 DEFAULT_DOREFA = "1,4,32"
 
-__all__ = ["ResNet18Model", "DEFAULT_DOREFA", "main"]
+__all__ = ["ResNet18Model", "ResNet18", "DEFAULT_DOREFA", "main"]
 
 
-class ResNet18Model(ImageNetModel):
-    """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
-
-    ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works).  The variable shapes
-    do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
-    are fine for tests.
-
-    No training recipe was published for this model; the optimizer defaults
-    (SGD with Nesterov momentum 0.9, lr 0.1, L2 1e-4 on every ``W``) are
-    fb.resnet.torch's and untested for the quantized network.
+class ResNet18(ImageNetNetwork):
+    """DoReFa ResNet-18 without TensorFlow: the layers, bit widths and recipe of :class:`ResNet18Model`
+    (what the packed engine's ``--eval`` / ``--run`` need); ``ResNet18.with_tensorflow()`` is ``ResNet18Model``.
     """
 
-    image_dtype = tf.float32
     image_mean = (0.0, 0.0, 0.0)
     image_std = 256.0
     activation_at_32 = "clip"   # the published model clips its activations to [0, 1] at every A
@@ -97,11 +88,50 @@ class ResNet18Model(ImageNetModel):
         x = net.scale(x, 49.0)
         return net.fc("fct", x, 1000, quantized=False, bias=True)
 
+    @classmethod
+    def with_tensorflow(cls):
+        return _tensorflow_model()
+
+
+_MODEL = []
+
+
+def _tensorflow_model():
+    """``ResNet18Model``, defined (and TensorFlow imported) on first use."""
+    if not _MODEL:
+        from dorefanet.tf_setup import tf
+        from imagenet_utils import ImageNetModel
+
+        class ResNet18Model(ResNet18, ImageNetModel):
+            """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
+
+            ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works).  The variable shapes
+            do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
+            are fine for tests.
+
+            No training recipe was published for this model; the optimizer defaults
+            (SGD with Nesterov momentum 0.9, lr 0.1, L2 1e-4 on every ``W``) are
+            fb.resnet.torch's and untested for the quantized network.
+            """
+
+            image_dtype = tf.float32
+
+        ResNet18Model.__qualname__ = "ResNet18Model"
+        _MODEL.append(ResNet18Model)
+    return _MODEL[0]
+
+
+def __getattr__(name):
+    # ResNet18Model is a module attribute as before, made when first asked for
+    if name == "ResNet18Model":
+        return _tensorflow_model()
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))
+
 
 def main(argv=None):
     """Train, evaluate, classify or export; see ``dorefanet.imagenet_cli.imagenet_main``."""
     # --help shows the title and the usage examples, not the developer notes after them.
-    return imagenet_main(ResNet18Model, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
+    return imagenet_main(ResNet18, argv, description="\n\n".join(__doc__.split("\n\n")[:2]),
                          default_dorefa=DEFAULT_DOREFA, script="./" + os.path.basename(__file__))
 
 

@@ -20,7 +20,7 @@ cannot hide here).  Per-layer kernel speed: ``bench/packed_layers.py``.
 ``--profile`` times only the engine, op by op (``dorefanet.packed.profiling``), and prints per
 model and batch where the time goes: every op (fused ones as one row) with the stages inside it
 (``pack``: codes to padded bit planes and window sums; ``popcount``: the bit-plane GEMM;
-``epilogue``: accumulators to floats or codes), and for conv / fc layers the achieved MACs per
+``epilogue``: accumulators to floats or codes; ``popcount+epilogue``: both in the kernel's tasks), and for conv / fc layers the achieved MACs per
 cycle per core (bit-MACs = MACs x W bits x A bits for the popcount path) against this machine's
 bound: 512 one-bit MACs a cycle (one 512-bit popcount port) for popcount layers, 32 fp32 MACs a
 cycle (two 512-bit FMA ports) for float layers, the clock from /proc/cpuinfo.
@@ -104,6 +104,7 @@ CATEGORIES = [("quantized conv / fc", lambda r: r["path"] in ("popcount", "int-g
               ("float conv / fc", lambda r: r["path"] == "float"),
               ("activation quantize", lambda r: r["kind"] == "activate"),
               ("batch norm (affine)", lambda r: r["kind"] == "affine"),
+              ("batch norm + quantize (affine_activate)", lambda r: r["kind"] == "affine_activate"),
               ("pooling", lambda r: r["kind"].split("+")[0] in ("maxpool", "avgpool", "gap")),
               ("shortcut adds", lambda r: r["kind"] == "add"),
               ("input normalize", lambda r: r["kind"] == "normalize"),
@@ -188,9 +189,10 @@ def print_profile(name, bits, batch, data, mhz):
         if chosen:
             print("| {} | {:.2f} | {:.1%} |".format(label, seconds * 1e3, seconds / total))
         if label == "quantized conv / fc" and chosen:
-            for stage in ("pack", "popcount", "epilogue"):
+            for stage in ("pack", "popcount", "epilogue", "popcount+epilogue"):
                 s = sum(r["stages"].get(stage, 0.0) for r in chosen)
-                print("| - of which {} | {:.2f} | {:.1%} |".format(stage, s * 1e3, s / total))
+                if any(stage in r["stages"] for r in chosen):   # stages no op had: no row
+                    print("| - of which {} | {:.2f} | {:.1%} |".format(stage, s * 1e3, s / total))
     print()
 
 

@@ -27,8 +27,7 @@ __all__ = ["ModelLoadError", "read_weights", "model_variable_shapes", "check_wei
            "StrictInit", "save_npz", "expected_variables", "build_inference_graph", "export_weights", "latest_checkpoint", "is_training_state"]
 
 
-class ModelLoadError(ValueError):
-    """A weights file cannot be loaded into the graph (one-line message)."""
+from dorefanet.errors import ModelLoadError  # noqa: E402  (defined without TensorFlow)
 
 
 # Checkpoints written during training also hold the optimizer's slots, the

@@ -11,25 +11,31 @@ import json
 import os
 import shlex
 
-from dorefanet.tf_setup import tf
+import numpy as np
 
-import numpy as np  # noqa: E402
+from dorefanet.cli import check_run_table, run_reporting_errors
+from dorefanet.errors import ModelLoadError, TrainingSetupError
+from dorefanet.layer_bits import LayerBitsError
+from dorefanet.image_io import ImageReadError
+from dorefanet.inference import EvaluationError, results_only_on_stdout
+from dorefanet.packed.export import PackedExportError
+from dorefanet.packed.format import PackedFormatError
 
-from dorefanet.checkpoints import ModelLoadError, StrictInit, export_weights, read_weights  # noqa: E402
-from dorefanet.cli import check_run_table, run_reporting_errors  # noqa: E402
-from dorefanet.layer_bits import LayerBitsError  # noqa: E402
-from dorefanet.image_io import ImageReadError  # noqa: E402
-from dorefanet.inference import EvaluationError, results_only_on_stdout  # noqa: E402
-from dorefanet.packed.export import PackedExportError, export_packed  # noqa: E402
-from dorefanet.packed.format import PackedFormatError  # noqa: E402
-from dorefanet.training import TrainingSetupError, launch, plan_run  # noqa: E402
+# TensorFlow and tensorpack are imported only by the modes that use them: the packed engine's
+# --eval / --run run without (see packed_only).
 
-__all__ = ["COMMON_ERRORS", "run_script", "model_summary", "model_totals", "layer_bits_record", "train_model",
-           "summary_line"]
+__all__ = ["COMMON_ERRORS", "packed_only", "run_script", "model_summary", "model_totals", "layer_bits_record",
+           "train_model", "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
                  PackedFormatError, LayerBitsError)
+
+
+def packed_only(args):
+    """Whether the flags ask for the packed engine's ``--eval`` / ``--run`` only: no TensorFlow is needed."""
+    return (getattr(args, "engine", None) == "packed" and bool(args.eval or args.run)
+            and not (args.export or args.export_packed or getattr(args, "fake", False)))
 
 
 def run_script(args, model, train, evaluate, run, training, errors=()):
@@ -44,6 +50,12 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
             with results_only_on_stdout():
                 print(model_summary(model, args))
             return 0
+        if packed_only(args):
+            with results_only_on_stdout():
+                return evaluate() if args.eval else run()
+        from dorefanet.tf_setup import tf
+        from dorefanet.checkpoints import export_weights  # also sets up tensorpack's logger before the redirect
+
         if training:
             with tf.Graph().as_default():
                 train()
@@ -53,6 +65,8 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
                 export_weights(model, args.load, args.export)
                 return 0
             if args.export_packed:
+                from dorefanet.packed.export import export_packed
+
                 export_packed(model, args.load, args.export_packed, args.first_last_dtype)
                 return 0
             with tf.Graph().as_default():
@@ -69,7 +83,7 @@ def model_summary(model, args):
     model); a packed file must hold the model's own program, and its first and
     last layers' storage is the file's.
     """
-    from dorefanet.checkpoints import check_weights, expected_variables
+    from dorefanet.checkpoints import check_weights, expected_variables, read_weights
     from dorefanet.packed.format import is_packed_file, read_packed
     from dorefanet.summary import format_table, summarise, to_json
 
@@ -141,6 +155,10 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
     process's own, only the ``chief`` reads ``--load`` and writes checkpoints,
     and ``seed`` is the worker's graph seed.  Returns the plan the run followed.
     """
+    from dorefanet.checkpoints import StrictInit, read_weights
+    from dorefanet.tf_setup import tf
+    from dorefanet.training import launch, plan_run
+
     if plan is None:
         plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
     init = None

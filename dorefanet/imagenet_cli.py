@@ -12,17 +12,18 @@ import functools
 import os
 import sys
 
-from dorefanet.tf_setup import tf  # noqa: I100  (prepares TensorFlow before tensorpack)
+from dorefanet import cli
+from dorefanet.cluster import DEFAULT_TIMEOUT, DistributedError, resolve_cluster
+from dorefanet.driver import layer_bits_record, packed_only, run_script, summary_line, train_model
+from dorefanet.errors import TrainingSetupError
+from dorefanet.inference import evaluate_topk, load_predictor, run_images
+from dorefanet.layer_bits import LayerBitsError
+from dorefanet.imagenet_data import (IMAGE_SIZE, RESIZE_SHORTER, ClassNamesError, ImageNetDataError,
+                                     ValidationBatches, default_parallelism, list_imagenet_files, load_class_names,
+                                     preprocess_image)
 
-from dorefanet import cli  # noqa: E402
-from dorefanet import distributed  # noqa: E402
-from dorefanet.driver import layer_bits_record, run_script, summary_line, train_model  # noqa: E402
-from dorefanet.inference import evaluate_topk, load_predictor, run_images  # noqa: E402
-from dorefanet.layer_bits import LayerBitsError  # noqa: E402
-from dorefanet.training import TrainingSetupError, available_gpus, plan_run, select_trainer  # noqa: E402
-from imagenet_utils import (IMAGE_SIZE, RESIZE_SHORTER, ClassNamesError, ImageNetDataError,  # noqa: E402
-                            default_parallelism, fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow,
-                            list_imagenet_files, load_class_names, preprocess_image)
+# TensorFlow and tensorpack (imagenet_utils, dorefanet.training, dorefanet.checkpoints) are imported
+# only by the modes that use them: the packed engine's --eval / --run run without.
 
 __all__ = ["ILSVRC12_TRAIN_IMAGES", "make_imagenet_parser", "parse_imagenet_args", "imagenet_main"]
 
@@ -69,7 +70,7 @@ def make_imagenet_parser(model_class, description, default_dorefa, epilog=None):
     t.add_argument("--cluster", metavar="HOST:PORT,...",
                    help="train on several machines: every worker's address, the same list on each (or TF_CONFIG)")
     t.add_argument("--task", type=int, metavar="I", help="with --cluster: this machine's index in it (0 = the chief)")
-    t.add_argument("--worker-timeout", type=float, default=distributed.DEFAULT_TIMEOUT, metavar="SECONDS",
+    t.add_argument("--worker-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="with --cluster: how long a worker waits for the others at start-up and in each all-reduce "
                         "before it stops with an error; must exceed the chief's validation and checkpoint time")
     t.add_argument("--data-format", choices=("channels_first", "channels_last"), default=None,
@@ -110,7 +111,7 @@ def parse_imagenet_args(parser, model_class, argv=None):
 def _parse_cluster(parser, args, training):
     """``args.cluster``: the :class:`distributed.Cluster` of --cluster/--task or TF_CONFIG, or None."""
     try:
-        cluster = distributed.resolve_cluster(args)
+        cluster = resolve_cluster(args)
     except ValueError as err:
         parser.error(str(err))
     if cluster is not None and cluster.size == 1:
@@ -127,9 +128,15 @@ def _parse_cluster(parser, args, training):
     args.trainer = "collective" if cluster is not None else "replicated"
 
 
-def _resolve_devices(parser, model_class, args):
-    """Towers and the default layout; called once ``CUDA_VISIBLE_DEVICES`` reflects ``--gpu``."""
-    gpus = available_gpus()
+def _resolve_devices(parser, model_class, args, gpus=None):
+    """Towers and the default layout; called once ``CUDA_VISIBLE_DEVICES`` reflects ``--gpu``.
+
+    ``gpus``: the number of GPUs if known (default: ask TensorFlow).
+    """
+    if gpus is None:
+        from dorefanet.training import available_gpus
+
+        gpus = available_gpus()
     # On a machine without GPUs, --gpu 0,1 still builds two towers (tensorpack places them on the
     # CPU through soft placement), which is how multi-tower training is tested here.
     args.towers = len(args.gpu.split(",")) if args.gpu else max(gpus, 1)
@@ -159,6 +166,10 @@ def _describe_class(class_names, label):
 
 def _validation_flow(args, batch_size, parallel):
     """The validation batches of ``--data`` (whole set, partial last batch) or a few ``--fake`` batches."""
+    if packed_only(args):     # the same batches, without tensorpack
+        return ValidationBatches(args.data, batch_size, args.image_size, parallel=parallel)
+    from imagenet_utils import fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow
+
     if args.fake:
         return fake_dataflow(batch_size, args.image_size, size=FAKE_EVAL_BATCHES)
     return get_imagenet_dataflow(args.data, "val", batch_size, augmentors=fbresnet_augmentor(False, args.image_size),
@@ -187,6 +198,9 @@ def _run(model, args):
 
 def _make_trainer(args):
     """The tensorpack trainer and, on a cluster, this process's :class:`distributed.Worker` (else None)."""
+    from dorefanet import distributed
+    from dorefanet.training import select_trainer
+
     if args.cluster is None:
         return select_trainer(args.towers), None
     worker = distributed.Worker(args.cluster, args.worker_timeout)
@@ -200,6 +214,8 @@ def _handshake(worker, args, config, plan_chief):
     every worker compares the configuration that must be equal everywhere and
     stops with the same one-line error when it is not.
     """
+    from dorefanet import distributed
+
     key = config["resume_key"]
     record = dict(key, towers=args.towers, data="fake" if args.fake else "imagenet", epochs=args.epochs,
                   cluster=",".join(args.cluster.workers), step=0, error=None)
@@ -223,8 +239,12 @@ def _handshake(worker, args, config, plan_chief):
 
 
 def _train(model, args, script):
+    from dorefanet.tf_setup import tf
     from tensorpack import (ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats,
                             ScheduledHyperParamSetter)
+    from dorefanet import distributed
+    from dorefanet.training import plan_run
+    from imagenet_utils import fbresnet_augmentor, get_imagenet_dataflow
 
     model_class = type(model)
     trainer, worker = _make_trainer(args)
@@ -308,7 +328,12 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     """
     parser = make_imagenet_parser(model_class, description or model_class.__doc__, default_dorefa, epilog)
     args = parse_imagenet_args(parser, model_class, argv)
-    _resolve_devices(parser, model_class, args)
+    if packed_only(args):
+        # no TensorFlow: the network description is enough, and the layout does not matter
+        _resolve_devices(parser, model_class, args, gpus=0)
+    else:
+        model_class = getattr(model_class, "with_tensorflow", lambda: model_class)()
+        _resolve_devices(parser, model_class, args)
     try:
         model = model_class(args.dorefa, args.data_format, args.image_size, args.layer_bits)
     except LayerBitsError as err:
@@ -317,4 +342,4 @@ def imagenet_main(model_class, argv=None, description=None, default_dorefa="1,2,
     script = script or "./" + os.path.basename(sys.argv[0])
     return run_script(args, model, lambda: _train(model, args, script), lambda: _evaluate(model, args),
                       lambda: _run(model, args), args.training, errors=(ImageNetDataError, ClassNamesError,
-                                                                          distributed.DistributedError))
+                                                                          DistributedError))

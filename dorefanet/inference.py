@@ -11,8 +11,7 @@ import numpy as np
 import tqdm
 
 from dorefanet.image_io import ImageReadError, read_image_bgr
-from dorefanet.checkpoints import ModelLoadError, StrictInit, read_weights
-from dorefanet.training import quiet_tensorpack, session_config
+from dorefanet.errors import ModelLoadError
 
 __all__ = ["run_images", "top_k", "EvaluationError", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
            "make_packed_predictor", "load_predictor", "results_only_on_stdout"]
@@ -165,6 +164,8 @@ def evaluate_topk(predict, dataflow, total=None, progress=True, prefetch=1):
 
 def make_predictor(model, weights, source):
     """``predict(images) -> probabilities`` of ``model`` with every variable loaded strictly from ``weights``."""
+    from dorefanet.checkpoints import StrictInit
+    from dorefanet.training import session_config
     from tensorpack import OfflinePredictor, PredictConfig
     from tensorpack.tfutils.sesscreate import NewSessionCreator
 
@@ -205,7 +206,8 @@ def make_packed_predictor(path, model):
         if packed_table.get(layer) != ours[layer]:
             raise ModelLoadError("{}: was packed with {} at {}, not {} as --dorefa / --layer-bits give".format(
                 path, layer, packed_table.get(layer), ours[layer]))
-    height, width = model.inputs()[0].shape.as_list()[1:3]
+    # input_hw: the TensorFlow-free models' own; the others' from their input placeholder
+    height, width = model.input_hw if hasattr(model, "input_hw") else model.inputs()[0].shape.as_list()[1:3]
     if (packed.input["height"], packed.input["width"]) != (height, width):
         raise ModelLoadError("{}: takes {}x{} images; this network takes {}x{}".format(
             path, packed.input["height"], packed.input["width"], height, width))
@@ -216,6 +218,8 @@ def load_predictor(args, model):
     """The predictor of ``--eval`` / ``--run``: ``--engine`` on ``--load``, strictly checked against ``model``."""
     if args.engine == "packed":
         return make_packed_predictor(args.load, model)
+    from dorefanet.checkpoints import read_weights
+
     return make_predictor(model, read_weights(args.load), args.load)
 
 
@@ -229,7 +233,8 @@ def results_only_on_stdout():
     """
     import logging
 
-    quiet_tensorpack()
+    # tensorpack's logger, without importing tensorpack (dorefanet.training.quiet_tensorpack)
+    logging.getLogger("tensorpack").setLevel(logging.WARNING)
     moved = [handler for handler in logging.getLogger("tensorpack").handlers
              if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr]  # not FileHandlers
     previous = [handler.setStream(sys.stderr) for handler in moved]

@@ -19,7 +19,7 @@ shortcut and the stem from the same activation).
 """
 import re
 
-from dorefa import TERNARY, check_bits
+from dorefanet.bitwidths import TERNARY, check_bits
 
 __all__ = ["LayerBitsError", "parse_bits", "parse_layer_bits", "LayerPlan", "FLOAT"]
 

@@ -39,7 +39,8 @@ from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
 from dorefa import get_dorefa, quantize, quantize_clipped  # noqa: E402
-from dorefanet.layer_bits import LayerPlan  # noqa: E402
+from dorefanet.layer_bits import LayerPlan  # noqa: E402,F401
+from dorefanet.described_network import DescribedNetwork  # noqa: E402,F401  (TensorFlow-free)
 
 __all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder", "DescribedNetwork"]
 
@@ -176,34 +177,3 @@ class GraphBuilder:
                 yield
             finally:
                 self._scopes.pop()
-
-
-class DescribedNetwork:
-    """Mixin of the scripts' models: ``network(net, x)`` is the one description of the layers.
-
-    The model provides ``bits``, ``data_format``, ``image_mean`` / ``image_std``
-    (the input normalisation, BGR in 0..255 units) and ``activation_at_32``,
-    and its constructor calls :meth:`plan_layers` (``--layer-bits``).
-    """
-
-    activation_at_32 = "relu"
-
-    def network(self, net, x):
-        """Describe the layers on the normalised input ``x``; return the logits."""
-        raise NotImplementedError("{} does not describe its network".format(type(self).__name__))
-
-    def plan_layers(self, layer_bits=()):
-        """Resolve the bit widths of every layer (``--dorefa`` for all, then ``layer_bits``); see layer_bits."""
-        self.layer_plan = LayerPlan(self.network, self.bits, layer_bits)
-        return self.layer_plan
-
-    def network_logits(self, x):
-        """The logits of :meth:`network` built in TensorFlow on the normalised batch ``x``."""
-        return GraphBuilder(self.layer_plan, self.data_format, self.activation_at_32).build(self.network, x)
-
-    def packed_program(self):
-        """The same network as a program of the packed engine (``--export-packed``)."""
-        from dorefanet.packed.program import ProgramBuilder
-
-        net = ProgramBuilder(self.layer_plan, self.activation_at_32)
-        return net.program(self.network, self.image_mean, self.image_std)

@@ -23,8 +23,7 @@ __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "pa
            "select_trainer", "launch", "session_config", "available_gpus", "quiet_tensorpack"]
 
 
-class TrainingSetupError(RuntimeError):
-    """A training run cannot start as asked (one-line message)."""
+from dorefanet.errors import TrainingSetupError  # noqa: E402  (defined without TensorFlow)
 
 
 def package_versions():

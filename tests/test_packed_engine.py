@@ -258,6 +258,52 @@ def test_alexnet_cli_export_and_run_packed(tmp_path):
     assert '"wnid"' in engine.stdout
 
 
+# runs a script as ``python SCRIPT ARGS`` would and reports at exit whether TensorFlow / tensorpack were imported
+_IMPORT_PROBE = ("import atexit, runpy, sys\n"
+                 "atexit.register(lambda: sys.stderr.write('\\nimported: tensorflow=%s tensorpack=%s\\n' % "
+                 "('tensorflow' in sys.modules, 'tensorpack' in sys.modules)))\n"
+                 "sys.argv = sys.argv[1:]\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def _probed(name, *args):
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, os.path.join(ROOT, name)] + list(args),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    imported = [line for line in out.stderr.splitlines() if line.startswith("imported: ")]
+    assert len(imported) == 1, out.stderr
+    return out, imported[0]
+
+
+def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
+    """--engine packed --eval / --run of alexnet-dorefa.py never import TensorFlow (nor tensorpack) and
+    print what the TensorFlow engine prints; the probe does see TensorFlow in the TensorFlow engine's runs."""
+    import cv2
+
+    from dorefanet.imagenet_data import load_class_names
+
+    model = alexnet.AlexNetModel((1, 2, 6), "channels_last", 64)
+    _, npz, packed = _exported(tmp_path, model, _images((4, 64, 64, 3), np.uint8, seed=9))
+    classes = load_class_names()
+    for i in range(5):     # 5 images in batches of 2: a partial last batch
+        folder = tmp_path / "data" / "val" / classes[(3 * i) % 4][0]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / "v{}.JPEG".format(i)), _images((70 + 5 * i, 90, 3), np.uint8, seed=20 + i))
+    picture = str(tmp_path / "cat.png")
+    cv2.imwrite(picture, _images((80, 96, 3), np.uint8, seed=7))
+    size = ["--image-size", "64"]
+    for mode in (["--eval", "--data", str(tmp_path / "data"), "--batch", "2"], ["--run", picture]):
+        engine, engine_imports = _probed("alexnet-dorefa.py", "--load", packed, "--engine", "packed", *mode, *size)
+        graph, graph_imports = _probed("alexnet-dorefa.py", "--load", npz, *mode, *size)
+        assert engine.returncode == graph.returncode == 0, engine.stderr + graph.stderr
+        assert engine_imports == "imported: tensorflow=False tensorpack=False", engine.stderr
+        assert graph_imports == "imported: tensorflow=True tensorpack=True", graph.stderr
+        assert engine.stdout == graph.stdout and engine.stdout
+    # a packed file's errors still come without TensorFlow
+    bad, imports = _probed("resnet-dorefa.py", "--load", packed, "--engine", "packed", "--run", picture, *size)
+    assert bad.returncode == 2 and "is a packed alexnet model" in bad.stderr, bad.stderr
+    assert imports == "imported: tensorflow=False tensorpack=False"
+
+
 def test_cli_packed_errors_are_one_line(tmp_path):
     _, npz, packed = _svhn_packed(tmp_path)
     picture = str(tmp_path / "x.png")

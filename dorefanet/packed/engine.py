@@ -154,6 +154,17 @@ class _Layer:
         become one float64 affine map per channel, evaluated in one pass.  With
         ``quantize_levels`` = n the result is the uint8 codes of the float32 output.
         """
+        affine = self.affine_map(levels, channels)
+        prof = profiling.current()
+        if prof is None:
+            return elementwise.affine_accumulators(acc, sums, *affine, out=out, levels=quantize_levels)
+        start = profiling.clock()
+        result = elementwise.affine_accumulators(acc, sums, *affine, out=out, levels=quantize_levels)
+        prof.add("epilogue", profiling.clock() - start)
+        return result
+
+    def affine_map(self, levels, channels):
+        """``(a, b, c)`` (float64 per channel of ``channels``) with the output ``y = acc a + sums b + c``."""
         key = (levels, channels.start, channels.stop)
         if key not in self._affine:
             if self.kind == "binary":
@@ -162,14 +173,9 @@ class _Layer:
                 k1, k2 = 2.0 / (levels * self.levels), -1.0 / levels
             scale = np.ones(self.shape[-1]) if self.scale is None else self.scale.astype(np.float64)
             shift = np.zeros(self.shape[-1]) if self.shift is None else self.shift.astype(np.float64)
-            self._affine[key] = (k1 * scale[channels], k2 * scale[channels], shift[channels])
-        prof = profiling.current()
-        if prof is None:
-            return elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
-        start = profiling.clock()
-        result = elementwise.affine_accumulators(acc, sums, *self._affine[key], out=out, levels=quantize_levels)
-        prof.add("epilogue", profiling.clock() - start)
-        return result
+            self._affine[key] = tuple(np.ascontiguousarray(v) for v in
+                                      (k1 * scale[channels], k2 * scale[channels], shift[channels]))
+        return self._affine[key]
 
     def epilogue(self, z, channels=slice(None)):
         """Bias and batch norm on a float output ``z`` (float32, as the graph)."""
@@ -394,6 +400,11 @@ class PackedModel:
             if key not in layer._planes:
                 q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
+            if out is None:
+                # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
+                epilogue = layer.affine_map(x.levels, out_slice) + (levels,)
+                return kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), a_bits,
+                                                   layer._planes[key], (kh, kw), stride, pads, epilogue=epilogue)
             acc, sums = kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), a_bits, layer._planes[key],
                                                     (kh, kw), stride, pads)
         else:
@@ -422,7 +433,9 @@ class PackedModel:
             if "fc" not in layer._planes:
                 layer._planes["fc"] = kernels.prepare_weights(kernels.pack_planes(
                     np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
-            acc, sums = kernels.gemm_popcount_codes(v.astype(np.uint8, copy=False), a_bits, layer._planes["fc"])
+            return self._quantized(kernels.gemm_popcount_codes(
+                v.astype(np.uint8, copy=False), a_bits, layer._planes["fc"],
+                epilogue=layer.affine_map(x.levels, slice(None)) + (levels,)), levels)
         else:
             rows = v.astype(np.float64)
             acc, sums = (rows @ layer.codes.astype(np.float64)).astype(np.int64), rows.sum(axis=1).astype(np.int64)

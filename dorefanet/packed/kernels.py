@@ -747,7 +747,7 @@ def _fill_bands(words, bands, m, height, width, cw, kh, out_h, g0, g1, n_bands, 
 
 @njit(**_JIT)
 def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, out_h, out_w, pix_block,
-                 panel_block, chunk):
+                 panel_block, chunk, ep, ep_a, ep_b, ep_c, ep_levels, fout, cout):
     """Popcount GEMM of a convolution (a fully-connected layer is a 1 x 1 one on a 1 x 1 map).
 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
@@ -763,6 +763,10 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     (pixel (dy, x) at byte (x kh + dy) chunk, the bytes of one pixel's codes right after the last
     one's), so that the window of output pixel x is the kh kw chunk bytes from byte x kh chunk on,
     without the empty part of each pixel's last word.
+    With ``ep`` > 0 each task then maps its finished block of ``out`` (still in cache) to the layer's
+    output, ``y = float32(acc * ep_a + (rowsum * ep_b + ep_c))`` per channel in float64: ``ep`` = 1
+    stores ``y`` into ``fout``, ``ep`` = 2 the codes ``rint(clip(y, 0, 1) * ep_levels)`` into ``cout``
+    (both flat [B*Ho*Wo, C]), exactly :func:`packed.elementwise.affine_accumulators` of the results.
     """
     m, _, height, width, cw = a.shape
     pitch = width * cw
@@ -814,7 +818,8 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 if y == out_h:
                     y = 0
                     b += 1
-        if q0 == 0:                                 # rowsum: kh row sums of the sums map
+        task_sums = np.empty(p1 - p0 if ep > 0 else 0, np.int64)
+        if q0 == 0 or ep > 0:                       # rowsum: kh row sums of the sums map
             b = p0 // (out_h * out_w)
             y = p0 // out_w % out_h
             x = p0 % out_w
@@ -823,7 +828,10 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 total = 0
                 for dy in range(kh):
                     total += sums[at + dy * width]
-                rowsum[p] = total
+                if q0 == 0:
+                    rowsum[p] = total
+                if ep > 0:                          # each task's own: the q0 == 0 task may not have run yet
+                    task_sums[p - p0] = total
                 x += 1
                 if x == out_w:
                     x = 0
@@ -846,6 +854,17 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                            i + shift[v + 3])
                 for v in range(full, nv):
                     _tile1(src, row_at[v], t_kh, t_span, t_pitch, wp, wbase, out, out_at[v] + c0, i + shift[v])
+        if ep > 0:
+            chans = ep_a.shape[0]
+            zero, one = np.float32(0), np.float32(1)
+            for p in range(p0, p1):
+                s = np.float64(task_sums[p - p0])
+                for ch in range(q0 * _PANEL, min(q1 * _PANEL, chans)):
+                    yv = np.float32(np.float64(out[p * ldo + ch]) * ep_a[ch] + (s * ep_b[ch] + ep_c[ch]))
+                    if ep == 2:
+                        cout[p * chans + ch] = np.rint(min(max(yv, zero), one) * ep_levels)
+                    else:
+                        fout[p * chans + ch] = yv
         task = _next_task(counter)
 
 
@@ -887,11 +906,14 @@ def compact_window_words(kernel, stride, chans):
     return compact
 
 
-def _run(a, m, w, kernel, stride, pads, out_shape):
+def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None):
     """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution.
 
     ``a``: the input as bit planes, uint64 [m, B, H, W, Cw], or as its uint8 codes [B, H, W, C]
     (C-contiguous), packed here into the padded planes in the same pass that sums the codes.
+    ``epilogue = (a, b, c, levels)`` (float64 ``[C]`` each, ``levels`` None or n): instead the layer's
+    output ``float32(acc * a + (rowsum * b + c))`` [*out_shape, C], or its uint8 codes at ``levels``, made
+    by each task from its block of ``acc`` while in cache (``_conv_worker``).
     """
     kh, kw = kernel
     top, bottom, left, right = pads
@@ -915,6 +937,15 @@ def _run(a, m, w, kernel, stride, pads, out_shape):
     n_panels = -(-max(chans, 1) // _PANEL)
     acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
     rowsum = np.zeros(n_pix, np.int32)
+    ep, ep_args = 0, (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32),
+                      np.empty(0, np.uint8))
+    if epilogue is not None and chans > 0 and depth > 0 and n_pix:
+        ea, eb, ec, levels = epilogue
+        ep = 1 if levels is None else 2
+        result = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8)
+        ep_args = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
+                   np.ascontiguousarray(ec, np.float64), np.float32(levels or 0),
+                   result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5])
     if depth == 0:              # no input channel: nothing to add up
         acc[:] = 0
     elif n_pix:
@@ -947,9 +978,11 @@ def _run(a, m, w, kernel, stride, pads, out_shape):
             middle = profiling.clock()
             prof.add("pack", middle - start)
         _run_workers(_conv_worker, n_tasks, threads, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw,
-                     stride, out_shape[-2], out_shape[-1], pix_block, panel_block, chunk)
+                     stride, out_shape[-2], out_shape[-1], pix_block, panel_block, chunk, ep, *ep_args)
         if prof is not None:
-            prof.add("popcount", profiling.clock() - middle)
+            prof.add("popcount" if ep == 0 else "popcount+epilogue", profiling.clock() - middle)
+    if ep > 0:
+        return result.reshape(tuple(out_shape) + (chans,))
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
     return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
@@ -984,11 +1017,11 @@ def gemm_popcount(a_planes, w_planes):
     return acc.reshape(n_rows, -1), rowsum.reshape(n_rows)
 
 
-def gemm_popcount_codes(codes, bits, w_planes):
+def gemm_popcount_codes(codes, bits, w_planes, epilogue=None):
     """:func:`gemm_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
 
     ``codes``: ``uint8 [N, K]`` activation codes below ``2^bits`` (higher bits are ignored, as by
-    :func:`pack_planes`).
+    :func:`pack_planes`).  ``epilogue``: as for :func:`conv_popcount_codes`.
     """
     codes, bits = _check_codes(codes, bits, 2)
     w = prepare_weights(w_planes)
@@ -996,8 +1029,22 @@ def gemm_popcount_codes(codes, bits, w_planes):
     if len(w.shape) != 3 or w.shape[2] != -(-width // 64):
         raise ValueError("weight planes %s do not match %d activation codes per row (need [k, C, %d])"
                          % (w.shape, width, -(-width // 64)))
-    acc, rowsum = _run(codes.reshape(n_rows, 1, 1, width), bits, w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1))
+    done = _run(codes.reshape(n_rows, 1, 1, width), bits, w, (1, 1), 1, (0, 0, 0, 0), (n_rows, 1, 1), epilogue)
+    if epilogue is not None and not isinstance(done, tuple):
+        return done.reshape(n_rows, -1)
+    acc, rowsum = done
+    if epilogue is not None:        # nothing to sum (no input or output channels): the epilogue in numpy
+        return _numpy_epilogue(acc.reshape(n_rows, -1), rowsum.reshape(n_rows), epilogue)
     return acc.reshape(n_rows, -1), rowsum.reshape(n_rows)
+
+
+def _numpy_epilogue(acc, rowsum, epilogue):
+    """The epilogue of :func:`_run` on whole arrays (the degenerate shapes the kernel does not take)."""
+    from .elementwise import affine_accumulators
+
+    a, b, c, levels = epilogue
+    return affine_accumulators(acc, rowsum, np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               np.asarray(c, np.float64), levels=levels)
 
 
 def _conv_geometry(kernel, stride, pads, w_planes, height, width, cw, what):
@@ -1035,8 +1082,13 @@ def conv_popcount(a_planes, w_planes, kernel, stride, pads):
     return _run(a, m, w, kernel, stride, pads, (batch,) + out_hw)
 
 
-def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads):
+def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads, epilogue=None):
     """:func:`conv_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
+
+    ``epilogue = (a, b, c, levels)``: return instead the layer's output ``float32(acc * a + (rowsum * b +
+    c))`` per channel (float64 ``[Cout]`` each), or with ``levels`` = n its uint8 codes ``rint(clip(y, 0, 1)
+    * n)``, as :func:`packed.elementwise.affine_accumulators` of ``(acc, rowsum)``: computed by the kernel's
+    tasks on their blocks of ``acc`` while in cache, not in a pass of its own over the whole output.
 
     ``codes``: ``uint8 [B, H, W, Cin]`` activation codes below ``2^bits`` (higher bits are ignored, as
     by :func:`pack_planes`).  The codes are packed
@@ -1047,7 +1099,10 @@ def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads):
     batch, height, width, chans = codes.shape
     w, kernel, stride, pads, out_hw = _conv_geometry(kernel, stride, pads, w_planes, height, width,
                                                      -(-chans // 64), "activation codes %s" % (codes.shape,))
-    return _run(codes, bits, w, kernel, stride, pads, (batch,) + out_hw)
+    done = _run(codes, bits, w, kernel, stride, pads, (batch,) + out_hw, epilogue)
+    if epilogue is not None and isinstance(done, tuple):
+        return _numpy_epilogue(*done, epilogue)
+    return done
 
 
 # ------------------------------------------------------------------------------------- references
