@@ -20,7 +20,7 @@ import sys
 
 # TensorFlow and tensorpack only where used (AlexNetModel): --engine packed --eval / --run run without
 from dorefanet.imagenet_cli import imagenet_main
-from dorefanet.imagenet_data import ImageNetNetwork
+from dorefanet.imagenet_data import ImageNetNetwork, module_getattr, tensorflow_class
 
 DEFAULT_DOREFA = "1,2,6"
 
@@ -70,49 +70,37 @@ class AlexNet(ImageNetNetwork):
         x = net.nonlin(net.bn("bnfc1", net.fc("fc1", x, 4096)))
         return net.fc("fct", x, 1000, quantized=False, bias=True)
 
-    @classmethod
-    def with_tensorflow(cls):
-        return _tensorflow_model()
+
+def _define_model():
+    """``AlexNetModel``: the network with its TensorFlow graph and training recipe."""
+    from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
+    from tensorpack.tfutils.summary import add_param_summary
+    from imagenet_utils import ImageNetModel
+
+    class AlexNetModel(AlexNet, ImageNetModel):
+        """DoReFa AlexNet: ``AlexNetModel(bits=(1, 2, 6), data_format='channels_first', image_size=224)``.
+
+        ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works), W may be ``'t'`` (TTQ).
+        Other ``image_size`` values change only the shape of ``fc0/W`` (the flattened
+        final map), which is useful for small tests; the published weights need 224.
+        """
+
+        image_dtype = tf.uint8
+
+        def get_logits(self, image):
+            logits = self.network_logits(image)
+            add_param_summary((".*/W", ["histogram", "rms"]))
+            return logits
+
+        def optimizer(self):
+            return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
+
+    return AlexNetModel
 
 
-_MODEL = []
-
-
-def _tensorflow_model():
-    """``AlexNetModel``, defined (and TensorFlow imported) on first use."""
-    if not _MODEL:
-        from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
-        from tensorpack.tfutils.summary import add_param_summary
-        from imagenet_utils import ImageNetModel
-
-        class AlexNetModel(AlexNet, ImageNetModel):
-            """DoReFa AlexNet: ``AlexNetModel(bits=(1, 2, 6), data_format='channels_first', image_size=224)``.
-
-            ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works), W may be ``'t'`` (TTQ).
-            Other ``image_size`` values change only the shape of ``fc0/W`` (the flattened
-            final map), which is useful for small tests; the published weights need 224.
-            """
-
-            image_dtype = tf.uint8
-
-            def get_logits(self, image):
-                logits = self.network_logits(image)
-                add_param_summary((".*/W", ["histogram", "rms"]))
-                return logits
-
-            def optimizer(self):
-                return tf.train.AdamOptimizer(self.learning_rate(), epsilon=1e-5)
-
-        AlexNetModel.__qualname__ = "AlexNetModel"
-        _MODEL.append(AlexNetModel)
-    return _MODEL[0]
-
-
-def __getattr__(name):
-    # AlexNetModel is a module attribute as before, made when first asked for
-    if name == "AlexNetModel":
-        return _tensorflow_model()
-    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))
+AlexNet.with_tensorflow = tensorflow_class(_define_model)
+# AlexNetModel is a module attribute as before, made when first asked for
+__getattr__ = module_getattr(__name__, "AlexNetModel", AlexNet.with_tensorflow)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import sys
 
 # TensorFlow and tensorpack only where used (ResNet18Model): --engine packed --eval / --run run without
 from dorefanet.imagenet_cli import imagenet_main
-from dorefanet.imagenet_data import ImageNetNetwork
+from dorefanet.imagenet_data import ImageNetNetwork, module_getattr, tensorflow_class
 
 DEFAULT_DOREFA = "1,4,32"
 
@@ -88,44 +88,32 @@ class ResNet18(ImageNetNetwork):
         x = net.scale(x, 49.0)
         return net.fc("fct", x, 1000, quantized=False, bias=True)
 
-    @classmethod
-    def with_tensorflow(cls):
-        return _tensorflow_model()
+
+def _define_model():
+    """``ResNet18Model``: the network with its TensorFlow graph and training recipe."""
+    from dorefanet.tf_setup import tf
+    from imagenet_utils import ImageNetModel
+
+    class ResNet18Model(ResNet18, ImageNetModel):
+        """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
+
+        ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works).  The variable shapes
+        do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
+        are fine for tests.
+
+        No training recipe was published for this model; the optimizer defaults
+        (SGD with Nesterov momentum 0.9, lr 0.1, L2 1e-4 on every ``W``) are
+        fb.resnet.torch's and untested for the quantized network.
+        """
+
+        image_dtype = tf.float32
+
+    return ResNet18Model
 
 
-_MODEL = []
-
-
-def _tensorflow_model():
-    """``ResNet18Model``, defined (and TensorFlow imported) on first use."""
-    if not _MODEL:
-        from dorefanet.tf_setup import tf
-        from imagenet_utils import ImageNetModel
-
-        class ResNet18Model(ResNet18, ImageNetModel):
-            """DoReFa ResNet-18: ``ResNet18Model(bits=(1, 4, 32), data_format='channels_first', image_size=224)``.
-
-            ``bits`` is ``(W, A, G)`` (a :class:`dorefanet.cli.Bits` works).  The variable shapes
-            do not depend on ``image_size`` (global pooling), so small sizes (>= 33)
-            are fine for tests.
-
-            No training recipe was published for this model; the optimizer defaults
-            (SGD with Nesterov momentum 0.9, lr 0.1, L2 1e-4 on every ``W``) are
-            fb.resnet.torch's and untested for the quantized network.
-            """
-
-            image_dtype = tf.float32
-
-        ResNet18Model.__qualname__ = "ResNet18Model"
-        _MODEL.append(ResNet18Model)
-    return _MODEL[0]
-
-
-def __getattr__(name):
-    # ResNet18Model is a module attribute as before, made when first asked for
-    if name == "ResNet18Model":
-        return _tensorflow_model()
-    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))
+ResNet18.with_tensorflow = tensorflow_class(_define_model)
+# ResNet18Model is a module attribute as before, made when first asked for
+__getattr__ = module_getattr(__name__, "ResNet18Model", ResNet18.with_tensorflow)
 
 
 def main(argv=None):

@@ -20,7 +20,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
+
+from dorefanet.cluster import free_local_ports  # noqa: E402
 
 SCRIPTS = {"resnet": "resnet-dorefa.py", "alexnet": "alexnet-dorefa.py"}
 _EPOCH = re.compile(r"Epoch 2 \(global_step \d+\) finished, time:(.*)\.$")
@@ -56,17 +57,6 @@ def epoch_seconds(logdir):
     raise RuntimeError("no second epoch in {}/log.log".format(logdir))
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def run(args, workdir, workers):
     """One training run; returns the chief's images per second in its second epoch."""
     logdir = tempfile.mkdtemp(prefix="run-", dir=workdir)
@@ -79,7 +69,7 @@ def run(args, workdir, workers):
     if workers == 1:
         commands = [base]
     else:
-        cluster = ",".join("127.0.0.1:{}".format(p) for p in free_ports(workers))
+        cluster = ",".join("127.0.0.1:{}".format(p) for p in free_local_ports(workers))
         commands = [base + ["--cluster", cluster, "--task", str(i), "--worker-timeout", str(args.timeout)]
                     for i in range(workers)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,

@@ -5,9 +5,10 @@ engine's ``--eval`` / ``--run``); the training itself is :mod:`dorefanet.distrib
 """
 import json
 import os
+import socket
 
 __all__ = ["Cluster", "DistributedError", "cluster_from_tf_config", "cluster_from_flags", "resolve_cluster",
-           "check_agreement", "DEFAULT_TIMEOUT"]
+           "check_agreement", "free_local_ports", "DEFAULT_TIMEOUT"]
 
 #: Seconds a worker waits for the others at start-up and inside each collective op before it gives up.
 #: The chief validates and writes a checkpoint at the end of every epoch while the others wait in the
@@ -124,3 +125,18 @@ def check_agreement(records, fields):
 #: How the error names a handshake field that is not the flag of the same name.
 _FIELD_NAMES = {"model": "model (script)", "towers": "towers (--gpu)", "data": "data (--fake or --data)",
                 "cluster": "the worker list (--cluster or TF_CONFIG)", "layer_table": "the --layer-bits table"}
+
+
+def free_local_ports(count):
+    """``count`` ports free on 127.0.0.1 right now, for a cluster on one machine (tests, benchmarks).
+
+    All are bound at once, so they are distinct; another process may still take one before the workers do.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -343,6 +343,35 @@ def _batch(samples):
 # ---------------------------------------------------------------------------------------------
 # the models without TensorFlow
 
+def tensorflow_class(define):
+    """A ``with_tensorflow`` classmethod returning the class ``define()`` makes, made once, when first asked for.
+
+    ``define`` imports TensorFlow and tensorpack, which the packed engine's
+    ``--eval`` / ``--run`` never do; a subclass of the network it returns
+    inherits this classmethod and so returns itself.
+    """
+    made = []
+
+    def with_tensorflow(cls):
+        if not made:
+            model = define()
+            model.__qualname__ = model.__name__  # made inside a function; named as the module attribute it is
+            made.append(model)
+        return made[0]
+
+    return classmethod(with_tensorflow)
+
+
+def module_getattr(module, name, make):
+    """A module ``__getattr__`` that answers ``name`` with ``make()`` (a class made on first use)."""
+    def getattr_(attribute):
+        if attribute == name:
+            return make()
+        raise AttributeError("module {!r} has no attribute {!r}".format(module, attribute))
+
+    return getattr_
+
+
 class ImageNetNetwork(DescribedNetwork):
     """What the ImageNet models are without TensorFlow: flags, bit widths, input size, the layer description.
 
@@ -373,7 +402,10 @@ class ImageNetNetwork(DescribedNetwork):
 
     @classmethod
     def with_tensorflow(cls):
-        """The class with the TensorFlow graph (a ``ModelDesc``) of this network; the class itself if it is one."""
+        """The class with the TensorFlow graph (a ``ModelDesc``) of this network; the class itself if it is one.
+
+        A script sets it with :func:`tensorflow_class` on its TensorFlow-free network.
+        """
         return cls
 
     @property

@@ -42,3 +42,22 @@ def kill_after_first_checkpoint(cmd, logdir, timeout=240):
         proc.wait()
     with open(os.path.join(logdir, "checkpoint")) as f:
         return int(f.read().split('"')[1].split("-")[-1])
+
+
+def random_weights(model, seed):
+    """Values for every variable of ``model``: He-scaled weights, batch norm that keeps activations alive."""
+    import numpy as np
+
+    from dorefanet.checkpoints import expected_variables
+
+    rng = np.random.RandomState(seed)
+    values = {}
+    for name, shape in expected_variables(model).items():
+        leaf = name.split("/")[-1]
+        if leaf == "W":
+            values[name] = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        elif leaf in ("Wp", "Wn", "gamma") or name.endswith("variance/EMA"):
+            values[name] = rng.uniform(0.5, 1.5, shape)
+        else:  # biases, beta, mean/EMA
+            values[name] = rng.randn(*shape) * 0.1
+    return {name: np.asarray(v, np.float32) for name, v in values.items()}

@@ -8,7 +8,6 @@ after every step (a run whose workers diverge stops with an error) and dump its 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, random_weights
 from dorefanet import distributed
-from dorefanet.checkpoints import expected_variables, save_npz
+from dorefanet.checkpoints import save_npz
+from dorefanet.cluster import free_local_ports as free_ports
 
 # tensorpack 0.11 threads call the deprecated Event.isSet()
 pytestmark = pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")
@@ -26,18 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")
 alexnet = load_script("alexnet-dorefa.py")
 resnet = load_script("resnet-dorefa.py")
 SMALL = ["--fake", "--workers", "0", "--image-size", "64"]
-
-
-def free_ports(count):
-    """Ports free on 127.0.0.1 right now (all bound at once, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def cluster_flag(ports):
@@ -97,18 +85,8 @@ def procs(tmp_path):
 
 
 def init_weights(model, path, seed=0):
-    """He-scaled random weights (batch norm that keeps activations alive): the same start for two runs."""
-    rng = np.random.RandomState(seed)
-    values = {}
-    for name, shape in expected_variables(model).items():
-        leaf = name.split("/")[-1]
-        if leaf == "W":
-            values[name] = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif leaf == "gamma" or name.endswith("variance/EMA"):
-            values[name] = rng.uniform(0.5, 1.5, shape)
-        else:
-            values[name] = rng.randn(*shape) * 0.1
-    save_npz({name: np.asarray(v, np.float32) for name, v in values.items()}, path)
+    """``random_weights`` written to ``path``: the same start for two runs."""
+    save_npz(random_weights(model, seed), path)
     return path
 
 

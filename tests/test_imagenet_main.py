@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, kill_after_first_checkpoint, load_script
+from conftest import ROOT, kill_after_first_checkpoint, load_script, random_weights
 from dorefanet.checkpoints import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
@@ -40,21 +40,6 @@ def run_main(script, argv, capsys):
     code = script.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def random_weights(model, seed):
-    """Values for every variable of ``model``: He-scaled weights, batch norm that keeps activations alive."""
-    rng = np.random.RandomState(seed)
-    values = {}
-    for name, shape in expected_variables(model).items():
-        leaf = name.split("/")[-1]
-        if leaf == "W":
-            values[name] = rng.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif leaf in ("Wp", "Wn", "gamma") or name.endswith("variance/EMA"):
-            values[name] = rng.uniform(0.5, 1.5, shape)
-        else:  # biases, beta, mean/EMA
-            values[name] = rng.randn(*shape) * 0.1
-    return {name: np.asarray(v, np.float32) for name, v in values.items()}
 
 
 def write_image(path, seed, shape=(70, 90)):

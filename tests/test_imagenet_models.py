@@ -46,6 +46,17 @@ def inference_graph(kind, bits, data_format, image_size=224):
     return graph
 
 
+@pytest.mark.parametrize("script, network, model", [(alexnet, "AlexNet", "AlexNetModel"),
+                                                     (resnet, "ResNet18", "ResNet18Model")])
+def test_the_tensorflow_class_is_made_once_and_is_its_own(script, network, model):
+    made = getattr(script, network).with_tensorflow()
+    assert made is getattr(script, model) and made.__qualname__ == model
+    assert issubclass(made, getattr(script, network)) and issubclass(made, ImageNetModel)
+    assert made.with_tensorflow() is made and getattr(script, network).with_tensorflow() is made
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        script.Nothing
+
+
 # ---------------------------------------------------------------- names and shapes
 SPEC_CASES = [(key.split("-")[0], key.split("-")[1], key, "channels_first") for key in sorted(ZOO_SPEC)]
 SPEC_CASES += [("alexnet", "1,2,32", "alexnet-1,2,6", "channels_first"),
