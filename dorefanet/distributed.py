@@ -299,12 +299,12 @@ def _make_trainer_class():
     from tensorpack import RunOp, SyncMultiGPUTrainerReplicated
     from tensorpack.tfutils.sesscreate import NewSessionCreator
 
-    from dorefanet.training import _gated
+    from dorefanet.training import gated_trainer
 
     # Gated as the one-process trainers (training.gate_gradients): an update waits for the whole backward
     # pass.  The all-reduce of one packed vector already waits for every gradient; the gate keeps that so
     # should the packing change.
-    class CollectiveTrainer(_gated(SyncMultiGPUTrainerReplicated)):
+    class CollectiveTrainer(gated_trainer(SyncMultiGPUTrainerReplicated)):
         """Replicated towers on each worker, gradients all-reduced across the workers (see the module doc)."""
 
         def __init__(self, towers, worker):

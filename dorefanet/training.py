@@ -20,7 +20,8 @@ from dorefanet.atomic_file import read_json, write_json_atomic  # noqa: E402
 from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
-           "select_trainer", "launch", "session_config", "available_gpus", "quiet_tensorpack"]
+           "select_trainer", "gate_gradients", "gated_trainer", "launch", "session_config", "available_gpus",
+           "quiet_tensorpack"]
 
 
 from dorefanet.errors import TrainingSetupError  # noqa: E402  (defined without TensorFlow)
@@ -201,7 +202,7 @@ def gate_gradients(grads):
     return [(g, v) for g, (_, v) in zip(gated, grads)]
 
 
-def _gated(trainer_class):
+def gated_trainer(trainer_class):
     """``trainer_class`` whose towers' gradients go through :func:`gate_gradients`."""
 
     class Gated(trainer_class):
@@ -225,8 +226,8 @@ def select_trainer(num_towers):
     from tensorpack import SimpleTrainer, SyncMultiGPUTrainerReplicated
 
     if num_towers <= 1:
-        return _gated(SimpleTrainer)()
-    return _gated(SyncMultiGPUTrainerReplicated)(num_towers)
+        return gated_trainer(SimpleTrainer)()
+    return gated_trainer(SyncMultiGPUTrainerReplicated)(num_towers)
 
 
 def _epoch_timer():
