@@ -284,6 +284,14 @@ def launch(model, dataflow, plan, steps_per_epoch, max_epoch, callbacks, trainer
         session_config=session_config(len(getattr(trainer, "devices", None) or [0])),
     )
     launch_train_with_config(config, trainer)
+    # The input's enqueue thread (a daemon) may still be inside the dataflow (an OpenCV call) when the
+    # script returns; at interpreter exit such a thread is ended by a forced unwind through OpenCV's C++
+    # frames, which aborts the process (measured once in the suite: "*** Begin stack trace ***",
+    # pthread_exit from PyEval_RestoreThread in cv2). The session is closed by now, so the thread ends
+    # after its current datapoint.
+    thread = getattr(config.data, "thread", None)
+    if thread is not None:
+        thread.join(60)
     _close_worker_processes(dataflow)
 
 
