@@ -254,6 +254,74 @@ def test_gemm_popcount_codes_matches_integer_reference(n, c, depth):
     np.testing.assert_array_equal(rowsum, want_rowsum)
 
 
+def epilogue_reference(acc, rowsum, a, b, c, levels):
+    """float32(acc * a + (rowsum * b + c)) in float64, or its codes rint(clip(y, 0, 1) * levels), in numpy."""
+    y = (acc.astype(np.float64) * a + (rowsum.astype(np.float64)[..., None] * b + c)).astype(np.float32)
+    if levels is None:
+        return y
+    return np.rint(np.clip(y, np.float32(0), np.float32(1)) * np.float32(levels)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("levels", [None, 3, 15])
+@pytest.mark.parametrize("batch,shape,cout,kernel,stride,pads", [
+    (16, (18, 18, 48), 64, (3, 3), 1, (1, 1, 1, 1)),    # compact windows, both threads, several tasks
+    (3, (12, 12, 130), 40, (3, 3), 4, (2, 2, 1, 1)),     # a partial panel (40 = 32 + 8 channels)
+    (2, (7, 7, 128), 70, (3, 3), 1, (0, 0, 0, 0)),
+])
+def test_fused_epilogue_equals_the_epilogue_of_the_sums(levels, batch, shape, cout, kernel, stride, pads):
+    """The affine map (and quantizing) that the kernel's tasks apply on their blocks: bit-equal to the numpy
+    map of the returned sums, for every pixel and channel (tasks, panels and channel tails included)."""
+    rng = np.random.default_rng(cout + shape[-1] + (levels or 0))
+    ia, q = codes(rng, 2, (batch,) + shape), codes(rng, 1, (cout,) + kernel + shape[-1:])
+    w = kernels.prepare_weights(kernels.pack_planes(q, 1))
+    # scales that put the outputs across [0, 1] and beyond, so that clipping and every code occur
+    depth = kernel[0] * kernel[1] * shape[-1]
+    a = rng.uniform(-2, 2, cout) / depth
+    b, c = rng.uniform(-1, 1, cout) / depth, rng.uniform(-0.5, 1.5, cout)
+    acc, rowsum = kernels.conv_popcount_codes(ia, 2, w, kernel, stride, pads)
+    want = epilogue_reference(acc, rowsum, a, b, c, levels)
+    got = kernels.conv_popcount_codes(ia, 2, w, kernel, stride, pads, epilogue=(a, b, c, levels))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    if levels is not None:                      # both clips and codes in between occur
+        assert got.min() == 0 and got.max() == levels and len(np.unique(got)) > 2
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+def test_fused_epilogue_into_channels_of_a_wider_output(levels):
+    """Two groups written into one output at their channel offsets equal the two results side by side; the
+    channels outside a group are left as they were."""
+    rng = np.random.default_rng(21)
+    ia = codes(rng, 2, (4, 9, 9, 96))
+    dtype = np.float32 if levels is None else np.uint8
+    out = np.full((4, 9, 9, 2 * 40 + 5), 7, dtype)
+    parts = []
+    for g in range(2):
+        q = codes(rng, 1, (40, 3, 3, 48))
+        w = kernels.prepare_weights(kernels.pack_planes(q, 1))
+        ep = (rng.uniform(-1, 1, 40) / 432, rng.uniform(-1, 1, 40) / 432, rng.uniform(0, 1, 40), levels)
+        group = np.ascontiguousarray(ia[..., 48 * g:48 * (g + 1)])
+        parts.append(kernels.conv_popcount_codes(group, 2, w, (3, 3), 1, (1, 1, 1, 1), epilogue=ep))
+        assert kernels.conv_popcount_codes(group, 2, w, (3, 3), 1, (1, 1, 1, 1), epilogue=ep, out=out,
+                                           out_offset=40 * g) is out
+    np.testing.assert_array_equal(out[..., :80], np.concatenate(parts, axis=-1))
+    np.testing.assert_array_equal(out[..., 80:], np.full((4, 9, 9, 5), 7, dtype))
+
+
+def test_fused_epilogue_into_rejects_a_wrong_output():
+    w = kernels.pack_planes(np.zeros((8, 3, 3, 16), np.uint8), 1)
+    x = np.zeros((1, 5, 5, 16), np.uint8)
+    ep = (np.ones(8), np.ones(8), np.zeros(8), 3)
+    for bad, offset in [(np.zeros((1, 5, 5, 8), np.float32), 0),       # float32 where codes are made
+                        (np.zeros((1, 5, 5, 12), np.uint8), 5),         # channels 5 .. 12 do not fit
+                        (np.zeros((1, 5, 5, 16), np.uint8)[..., :8], 0),  # not contiguous
+                        (np.zeros((1, 3, 3, 8), np.uint8), 0)]:          # not the output's pixels
+        with pytest.raises(ValueError, match="out must be"):
+            kernels.conv_popcount_codes(x, 2, w, (3, 3), 1, (1, 1, 1, 1), epilogue=ep, out=bad, out_offset=offset)
+    with pytest.raises(ValueError, match="epilogue"):
+        kernels.conv_popcount_codes(x, 2, w, (3, 3), 1, (1, 1, 1, 1), out=np.zeros((1, 5, 5, 8), np.uint8))
+
+
 def test_popcount_codes_reject_bad_arguments():
     w = kernels.pack_planes(np.zeros((3, 3, 3, 10), np.uint8), 1)
     with pytest.raises(ValueError, match="uint8"):

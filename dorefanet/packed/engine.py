@@ -147,7 +147,7 @@ class _Layer:
     def float_w(self, value):
         self._float_w = value
 
-    def accumulators_to_output(self, acc, sums, levels, channels, out=None, quantize_levels=None):
+    def accumulators_to_output(self, acc, sums, levels, channels, quantize_levels=None):
         """The layer's output (bias and batch norm applied) from ``acc = sum(c q)`` and ``sums = sum(c)``.
 
         ``z = k1 acc + k2 sums`` (module docstring) and ``y = z scale + shift``
@@ -157,9 +157,9 @@ class _Layer:
         affine = self.affine_map(levels, channels)
         prof = profiling.current()
         if prof is None:
-            return elementwise.affine_accumulators(acc, sums, *affine, out=out, levels=quantize_levels)
+            return elementwise.affine_accumulators(acc, sums, *affine, levels=quantize_levels)
         start = profiling.clock()
-        result = elementwise.affine_accumulators(acc, sums, *affine, out=out, levels=quantize_levels)
+        result = elementwise.affine_accumulators(acc, sums, *affine, levels=quantize_levels)
         prof.add("epilogue", profiling.clock() - start)
         return result
 
@@ -355,6 +355,18 @@ class PackedModel:
             return self._quantized(self._conv_group(layer, x, slice(None), kh, kw, stride, pads, levels=levels),
                                    levels)
         cin, per_group = layer.shape[2], op["out"] // groups
+        if self._popcount(layer, x):
+            # the kernel writes each group's channels straight into the layer's output (AlexNet's conv1 at
+            # batch 128: a 96 MB map that np.concatenate copied once more)
+            b, h, w = x.values.shape[:3]
+            shape = (b, (h + pads[0] + pads[1] - kh) // stride + 1, (w + pads[2] + pads[3] - kw) // stride + 1,
+                     op["out"])
+            out = np.empty(shape, np.float32 if levels is None else np.uint8)
+            for g in range(groups):
+                xs = _Map(np.ascontiguousarray(x.values[..., g * cin:(g + 1) * cin]), x.levels)
+                self._conv_group(layer, xs, slice(g * per_group, (g + 1) * per_group), kh, kw, stride, pads,
+                                 levels=levels, into=(out, g * per_group))
+            return self._quantized(out, levels)
         # each group into a contiguous array of its own (codes where the activate is fused), joined once
         parts = []
         for g in range(groups):
@@ -365,6 +377,13 @@ class PackedModel:
         return self._quantized(np.concatenate(parts, axis=-1), levels)
 
     @staticmethod
+    def _popcount(layer, x):
+        """Whether the layer runs on the popcount kernels for input ``x`` (quantized weights and codes, W x A
+        bit planes at most ``POPCOUNT_MAX_PLANE_PAIRS``)."""
+        return (layer.codes is not None and x.levels is not None
+                and layer.bits * int(x.levels).bit_length() <= POPCOUNT_MAX_PLANE_PAIRS)
+
+    @staticmethod
     def _quantized(values, levels):
         """``values`` as a map: float32 as they are, or (``levels`` given) quantized to codes if still float."""
         if levels is None:
@@ -373,47 +392,38 @@ class PackedModel:
             values = elementwise.quantize(values, levels)
         return _Map(values, levels)
 
-    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, out=None, levels=None):
-        """One group's output channels ``out_slice``, bias and batch norm applied (into ``out`` if given).
+    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, levels=None, into=None):
+        """One group's output channels ``out_slice``, bias and batch norm applied.
 
-        With ``levels`` (and no ``out``), the popcount and the direct float paths return the codes of
-        the output at once; the others return float32 and leave the quantizing to the caller.
+        With ``levels``, the popcount and the direct float paths return the codes of the output at
+        once; the others return float32 and leave the quantizing to the caller.  ``into = (array,
+        offset)`` (popcount path only): the kernel writes the result into channels ``offset ..`` of
+        ``array`` (see ``kernels.conv_popcount_codes``) and returns ``array``.
         """
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]
             if w.shape[-1] % float_conv.LANES == 0:
-                y = float_conv.conv2d_affine(x.as_float(), w, _channels(layer.scale, out_slice),
-                                             _channels(layer.shift, out_slice), stride, pads,
-                                             levels=levels if out is None else None)
-            else:
-                z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
-                y = layer.epilogue(z, out_slice)
-            if out is None:
-                return y
-            out[...] = y.reshape(out.shape)
-            return out
-        a_bits = int(x.levels).bit_length()
-        if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+                return float_conv.conv2d_affine(x.as_float(), w, _channels(layer.scale, out_slice),
+                                                _channels(layer.shift, out_slice), stride, pads, levels=levels)
+            z, _ = _conv_gemm(x.as_float(), w.reshape(-1, w.shape[-1]), kh, kw, stride, pads, np.float32)
+            return layer.epilogue(z, out_slice)
+        if self._popcount(layer, x):
             from . import kernels
 
             key = ("conv", out_slice.start)
             if key not in layer._planes:
                 q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
-            if out is None:
-                # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
-                epilogue = layer.affine_map(x.levels, out_slice) + (levels,)
-                return kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), a_bits,
-                                                   layer._planes[key], (kh, kw), stride, pads, epilogue=epilogue)
-            acc, sums = kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), a_bits, layer._planes[key],
-                                                    (kh, kw), stride, pads)
-        else:
-            q = layer.codes[..., out_slice].astype(np.float64)
-            acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64,
-                                   with_sums=True)
-            acc, sums = acc.astype(np.int64), sums.astype(np.int64)
-        return layer.accumulators_to_output(acc, sums, x.levels, out_slice, out=out,
-                                            quantize_levels=levels if out is None else None)
+            # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
+            target, offset = into if into is not None else (None, 0)
+            return kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), int(x.levels).bit_length(),
+                                               layer._planes[key], (kh, kw), stride, pads,
+                                               epilogue=layer.affine_map(x.levels, out_slice) + (levels,),
+                                               out=target, out_offset=offset)
+        q = layer.codes[..., out_slice].astype(np.float64)
+        acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64, with_sums=True)
+        return layer.accumulators_to_output(acc.astype(np.int64), sums.astype(np.int64), x.levels, out_slice,
+                                            quantize_levels=levels)
 
     def _fc(self, x, op, levels=None):
         layer = self.layers[op["layer"]]

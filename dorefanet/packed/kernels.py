@@ -745,9 +745,25 @@ def _fill_bands(words, bands, m, height, width, cw, kh, out_h, g0, g1, n_bands, 
                         at += chunk
 
 
+@njit(inline="always", **_JIT)
+def _epilogue_floats(acc, s, a, b, c, out):
+    """out = float32(acc * a + (s * b + c)), in float64 (one output pixel's channels)."""
+    for i in range(acc.size):
+        out[i] = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
+
+
+@njit(inline="always", **_JIT)
+def _epilogue_codes(acc, s, a, b, c, levels, out):
+    """The codes rint(clip(y, 0, 1) * levels) of the float32 y of :func:`_epilogue_floats`."""
+    zero, one = np.float32(0), np.float32(1)
+    for i in range(acc.size):
+        y = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
+        out[i] = np.rint(min(max(y, zero), one) * levels)
+
+
 @njit(**_JIT)
 def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, out_h, out_w, pix_block,
-                 panel_block, chunk, ep, ep_a, ep_b, ep_c, ep_levels, fout, cout):
+                 panel_block, chunk, ep, ep_a, ep_b, ep_c, ep_levels, fout, cout, ep_ld, ep_off):
     """Popcount GEMM of a convolution (a fully-connected layer is a 1 x 1 one on a 1 x 1 map).
 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
@@ -766,7 +782,8 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     With ``ep`` > 0 each task then maps its finished block of ``out`` (still in cache) to the layer's
     output, ``y = float32(acc * ep_a + (rowsum * ep_b + ep_c))`` per channel in float64: ``ep`` = 1
     stores ``y`` into ``fout``, ``ep`` = 2 the codes ``rint(clip(y, 0, 1) * ep_levels)`` into ``cout``
-    (both flat [B*Ho*Wo, C]), exactly :func:`packed.elementwise.affine_accumulators` of the results.
+    (both flat [B*Ho*Wo, ep_ld], channel c at ep_off + c), exactly
+    :func:`packed.elementwise.affine_accumulators` of the results.
     """
     m, _, height, width, cw = a.shape
     pitch = width * cw
@@ -856,15 +873,16 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                     _tile1(src, row_at[v], t_kh, t_span, t_pitch, wp, wbase, out, out_at[v] + c0, i + shift[v])
         if ep > 0:
             chans = ep_a.shape[0]
-            zero, one = np.float32(0), np.float32(1)
+            c0, c1 = q0 * _PANEL, min(q1 * _PANEL, chans)
             for p in range(p0, p1):
-                s = np.float64(task_sums[p - p0])
-                for ch in range(q0 * _PANEL, min(q1 * _PANEL, chans)):
-                    yv = np.float32(np.float64(out[p * ldo + ch]) * ep_a[ch] + (s * ep_b[ch] + ep_c[ch]))
-                    if ep == 2:
-                        cout[p * chans + ch] = np.rint(min(max(yv, zero), one) * ep_levels)
-                    else:
-                        fout[p * chans + ch] = yv
+                # on slices: LLVM vectorises these loops, not ones indexing the flat arrays (3x the popcount)
+                o = p * ep_ld + ep_off
+                if ep == 2:
+                    _epilogue_codes(out[p * ldo + c0:p * ldo + c1], np.float64(task_sums[p - p0]), ep_a[c0:c1],
+                                    ep_b[c0:c1], ep_c[c0:c1], ep_levels, cout[o + c0:o + c1])
+                else:
+                    _epilogue_floats(out[p * ldo + c0:p * ldo + c1], np.float64(task_sums[p - p0]), ep_a[c0:c1],
+                                     ep_b[c0:c1], ep_c[c0:c1], fout[o + c0:o + c1])
         task = _next_task(counter)
 
 
@@ -906,14 +924,16 @@ def compact_window_words(kernel, stride, chans):
     return compact
 
 
-def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None):
+def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None, into=None):
     """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution.
 
     ``a``: the input as bit planes, uint64 [m, B, H, W, Cw], or as its uint8 codes [B, H, W, C]
     (C-contiguous), packed here into the padded planes in the same pass that sums the codes.
     ``epilogue = (a, b, c, levels)`` (float64 ``[C]`` each, ``levels`` None or n): instead the layer's
     output ``float32(acc * a + (rowsum * b + c))`` [*out_shape, C], or its uint8 codes at ``levels``, made
-    by each task from its block of ``acc`` while in cache (``_conv_worker``).
+    by each task from its block of ``acc`` while in cache (``_conv_worker``).  ``into = (array, offset)``
+    (with an epilogue): write it into channels ``offset ..`` of ``array`` [*out_shape, C'] (see
+    :func:`_check_into`) and return ``array``.
     """
     kh, kw = kernel
     top, bottom, left, right = pads
@@ -938,14 +958,19 @@ def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None):
     acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
     rowsum = np.zeros(n_pix, np.int32)
     ep, ep_args = 0, (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32),
-                      np.empty(0, np.uint8))
+                      np.empty(0, np.uint8), 0, 0)
     if epilogue is not None and chans > 0 and depth > 0 and n_pix:
         ea, eb, ec, levels = epilogue
         ep = 1 if levels is None else 2
-        result = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8)
+        if into is None:
+            result, ld, offset = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8), chans, 0
+        else:
+            result, offset = into
+            ld = result.shape[-1]
         ep_args = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
                    np.ascontiguousarray(ec, np.float64), np.float32(levels or 0),
-                   result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5])
+                   result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5],
+                   ld, offset)
     if depth == 0:              # no input channel: nothing to add up
         acc[:] = 0
     elif n_pix:
@@ -982,7 +1007,7 @@ def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None):
         if prof is not None:
             prof.add("popcount" if ep == 0 else "popcount+epilogue", profiling.clock() - middle)
     if ep > 0:
-        return result.reshape(tuple(out_shape) + (chans,))
+        return result if into is not None else result.reshape(tuple(out_shape) + (chans,))
     if acc.shape[1] != chans:
         acc = np.ascontiguousarray(acc[:, :chans])
     return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
@@ -1082,13 +1107,16 @@ def conv_popcount(a_planes, w_planes, kernel, stride, pads):
     return _run(a, m, w, kernel, stride, pads, (batch,) + out_hw)
 
 
-def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads, epilogue=None):
+def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads, epilogue=None, out=None, out_offset=0):
     """:func:`conv_popcount` of ``pack_planes(codes, bits)``, packing in the kernel's own pass.
 
     ``epilogue = (a, b, c, levels)``: return instead the layer's output ``float32(acc * a + (rowsum * b +
     c))`` per channel (float64 ``[Cout]`` each), or with ``levels`` = n its uint8 codes ``rint(clip(y, 0, 1)
     * n)``, as :func:`packed.elementwise.affine_accumulators` of ``(acc, rowsum)``: computed by the kernel's
     tasks on their blocks of ``acc`` while in cache, not in a pass of its own over the whole output.
+    ``out`` (with an epilogue): a C-contiguous ``[B, Ho, Wo, C']`` array of the result's dtype that receives
+    it in channels ``out_offset .. out_offset + Cout - 1`` (one group of a grouped convolution written in
+    place, with no copy of the groups into one map); ``out`` is returned.
 
     ``codes``: ``uint8 [B, H, W, Cin]`` activation codes below ``2^bits`` (higher bits are ignored, as
     by :func:`pack_planes`).  The codes are packed
@@ -1099,10 +1127,29 @@ def conv_popcount_codes(codes, bits, w_planes, kernel, stride, pads, epilogue=No
     batch, height, width, chans = codes.shape
     w, kernel, stride, pads, out_hw = _conv_geometry(kernel, stride, pads, w_planes, height, width,
                                                      -(-chans // 64), "activation codes %s" % (codes.shape,))
-    done = _run(codes, bits, w, kernel, stride, pads, (batch,) + out_hw, epilogue)
+    into = None if out is None else _check_into(out, out_offset, (batch,) + out_hw, w.shape[1], epilogue)
+    done = _run(codes, bits, w, kernel, stride, pads, (batch,) + out_hw, epilogue, into)
     if epilogue is not None and isinstance(done, tuple):
-        return _numpy_epilogue(*done, epilogue)
+        result = _numpy_epilogue(*done, epilogue)
+        if out is None:
+            return result
+        out[..., out_offset:out_offset + result.shape[-1]] = result
+        return out
     return done
+
+
+def _check_into(out, offset, out_shape, chans, epilogue):
+    """``(out, offset)`` for :func:`_run` after checking that the epilogue's result fits there."""
+    if epilogue is None:
+        raise ValueError("out is for a result with an epilogue (acc and rowsum are returned as new arrays)")
+    dtype = np.float32 if epilogue[3] is None else np.uint8
+    offset = int(offset)
+    if not (isinstance(out, np.ndarray) and out.dtype == dtype and out.flags.c_contiguous
+            and out.shape[:-1] == tuple(out_shape) and 0 <= offset and offset + chans <= out.shape[-1]):
+        raise ValueError("out must be a C-contiguous %s array [%s, C] with channels %d .. %d, got %s %s"
+                         % (np.dtype(dtype).name, ", ".join(map(str, out_shape)), offset, offset + chans - 1,
+                            getattr(out, "dtype", type(out).__name__), getattr(out, "shape", "")))
+    return out, offset
 
 
 # ------------------------------------------------------------------------------------- references
