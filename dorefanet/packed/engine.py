@@ -19,12 +19,16 @@ Float convolutions and fully-connected layers use :mod:`dorefanet.packed.float_c
 a layer's output is quantized next (possibly after a max pooling), the layer
 writes the codes directly (see ``predict``).
 """
+import ctypes
+import functools
+import sys
+
 import numpy as np
 
 from . import elementwise, float_conv, profiling
 from .format import read_packed, unpack_weight_planes
 
-__all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS"]
+__all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS", "reuse_freed_memory"]
 
 #: Quantized layers with W x A bit planes up to this use the popcount kernels; wider ones an integer GEMM.
 POPCOUNT_MAX_PLANE_PAIRS = 8
@@ -196,6 +200,7 @@ class PackedModel:
 
     def __init__(self, path):
         self.path = path
+        reuse_freed_memory()
         self.header, arrays = read_packed(path)
         self.model = self.header["model"]
         self.bits = self.header["bits"]
@@ -517,6 +522,28 @@ class PackedModel:
         v = v.reshape(v.shape[0], -1)
         e = np.exp(v - v.max(axis=1, keepdims=True))
         return _Map((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+
+
+@functools.cache
+def reuse_freed_memory():
+    """Have glibc's malloc keep freed blocks of any size for reuse (once per process; Linux only).
+
+    By default every block above malloc's mmap threshold (32 MB at most) is a fresh mapping whose pages
+    fault in on first touch, so each large map of a batch faulted in again on every call: about 10,000
+    page faults per AlexNet call at batch 128 and 26,000-30,000 per ResNet-18 call.  With the threshold at
+    1 GiB and up to 2 GiB of freed memory kept, later calls reuse the first call's pages (0-5 faults a
+    call).  Measured with the commit's other engine changes, alternating processes, batch 128: SVHN 1.34x,
+    AlexNet 1.31x, ResNet-18 1.19x faster; peak memory 0-20% higher.  Returns whether both settings took.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):            # another C library (musl): leave it as it is
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
 
 
 def _sum_maps(maps):
