@@ -769,7 +769,7 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     a: uint64 [m, B, H, W, Cw], already zero-padded; sums: flat int32 [B, H, W], the sum of the codes
     of pixels x .. x + kw - 1 (of row y, image b); wp: weight panels, flat [k, P, kh*kw*Cw, 32];
     out: flat int32 [B*Ho*Wo, 32 P] (uninitialised: the first contribution to each output row
-    stores); rowsum: int32 [B*Ho*Wo].
+    stores; unused with ``ep`` > 0); rowsum: int32 [B*Ho*Wo].
     A task is (block of output pixels, block of panels).  Virtual row v of a task is (pixel
     p0 + v // m, plane v % m); the tiles read its window straight from ``a`` and add to the output
     with shift i + v % m for weight plane i.
@@ -804,6 +804,15 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     n_panels = wp.shape[0] // (k * depth * _PANEL)
     ldo = n_panels * _PANEL
     n_cb = (n_panels + panel_block - 1) // panel_block
+    if ep > 0:
+        # the sums live only until the task's epilogue: a block of this thread's own, reused task after task
+        # while in cache (a whole-layer array was written to memory and read back: 26 MB per ResNet-18 layer
+        # and chunk of 32 images)
+        acc = np.empty(pix_block * panel_block * _PANEL, np.int32)
+        acc_ld = panel_block * _PANEL
+    else:
+        acc = out
+        acc_ld = ldo
     task = _next_task(counter)
     while task < n_tasks:
         p0 = task // n_cb * pix_block
@@ -825,7 +834,7 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                     row_at[v] = (j * n_bands + p // out_w - p0 // out_w) * band_row + x * kh * chunk
                 else:
                     row_at[v] = 8 * (j * plane + at)
-                out_at[v] = p * ldo
+                out_at[v] = (p - p0) * acc_ld if ep > 0 else p * ldo
                 shift[v] = j
                 v += 1
             x += 1
@@ -863,26 +872,27 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
         for i in range(k):
             for q in range(q0, q1):
                 wbase = (i * n_panels + q) * depth * _PANEL
-                c0 = q * _PANEL
+                c0 = (q - q0 if ep > 0 else q) * _PANEL
                 for v in range(0, full, 4):
                     _tile4(src, row_at[v], row_at[v + 1], row_at[v + 2], row_at[v + 3], t_kh, t_span, t_pitch,
-                           wp, wbase, out, out_at[v] + c0, out_at[v + 1] + c0, out_at[v + 2] + c0,
+                           wp, wbase, acc, out_at[v] + c0, out_at[v + 1] + c0, out_at[v + 2] + c0,
                            out_at[v + 3] + c0, i + shift[v], i + shift[v + 1], i + shift[v + 2],
                            i + shift[v + 3])
                 for v in range(full, nv):
-                    _tile1(src, row_at[v], t_kh, t_span, t_pitch, wp, wbase, out, out_at[v] + c0, i + shift[v])
+                    _tile1(src, row_at[v], t_kh, t_span, t_pitch, wp, wbase, acc, out_at[v] + c0, i + shift[v])
         if ep > 0:
             chans = ep_a.shape[0]
             c0, c1 = q0 * _PANEL, min(q1 * _PANEL, chans)
             for p in range(p0, p1):
                 # on slices: LLVM vectorises these loops, not ones indexing the flat arrays (3x the popcount)
                 o = p * ep_ld + ep_off
+                row = acc[(p - p0) * acc_ld:(p - p0) * acc_ld + c1 - c0]
                 if ep == 2:
-                    _epilogue_codes(out[p * ldo + c0:p * ldo + c1], np.float64(task_sums[p - p0]), ep_a[c0:c1],
-                                    ep_b[c0:c1], ep_c[c0:c1], ep_levels, cout[o + c0:o + c1])
+                    _epilogue_codes(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
+                                    ep_levels, cout[o + c0:o + c1])
                 else:
-                    _epilogue_floats(out[p * ldo + c0:p * ldo + c1], np.float64(task_sums[p - p0]), ep_a[c0:c1],
-                                     ep_b[c0:c1], ep_c[c0:c1], fout[o + c0:o + c1])
+                    _epilogue_floats(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
+                                     fout[o + c0:o + c1])
         task = _next_task(counter)
 
 
@@ -955,11 +965,13 @@ def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None, into=None):
         panels = w.window_panels(a.shape[-1])
         chunk = a.shape[-1] // 8
     n_panels = -(-max(chans, 1) // _PANEL)
-    acc = np.empty((n_pix, n_panels * _PANEL), np.int32)      # whole panels: no partial vectors
+    fused = epilogue is not None and chans > 0 and depth > 0 and n_pix > 0
+    # whole panels: no partial vectors; with the epilogue fused each thread sums into a block of its own
+    acc = np.empty((0, n_panels * _PANEL) if fused else (n_pix, n_panels * _PANEL), np.int32)
     rowsum = np.zeros(n_pix, np.int32)
     ep, ep_args = 0, (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32),
                       np.empty(0, np.uint8), 0, 0)
-    if epilogue is not None and chans > 0 and depth > 0 and n_pix:
+    if fused:
         ea, eb, ec, levels = epilogue
         ep = 1 if levels is None else 2
         if into is None:
