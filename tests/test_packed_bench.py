@@ -42,3 +42,21 @@ def test_packed_speed_profile_prints_every_op_and_the_stage_summary():
     summary = [line for line in lines if line.startswith("| quantized conv / fc |")]
     assert len(summary) == 1
     assert lines[-1].startswith("machine: ")
+
+
+def test_machine_peaks_prints_one_row_per_kernel():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "machine_peaks.py"), "--gemm-size", "256", "--seconds",
+           "0.02", "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("| ") and not line.startswith("| kernel")]
+    with open("/proc/cpuinfo") as f:
+        vnni = " avx512_vnni" in f.read()
+    assert [row[0].split(" (")[0] for row in rows] == ["fp32 GEMM", "popcount tile"] + (["int8 VNNI"] if vnni else [])
+    for row in rows:
+        assert int(row[1]) >= 1 and float(row[2]) > 0
+    assert lines[-1].startswith("machine: ") and "load average" in lines[-1]
+    bad = subprocess.run(cmd[:2] + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr.splitlines()[-1]
