@@ -342,6 +342,17 @@ def _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
     return ox, oy, row_base, image_base
 
 
+@njit(inline="always", **_JIT)
+def _two_windows(ox, oy, row_base, image_base, step, out_w, out_h, row_step, image_in):
+    """Window starts of the next two output pixels and the state after them (see :func:`_next_window`).
+    (The same code as a loop over a tile's pixels into an array of starts ran SVHN's conv0 about 15% slower.)"""
+    first = row_base + ox * step
+    ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
+    second = row_base + ox * step
+    ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
+    return first, second, ox, oy, row_base, image_base
+
+
 @njit(**_JIT)
 def _conv_worker(counter, n_tasks, x, width, cin, w, scale, shift, kh, kw, stride, out_h, out_w, out, codes,
                  levels, task_pixels):
@@ -372,18 +383,12 @@ def _conv_worker(counter, n_tasks, x, width, cin, w, scale, shift, kh, kw, strid
         image_base = image * image_in
         row_base = image_base + oy * row_step
         for q in range(q0, full, _PIXELS):
-            b0 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
-            b1 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
-            b2 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
-            b3 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
-            b4 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
-            b5 = row_base + ox * step
-            ox, oy, row_base, image_base = _next_window(ox, oy, row_base, image_base, out_w, out_h, row_step, image_in)
+            b0, b1, ox, oy, row_base, image_base = _two_windows(ox, oy, row_base, image_base, step, out_w, out_h,
+                                                                row_step, image_in)
+            b2, b3, ox, oy, row_base, image_base = _two_windows(ox, oy, row_base, image_base, step, out_w, out_h,
+                                                                row_step, image_in)
+            b4, b5, ox, oy, row_base, image_base = _two_windows(ox, oy, row_base, image_base, step, out_w, out_h,
+                                                                row_step, image_in)
             o = q * n_out
             for ob in range(0, wide, vec):
                 if vec == 64:
