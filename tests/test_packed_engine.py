@@ -384,3 +384,14 @@ def test_freed_maps_are_reused_without_page_faults():
     # a fresh mapping faults at least once per 2 MB (32 times with transparent huge pages, 16,384 without)
     assert faults["reuse"] < 16, faults
     assert faults["default"] >= 32, faults             # the probe would see the difference
+
+
+def test_huge_page_copy_is_an_equal_writable_array_of_its_own():
+    big = np.arange(3 << 20, dtype=np.float32).reshape(3, 1 << 20)       # 12 MB
+    copy = packed_engine.huge_page_copy(big)
+    assert copy is not big and copy.dtype == big.dtype and copy.shape == big.shape and copy.flags.writeable
+    np.testing.assert_array_equal(copy, big)
+    copy[0, 0] = -1
+    assert big[0, 0] == 0
+    small = np.ones((10, 10), np.float32)
+    assert packed_engine.huge_page_copy(small) is small                   # below 4 MB: left where it is
