@@ -21,7 +21,7 @@ _JIT = dict(nogil=True, cache=True)
 _NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_accumulators": 0.4, "normalize": 0.25,
                    "maxpool": 0.75}
 #: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a pool thread costs
-#: 50-100 us, so a split of less lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
+#: 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
 #: 20 us on one; batch norm + quantize 96 against 48 us).
 _SPLIT_NS = 250e3
 _pool = None
@@ -30,6 +30,7 @@ _pool_lock = threading.Lock()
 
 def _split_rows(kernel, rows, elements, *args):
     """``kernel(r0, r1, *args)`` over ``range(rows)``, split over the threads when the work is large."""
+    # the kernel's name without its leading underscore and "_codes" variant suffix keys its cost
     work = elements * _NS_PER_ELEMENT[kernel.__name__.lstrip("_").replace("_codes", "")]
     threads = min(get_num_threads(), rows) if work >= _SPLIT_NS else 1
     if threads <= 1:
