@@ -48,25 +48,33 @@ def _split_rows(kernel, rows, elements, *args):
         future.result()
 
 
+@njit(inline="always", **_JIT)
+def affine_row(acc, s, a, b, c, out):
+    """One row's ``out = float32(acc * a + (s * b + c))`` in float64 (1-D slices; LLVM vectorises the loop,
+    which it does not where a loop indexes a flat array at computed offsets)."""
+    for i in range(acc.size):
+        out[i] = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
+
+
+@njit(inline="always", **_JIT)
+def affine_row_codes(acc, s, a, b, c, n, out):
+    """The uint8 codes ``rint(clip(y, 0, 1) * n)`` of :func:`affine_row`'s float32 ``y``."""
+    zero, one = np.float32(0), np.float32(1)
+    for i in range(acc.size):
+        y = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
+        out[i] = np.rint(min(max(y, zero), one) * n)
+
+
 @njit(**_JIT)
 def _affine_accumulators(r0, r1, acc, sums, a, b, c, out):
-    channels = acc.shape[1]
     for r in range(r0, r1):
-        s = np.float64(sums[r])
-        for ch in range(channels):
-            out[r, ch] = np.float32(np.float64(acc[r, ch]) * a[ch] + (s * b[ch] + c[ch]))
+        affine_row(acc[r], np.float64(sums[r]), a, b, c, out[r])
 
 
 @njit(**_JIT)
 def _affine_accumulators_codes(r0, r1, acc, sums, a, b, c, n, out):
-    zero, one = np.float32(0), np.float32(1)
-    channels = acc.shape[1]
     for r in range(r0, r1):
-        s = np.float64(sums[r])
-        row, codes = acc[r], out[r]
-        for ch in range(channels):
-            y = np.float32(np.float64(row[ch]) * a[ch] + (s * b[ch] + c[ch]))
-            codes[ch] = np.rint(min(max(y, zero), one) * n)
+        affine_row_codes(acc[r], np.float64(sums[r]), a, b, c, n, out[r])
 
 
 def affine_accumulators(acc, sums, a, b, c, out=None, levels=None):

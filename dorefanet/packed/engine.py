@@ -442,8 +442,7 @@ class PackedModel:
                 layer.dense_w = huge_page_copy(float_conv.pad_dense_weights(layer.float_w))
             return self._quantized(float_conv.dense_affine(_Map(v, x.levels).as_float(), layer.dense_w,
                                                            layer.shape[-1], layer.scale, layer.shift, levels), levels)
-        a_bits = int(x.levels).bit_length()
-        if layer.bits * a_bits <= POPCOUNT_MAX_PLANE_PAIRS:
+        if self._popcount(layer, x):
             from . import kernels
 
             if "fc" not in layer._planes:
@@ -452,7 +451,7 @@ class PackedModel:
                 prepared.panels = huge_page_copy(prepared.panels)
                 layer._planes["fc"] = prepared
             return self._quantized(kernels.gemm_popcount_codes(
-                v.astype(np.uint8, copy=False), a_bits, layer._planes["fc"],
+                v.astype(np.uint8, copy=False), int(x.levels).bit_length(), layer._planes["fc"],
                 epilogue=layer.affine_map(x.levels, slice(None)) + (levels,)), levels)
         else:
             rows = v.astype(np.float64)

@@ -57,6 +57,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
+from .elementwise import affine_accumulators, affine_row, affine_row_codes
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
            "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "compact_window_words", "reference_gemm",
@@ -745,22 +746,6 @@ def _fill_bands(words, bands, m, height, width, cw, kh, out_h, g0, g1, n_bands, 
                         at += chunk
 
 
-@njit(inline="always", **_JIT)
-def _epilogue_floats(acc, s, a, b, c, out):
-    """out = float32(acc * a + (s * b + c)), in float64 (one output pixel's channels)."""
-    for i in range(acc.size):
-        out[i] = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
-
-
-@njit(inline="always", **_JIT)
-def _epilogue_codes(acc, s, a, b, c, levels, out):
-    """The codes rint(clip(y, 0, 1) * levels) of the float32 y of :func:`_epilogue_floats`."""
-    zero, one = np.float32(0), np.float32(1)
-    for i in range(acc.size):
-        y = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
-        out[i] = np.rint(min(max(y, zero), one) * levels)
-
-
 @njit(**_JIT)
 def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, out_h, out_w, pix_block,
                  panel_block, chunk, ep, ep_a, ep_b, ep_c, ep_levels, fout, cout, ep_ld, ep_off):
@@ -888,10 +873,10 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 o = p * ep_ld + ep_off
                 row = acc[(p - p0) * acc_ld:(p - p0) * acc_ld + c1 - c0]
                 if ep == 2:
-                    _epilogue_codes(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
+                    affine_row_codes(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
                                     ep_levels, cout[o + c0:o + c1])
                 else:
-                    _epilogue_floats(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
+                    affine_row(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
                                      fout[o + c0:o + c1])
         task = _next_task(counter)
 
@@ -1077,8 +1062,6 @@ def gemm_popcount_codes(codes, bits, w_planes, epilogue=None):
 
 def _numpy_epilogue(acc, rowsum, epilogue):
     """The epilogue of :func:`_run` on whole arrays (the degenerate shapes the kernel does not take)."""
-    from .elementwise import affine_accumulators
-
     a, b, c, levels = epilogue
     return affine_accumulators(acc, rowsum, np.asarray(a, np.float64), np.asarray(b, np.float64),
                                np.asarray(c, np.float64), levels=levels)
