@@ -72,6 +72,12 @@ def _pads(padding, h, w, kh, kw, stride):
     return _same_pads(h, kh, stride) + _same_pads(w, kw, stride)
 
 
+def _out_hw(h, w, kh, kw, stride, pads):
+    """Output height and width of a convolution of an ``h x w`` map with ``pads`` (top, bottom, left, right)."""
+    top, bottom, left, right = pads
+    return (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+
+
 def _windows(x, kh, kw, stride, pads):
     """``[B, Ho, Wo, kh, kw, C]`` strided view of the padded NHWC map ``x``."""
     top, bottom, left, right = pads
@@ -313,8 +319,8 @@ class PackedModel:
         if op["op"] == "conv":
             kh, kw = op["kernel"]
             h, w = x.values.shape[1:3]
-            top, bottom, left, right = _pads(op["padding"], h, w, kh, kw, op["stride"])
-            pixels = ((h + top + bottom - kh) // op["stride"] + 1) * ((w + left + right - kw) // op["stride"] + 1)
+            out_h, out_w = _out_hw(h, w, kh, kw, op["stride"], _pads(op["padding"], h, w, kh, kw, op["stride"]))
+            pixels = out_h * out_w
             outputs = batch * pixels * layer.shape[-1]     # before any fused pooling
         else:
             outputs = batch * layer.shape[-1]
@@ -365,9 +371,8 @@ class PackedModel:
             # the kernel writes each group's channels straight into the layer's output (AlexNet's conv1 at
             # batch 128: a 96 MB map that np.concatenate copied once more)
             b, h, w = x.values.shape[:3]
-            shape = (b, (h + pads[0] + pads[1] - kh) // stride + 1, (w + pads[2] + pads[3] - kw) // stride + 1,
-                     op["out"])
-            out = np.empty(shape, np.float32 if levels is None else np.uint8)
+            out = np.empty((b,) + _out_hw(h, w, kh, kw, stride, pads) + (op["out"],),
+                           np.float32 if levels is None else np.uint8)
             for g in range(groups):
                 xs = _Map(np.ascontiguousarray(x.values[..., g * cin:(g + 1) * cin]), x.levels)
                 self._conv_group(layer, xs, slice(g * per_group, (g + 1) * per_group), kh, kw, stride, pads,
