@@ -4,15 +4,14 @@ floats or codes, quantizing, max pooling.
 numpy would take several full passes (and float64 temporaries) over every
 feature map for these; at batch 128 that cost more than the bit-plane
 convolutions themselves.  Each kernel is a serial ``nogil`` function over a
-range of rows; large maps are split over ``numba.get_num_threads()`` Python
-threads (small ones stay on the calling thread, where a thread hand-off would
+range of rows; large maps are split over ``numba.get_num_threads()`` threads
+(:mod:`.threads`) (small ones stay on the calling thread, where a thread hand-off would
 cost more than the work).
 """
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from numba import get_num_threads, njit
+
+from .threads import run_split
 
 __all__ = ["affine_accumulators", "quantize", "affine_quantize", "maxpool", "normalize"]
 
@@ -20,12 +19,11 @@ _JIT = dict(nogil=True, cache=True)
 #: Single-thread cost of each kernel, ns per element (measured on the 2-core AMD EPYC at 200K-3M elements).
 _NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_accumulators": 0.4, "normalize": 0.25,
                    "maxpool": 0.75}
-#: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a pool thread costs
-#: 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
-#: 20 us on one; batch norm + quantize 96 against 48 us).
+#: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a ThreadPoolExecutor
+#: cost 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
+#: 20 us on one; batch norm + quantize 96 against 48 us); with the spinning team of .threads, a threshold of 40 us
+#: gained nothing at batch 1.
 _SPLIT_NS = 250e3
-_pool = None
-_pool_lock = threading.Lock()
 
 
 def _split_rows(kernel, rows, elements, *args):
@@ -33,19 +31,7 @@ def _split_rows(kernel, rows, elements, *args):
     # the kernel's name without its leading underscore and "_codes" variant suffix keys its cost
     work = elements * _NS_PER_ELEMENT[kernel.__name__.lstrip("_").replace("_codes", "")]
     threads = min(get_num_threads(), rows) if work >= _SPLIT_NS else 1
-    if threads <= 1:
-        kernel(0, rows, *args)
-        return
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="packed-elementwise")
-        pool = _pool
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
-    kernel(bounds[0], bounds[1], *args)
-    for future in futures:
-        future.result()
+    run_split(kernel, rows, threads, *args)
 
 
 @njit(inline="always", **_JIT)
@@ -117,6 +103,14 @@ def quantize(x, n, dtype=np.uint8):
     return out.reshape(x.shape)
 
 
+def _along_row(values, width, channels):
+    """Per-channel ``values`` (or one value for all) repeated for ``width`` pixels: float32 ``[width * channels]``.
+    (``np.tile`` took 6 us, a batch-1 SVHN net's normalisation 29 us in all for 3 us of arithmetic.)"""
+    row = np.empty((width, channels), np.float32)
+    row[:] = values
+    return row.reshape(-1)
+
+
 @njit(**_JIT)
 def _affine_quantize(r0, r1, x, scale, shift, n, out):
     xs, codes = x[r0:r1], out[r0:r1]
@@ -140,8 +134,8 @@ def affine_quantize(x, scale, shift, n):
     width = x.shape[-2] if x.ndim == 4 else 1
     rows = x.reshape(-1, width * channels)
     out = np.empty(rows.shape, np.uint8)
-    _split_rows(_affine_quantize, rows.shape[0], rows.size, rows, np.tile(scale, width), np.tile(shift, width),
-                np.float32(n), out)
+    _split_rows(_affine_quantize, rows.shape[0], rows.size, rows, _along_row(scale, width, channels),
+                _along_row(shift, width, channels), np.float32(n), out)
     return out.reshape(x.shape)
 
 
@@ -223,8 +217,8 @@ def normalize(x, mean, std):
     mean = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     # per-channel constants repeated along a whole image row, so the inner loop runs over W * C values
-    mean_row = np.tile(np.broadcast_to(mean, (channels,)), width)
-    std_row = np.tile(np.broadcast_to(std.reshape(-1), (channels,)), width)
+    mean_row = _along_row(mean, width, channels)
+    std_row = _along_row(std.reshape(-1), width, channels)
     rows = np.ascontiguousarray(x).reshape(batch * height, width * channels)
     out = np.empty(rows.shape, np.float32)
     _split_rows(_normalize, rows.shape[0], rows.size, rows, mean_row, std_row, out)

@@ -21,7 +21,8 @@ from numba import get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from .kernels import _element_pointer, _is_flat, _next_task, _run_workers, _splat
+from .kernels import _splat
+from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["LANES", "conv2d_affine"]
 
@@ -59,11 +60,11 @@ def _fzero(typingctx):
 @intrinsic
 def _fload(typingctx, array, index):
     """``array[index:index + 16]`` of a flat float32 array as a vector."""
-    if not _is_flat(array, types.float32):
+    if not is_flat(array, types.float32):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
         return builder.load(builder.bitcast(pointer, _VF.as_pointer()), align=4)
 
     return _f16(array, types.intp), codegen
@@ -72,11 +73,11 @@ def _fload(typingctx, array, index):
 @intrinsic
 def _fstore(typingctx, array, index, value):
     """``array[index:index + 16] = value`` for a flat float32 array."""
-    if not (_is_flat(array, types.float32) and value == _f16):
+    if not (is_flat(array, types.float32) and value == _f16):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
         builder.store(args[2], builder.bitcast(pointer, _VF.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -86,11 +87,11 @@ def _fstore(typingctx, array, index, value):
 @intrinsic
 def _fma_at(typingctx, array, index, weights, acc):
     """``acc + array[index] * weights``, the scalar broadcast to all lanes (one fused multiply-add)."""
-    if not (_is_flat(array, types.float32) and weights == _f16 and acc == _f16):
+    if not (is_flat(array, types.float32) and weights == _f16 and acc == _f16):
         return None
 
     def codegen(context, builder, signature, args):
-        scalar = builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1]))
+        scalar = builder.load(element_pointer(context, builder, signature.args[0], args[0], args[1]))
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]),
                                              "llvm.fma.v16f32")
         return builder.call(fma, [_splat(builder, scalar, _VF), args[2], args[3]])
@@ -117,7 +118,7 @@ def _fstore_codes(typingctx, codes, index, value, levels):
     The engine's quantizer (:func:`packed.elementwise.quantize`) on a vector: float32 clip and
     product, round half to even.
     """
-    if not (_is_flat(codes, types.uint8) and value == _f16 and levels == types.float32):
+    if not (is_flat(codes, types.uint8) and value == _f16 and levels == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
@@ -131,7 +132,7 @@ def _fstore_codes(typingctx, codes, index, value, levels):
                                         ir.Constant(_VF, [1.0] * LANES)])
         rounded = builder.call(rint, [builder.fmul(clipped, _splat(builder, args[3], _VF))])
         bytes_v = ir.VectorType(ir.IntType(8), LANES)
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
         builder.store(builder.fptoui(rounded, bytes_v), builder.bitcast(pointer, bytes_v.as_pointer()), align=1)
         return context.get_dummy_value()
 
@@ -371,7 +372,7 @@ def _conv_worker(counter, n_tasks, x, width, cin, w, scale, shift, kh, kw, strid
     vec = 64 if n_out % 64 == 0 else 48
     wide = n_out - n_out % vec
     while True:
-        task = _next_task(counter)
+        task = next_task(counter)
         if task >= n_tasks:
             break
         q0 = task * task_pixels
@@ -440,7 +441,7 @@ def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
     n_pix = batch * out_h * out_w
     n_tasks = -(-n_pix // _TASK_PIXELS)
     threads = get_num_threads() if n_pix * n_out * kh * kw * cin >= 1 << 20 else 1
-    _run_workers(_conv_worker, n_tasks, threads, x, width, cin,
+    run_workers(_conv_worker, n_tasks, threads, x, width, cin,
                  np.ascontiguousarray(w, np.float32).reshape(-1), scale, shift, kh, kw, stride, out_h, out_w,
                  out.reshape(-1), codes.reshape(-1), np.float32(levels or 0), _TASK_PIXELS)
     return out if levels is None else codes
@@ -464,7 +465,7 @@ def _dense_worker(counter, n_tasks, x, k, w, scale, shift, row_tiles, out, codes
     6-row tile of the batch; ``x`` is the flat ``[row_tiles * 6, k]`` input, ``out`` / ``codes`` ``[.., width]``."""
     width = scale.size
     while True:
-        task = _next_task(counter)
+        task = next_task(counter)
         if task >= n_tasks:
             break
         ob = task * _TILE_CHANNELS
@@ -496,6 +497,6 @@ def dense_affine(v, padded_w, n_out, scale, shift, levels=None):
     codes = np.empty(0 if levels is None else shape, np.uint8)
     n_tasks = width // _TILE_CHANNELS
     threads = get_num_threads() if row_tiles * _PIXELS * k * width >= 1 << 20 else 1
-    _run_workers(_dense_worker, n_tasks, threads, x.reshape(-1), k, padded_w.reshape(-1), scale_p, shift_p,
+    run_workers(_dense_worker, n_tasks, threads, x.reshape(-1), k, padded_w.reshape(-1), scale_p, shift_p,
                  row_tiles, out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
     return (out if levels is None else codes)[:batch, :n_out]

@@ -41,14 +41,11 @@ to the ``int32`` output.  The vectors are an LLVM ``<8 x i64>`` type of their ow
 ``rowsum`` comes from per-pixel code sums (popcounts) taken while padding the input.
 
 Work is split into (pixel block x channel block) tasks, handed out through an atomic counter to the
-calling thread and ``numba.get_num_threads() - 1`` pool threads running the same ``nogil``
+calling thread and ``numba.get_num_threads() - 1`` helper threads (:mod:`.threads`) running the same ``nogil``
 function (small calls stay on the calling thread).  Every kernel is a plain serial numba function:
 about 3 s of JIT on first use, cached on disk (``cache=True``) after that.
 """
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from llvmlite import ir
@@ -57,6 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
+from .threads import element_pointer, is_flat, next_task, run_workers
 from .elementwise import affine_accumulators, affine_row, affine_row_codes
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
@@ -68,16 +66,6 @@ _PANEL = 32                                 # output channels per weight panel (
 
 
 # ---------------------------------------------------------------------------------------- intrinsics
-def _element_pointer(context, builder, array_type, array, index):
-    """Pointer to element ``index`` of a C-contiguous 1-D array (no bounds or wraparound logic)."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.gep(data, [index])
-
-
-def _is_flat(array_type, dtype):
-    return isinstance(array_type, types.Array) and array_type.ndim == 1 and array_type.dtype == dtype
-
-
 @intrinsic
 def _popcount(typingctx, x):
     """``llvm.ctpop.i64`` of an integer (``popcnt``)."""
@@ -93,11 +81,11 @@ def _popcount(typingctx, x):
 @intrinsic
 def _load(typingctx, array, index):
     """``array[index]`` of a flat uint64 array, without numba's negative-index fix-up."""
-    if not _is_flat(array, types.uint64):
+    if not is_flat(array, types.uint64):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1]))
+        return builder.load(element_pointer(context, builder, signature.args[0], args[0], args[1]))
 
     return types.uint64(array, types.intp), codegen
 
@@ -105,7 +93,7 @@ def _load(typingctx, array, index):
 @intrinsic
 def _load_at(typingctx, array, byte_offset):
     """The uint64 at any byte offset of a flat uint64 array (an unaligned load)."""
-    if not _is_flat(array, types.uint64):
+    if not is_flat(array, types.uint64):
         return None
 
     def codegen(context, builder, signature, args):
@@ -119,7 +107,7 @@ def _load_at(typingctx, array, byte_offset):
 @intrinsic
 def _store_at(typingctx, array, byte_offset, value):
     """Store a uint64 at any byte offset of a flat uint64 array (an unaligned store)."""
-    if not _is_flat(array, types.uint64):
+    if not is_flat(array, types.uint64):
         return None
 
     def codegen(context, builder, signature, args):
@@ -166,11 +154,11 @@ def _vzero(typingctx):
 @intrinsic
 def _vload(typingctx, array, index):
     """``array[index:index + 8]`` of a flat uint64 array as a vector."""
-    if not _is_flat(array, types.uint64):
+    if not is_flat(array, types.uint64):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
         return builder.load(builder.bitcast(pointer, _V8.as_pointer()), align=8)
 
     return _vec8(array, types.intp), codegen
@@ -195,13 +183,13 @@ def _vpopadd(typingctx, acc, word, weights):
 @intrinsic
 def _vfold(typingctx, out, index, acc, shift):
     """``out[index:index + 8] += int32(acc << shift)`` for a flat int32 array."""
-    if not (_is_flat(out, types.int32) and acc == _vec8):
+    if not (is_flat(out, types.int32) and acc == _vec8):
         return None
 
     def codegen(context, builder, signature, args):
         out_v, index_v, acc_v, shift_v = args
         v32 = ir.VectorType(ir.IntType(32), 8)
-        pointer = builder.bitcast(_element_pointer(context, builder, signature.args[0], out_v, index_v),
+        pointer = builder.bitcast(element_pointer(context, builder, signature.args[0], out_v, index_v),
                                   v32.as_pointer())
         shift_v = context.cast(builder, shift_v, signature.args[3], types.uint64)
         add = builder.trunc(builder.shl(acc_v, _splat(builder, shift_v, _V8)), v32)
@@ -214,12 +202,12 @@ def _vfold(typingctx, out, index, acc, shift):
 @intrinsic
 def _vput(typingctx, out, index, acc):
     """``out[index:index + 8] = int32(acc)`` for a flat int32 array."""
-    if not (_is_flat(out, types.int32) and acc == _vec8):
+    if not (is_flat(out, types.int32) and acc == _vec8):
         return None
 
     def codegen(context, builder, signature, args):
         v32 = ir.VectorType(ir.IntType(32), 8)
-        pointer = builder.bitcast(_element_pointer(context, builder, signature.args[0], args[0], args[1]),
+        pointer = builder.bitcast(element_pointer(context, builder, signature.args[0], args[0], args[1]),
                                   v32.as_pointer())
         builder.store(builder.trunc(args[2], v32), pointer, align=4)
         return context.get_dummy_value()
@@ -258,14 +246,14 @@ def _bits_of_64_bytes(typingctx, codes, start, bit):
     One 64-byte load, an AND and a compare to a ``<64 x i1>`` mask (``vptestmb`` + ``kmovq`` with
     AVX-512BW).  ``codes`` is a contiguous 1-D ``uint8`` array with ``start + 64 <= codes.size``.
     """
-    if not _is_flat(codes, types.uint8):
+    if not is_flat(codes, types.uint8):
         return None
 
     def codegen(context, builder, signature, args):
         _, start_v, bit_v = args
         i8 = ir.IntType(8)
         vec = ir.VectorType(i8, 64)
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], start_v)
+        pointer = element_pointer(context, builder, signature.args[0], args[0], start_v)
         loaded = builder.load(builder.bitcast(pointer, vec.as_pointer()), align=1)
         mask = builder.trunc(builder.shl(ir.Constant(bit_v.type, 1), bit_v), i8)
         nonzero = builder.icmp_unsigned("!=", builder.and_(loaded, _splat(builder, mask, vec)),
@@ -273,66 +261,6 @@ def _bits_of_64_bytes(typingctx, codes, start, bit):
         return builder.bitcast(nonzero, ir.IntType(64))
 
     return types.uint64(codes, types.intp, types.intp), codegen
-
-
-@intrinsic
-def _fetch_add(typingctx, counter, index, value):
-    """Atomically ``counter[index] += value``; returns the old value."""
-    if not _is_flat(counter, types.int64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", pointer, context.cast(builder, args[2], signature.args[2], types.int64),
-                                  "monotonic")
-
-    return types.int64(counter, types.intp, types.int64), codegen
-
-
-@njit(inline="always", **_JIT)
-def _next_task(counter):
-    """The task a worker takes next: counter[0] is the next task to hand out."""
-    return _fetch_add(counter, 0, 1)
-
-
-# ------------------------------------------------------------------------------------------ threads
-# Each kernel is a serial numba function (nogil) that takes tasks from a shared atomic counter until
-# none is left; the calling thread and get_num_threads() - 1 pool threads run it together.  Dynamic
-# hand-out keeps both cores busy when another process takes one for a while, and serial functions
-# compile in about a third of the time of numba's parallel=True (parfor) versions.
-_pool = None                # (ThreadPoolExecutor, its workers, pid that made it): a forked child makes its own
-_pool_lock = threading.Lock()
-
-
-def _helpers(count):
-    """The pool of helper threads, with at least ``count`` workers."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[1] < count or _pool[2] != os.getpid():
-            _pool = (ThreadPoolExecutor(max_workers=count, thread_name_prefix="packed-kernels"), count, os.getpid())
-        return _pool[0]
-
-
-def _run_workers(worker, n_tasks, threads, *args):
-    """worker(counter, n_tasks, *args) on min(threads, n_tasks) threads: the calling one and helpers.
-
-    Callers pass ``threads = 1`` for small calls (handing work to the pool costs tens of microseconds).
-    Once the calling thread runs out of tasks it waits for the helpers that started (they are
-    finishing their last task) and cancels the others: on a busy machine a helper can take
-    milliseconds to start, and it would only find that no task is left.
-    """
-    counter = np.zeros(1, np.int64)            # the next task to hand out
-    helpers = min(threads, n_tasks) - 1
-    futures = []
-    if helpers > 0:
-        pool = _helpers(helpers)
-        futures = [pool.submit(worker, counter, n_tasks, *args) for _ in range(helpers)]
-    try:
-        worker(counter, n_tasks, *args)
-    finally:
-        for future in futures:
-            if not future.cancel():
-                future.result()
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -344,7 +272,7 @@ def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
     rest = width - 64 * full
     keep = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)      # the rest's bits of a last word
     tail = np.zeros(64, np.uint8)
-    task = _next_task(counter)
+    task = next_task(counter)
     while task < n_tasks:
         for r in range(task * row_block, min(rows, (task + 1) * row_block)):
             base = r * width
@@ -361,7 +289,7 @@ def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
                         tail[c] = flat[start + c]
                     for b in range(bits):
                         out[b, r, full] = _bits_of_64_bytes(tail, 0, b)
-        task = _next_task(counter)
+        task = next_task(counter)
 
 
 def pack_planes(codes, bits):
@@ -389,7 +317,7 @@ def pack_planes(codes, bits):
         flat = np.ascontiguousarray(codes).reshape(-1)
         threads = get_num_threads() if flat.size * bits > (1 << 23) else 1      # ~1 ms of work
         row_block = max(1, min(256, -(-rows // (4 * threads))))
-        _run_workers(_pack_worker, -(-rows // row_block), threads, flat, width, bits,
+        run_workers(_pack_worker, -(-rows // row_block), threads, flat, width, bits,
                      out.reshape(bits, rows, words), row_block)
     return out
 
@@ -415,13 +343,14 @@ class PreparedWeights:
     shape of the planes it came from, ``(k, C, Kw)`` or ``(k, Cout, kh, kw, Cw)``.
     """
 
-    __slots__ = ("panels", "shape", "planes", "windows")
+    __slots__ = ("panels", "shape", "planes", "windows", "plans")
 
     def __init__(self, panels, shape, planes=None):
         self.panels = panels
         self.shape = tuple(shape)
         self.planes = planes        # a convolution's [k, Cout, kh, kw, Cw] planes, for window_panels
         self.windows = {}           # input channels -> panels in the compact window layout
+        self.plans = {}             # _run's plans for the shapes it was called with
 
     def window_panels(self, chans):
         """Panels of a convolution's weights in the compact window order of :func:`_conv_worker`
@@ -632,7 +561,7 @@ def _prep_worker(counter, n_tasks, row_block, a, padded, sums, top, left, kw):
     target = padded.reshape(-1)
     run = width * cw
     pixel = np.zeros(p_width + kw, np.int64)        # codes' sum of each pixel of the padded row
-    task = _next_task(counter)
+    task = next_task(counter)
     while task < n_tasks:
         for row in range(task * row_block, min(batch * height, (task + 1) * row_block)):
             b = row // height
@@ -652,7 +581,7 @@ def _prep_worker(counter, n_tasks, row_block, a, padded, sums, top, left, kw):
                     else:
                         pixel[left + x] += ones << j
             _window_sums(pixel, sums, (b * p_height + top + y) * p_width, p_width, kw)
-        task = _next_task(counter)
+        task = next_task(counter)
 
 
 @njit(**_JIT)
@@ -671,7 +600,7 @@ def _pack_pad_worker(counter, n_tasks, row_block, codes, padded, sums, top, left
         keep[w] = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - min(64, chans - 64 * w))
     tail = np.zeros(64, np.uint8)                   # the array's last codes, zero-extended to 64
     pixel = np.zeros(p_width + kw, np.int64)
-    task = _next_task(counter)
+    task = next_task(counter)
     while task < n_tasks:
         for row in range(task * row_block, min(batch * height, (task + 1) * row_block)):
             b = row // height
@@ -698,7 +627,7 @@ def _pack_pad_worker(counter, n_tasks, row_block, codes, padded, sums, top, left
                 pixel[left + x] = ones
                 base += chans
             _window_sums(pixel, sums, (b * p_height + top + y) * p_width, p_width, kw)
-        task = _next_task(counter)
+        task = next_task(counter)
 
 
 @njit(inline="always", **_JIT)
@@ -798,7 +727,7 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
     else:
         acc = out
         acc_ld = ldo
-    task = _next_task(counter)
+    task = next_task(counter)
     while task < n_tasks:
         p0 = task // n_cb * pix_block
         p1 = min(n_pix, p0 + pix_block)
@@ -878,7 +807,7 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
                 else:
                     affine_row(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
                                      fout[o + c0:o + c1])
-        task = _next_task(counter)
+        task = next_task(counter)
 
 
 def _check_planes(name, planes, ndim):
@@ -919,6 +848,116 @@ def compact_window_words(kernel, stride, chans):
     return compact
 
 
+#: The epilogue arguments of a call without one (never written).
+_NO_EPILOGUE = (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32), np.empty(0, np.uint8),
+                0, 0)
+#: Plans kept per weights (input shapes of one layer: a batch and the last chunk of a large one, say).
+_PLANS_PER_WEIGHTS = 8
+
+
+class _Plan:
+    """What :func:`_run` works out from shapes alone: the reduction's layout, task blocks, thread counts.
+
+    Made once per (weights, input shape and geometry, thread count) and kept with the weights: working it
+    out on every call took about 25 us, as much as half of a batch-1 layer (SVHN's conv1: 85 us a call of
+    ``conv_popcount_codes``, 59 us of it in the two kernels).
+    """
+
+    __slots__ = ("from_codes", "m", "k", "chans", "depth", "panels", "chunk", "n_pix", "n_panels", "fused",
+                 "kh", "kw", "stride", "top", "left", "out_shape", "threads", "pix_block", "panel_block",
+                 "n_tasks", "padded_shape", "any_pads", "prep_threads", "row_block", "prep_tasks")
+
+    def __init__(self, a_shape, from_codes, m, w, kernel, stride, pads, out_shape, with_epilogue):
+        kh, kw = kernel
+        top, bottom, left, right = pads
+        batch, height, width = a_shape[-4:-1] if from_codes else a_shape[1:4]
+        cw = -(-a_shape[-1] // 64) if from_codes else a_shape[-1]
+        k, chans = w.shape[:2]
+        depth = kh * kw * cw
+        n_pix = math.prod(out_shape)
+        if depth * 64 * (2 ** m - 1) * (2 ** k - 1) >= 2 ** 31:
+            raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
+        panels = w.panels
+        chunk = 0               # > 0: compact windows of pixels of `chunk` bytes (see _conv_worker)
+        compact = compact_window_words(kernel, stride, a_shape[-1]) if from_codes and w.planes is not None else 0
+        if chans == 0:          # no output: one zero panel still yields the row sums
+            k, panels = 1, np.zeros(depth * _PANEL, np.uint64)
+        elif compact:
+            depth = compact
+            panels = w.window_panels(a_shape[-1])
+            chunk = a_shape[-1] // 8
+        n_panels = -(-max(chans, 1) // _PANEL)
+        self.from_codes, self.m, self.k, self.chans, self.depth, self.panels = from_codes, m, k, chans, depth, panels
+        self.chunk, self.n_pix, self.n_panels = chunk, n_pix, n_panels
+        self.fused = with_epilogue and chans > 0 and depth > 0 and n_pix > 0
+        self.kh, self.kw, self.stride, self.top, self.left = kh, kw, stride, top, left
+        self.out_shape = tuple(out_shape)
+        word_pairs = n_pix * m * k * depth * n_panels * _PANEL
+        # a hand-off to a thread pool cost about 0.1 ms (measured: AlexNet's conv4 group at batch 1, 1.4M word pairs,
+        # 0.11 ms on one thread, 0.17 ms on two); with the spinning team of .threads, thresholds 4 and 8 times lower
+        # gained nothing at batch 1 (SVHN, ResNet-18).  Weights that do not fit in cache (the FC layers) are read
+        # from memory, where two threads help even for little arithmetic
+        many = word_pairs > (3 << 20) or (word_pairs > (1 << 18) and panels.nbytes > (1 << 20))
+        self.threads = threads = get_num_threads() if many else 1
+        self.pix_block, self.panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
+        self.n_tasks = -(-n_pix // self.pix_block) * -(-n_panels // self.panel_block)
+        self.padded_shape = (m, batch, top + height + bottom, left + width + right, cw)
+        self.any_pads = any(pads)
+        self.prep_threads = threads if m * batch * height * width * cw > (1 << 15) else 1
+        # whole blocks of rows per task: handing out one row at a time made two threads slower than one
+        # (the shared task counter's cache line moves between the cores for every row)
+        rows = batch * height
+        self.row_block = -(-rows // (8 * self.prep_threads))
+        self.prep_tasks = -(-rows // self.row_block)
+
+    def run(self, a, epilogue, into):
+        chans, n_pix = self.chans, self.n_pix
+        # whole panels: no partial vectors; with the epilogue fused each thread sums into a block of its own
+        acc = np.empty((0, self.n_panels * _PANEL) if self.fused else (n_pix, self.n_panels * _PANEL), np.int32)
+        rowsum = np.zeros(n_pix, np.int32)
+        ep, ep_args = 0, _NO_EPILOGUE
+        if self.fused:
+            ea, eb, ec, levels = epilogue
+            ep = 1 if levels is None else 2
+            if into is None:
+                result, ld, offset = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8), chans, 0
+            else:
+                result, offset = into
+                ld = result.shape[-1]
+            ep_args = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
+                       np.ascontiguousarray(ec, np.float64), np.float32(levels or 0),
+                       result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5],
+                       ld, offset)
+        if self.depth == 0:     # no input channel: nothing to add up
+            acc[:] = 0
+        elif n_pix:
+            # the padded planes' border must read as code 0; packing from codes writes only the interior
+            if self.any_pads:
+                padded = np.zeros(self.padded_shape, np.uint64)
+            else:
+                padded = np.empty(self.padded_shape, np.uint64) if self.from_codes else a
+            shape = self.padded_shape
+            sums = np.zeros(shape[1] * shape[2] * shape[3], np.int32)
+            prof = profiling.current()
+            if prof is not None:
+                start = profiling.clock()
+            run_workers(_pack_pad_worker if self.from_codes else _prep_worker, self.prep_tasks, self.prep_threads,
+                        self.row_block, a, padded, sums, self.top, self.left, self.kw)
+            if prof is not None:
+                middle = profiling.clock()
+                prof.add("pack", middle - start)
+            run_workers(_conv_worker, self.n_tasks, self.threads, padded, sums, self.panels, self.k, acc.reshape(-1),
+                        rowsum, self.kh, self.kw, self.stride, self.out_shape[-2], self.out_shape[-1], self.pix_block,
+                        self.panel_block, self.chunk, ep, *ep_args)
+            if prof is not None:
+                prof.add("popcount" if ep == 0 else "popcount+epilogue", profiling.clock() - middle)
+        if ep > 0:
+            return result if into is not None else result.reshape(self.out_shape + (chans,))
+        if acc.shape[1] != chans:
+            acc = np.ascontiguousarray(acc[:, :chans])
+        return acc.reshape(self.out_shape + (chans,)), rowsum.reshape(self.out_shape)
+
+
 def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None, into=None):
     """acc int32 [*out_shape, C] and rowsum int32 [*out_shape] of the popcount convolution.
 
@@ -930,84 +969,15 @@ def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None, into=None):
     (with an epilogue): write it into channels ``offset ..`` of ``array`` [*out_shape, C'] (see
     :func:`_check_into`) and return ``array``.
     """
-    kh, kw = kernel
-    top, bottom, left, right = pads
     from_codes = a.dtype == np.uint8
-    batch, height, width = a.shape[-4:-1] if from_codes else a.shape[1:4]
-    cw = -(-a.shape[-1] // 64) if from_codes else a.shape[-1]
-    k, chans = w.shape[:2]
-    depth = kh * kw * cw
-    n_pix = math.prod(out_shape)
-    if depth * 64 * (2 ** m - 1) * (2 ** k - 1) >= 2 ** 31:
-        raise ValueError("sums of %d codes of %d x %d bits may not fit in int32" % (depth * 64, m, k))
-    panels = w.panels
-    chunk = 0                   # > 0: compact windows of pixels of `chunk` bytes (see _conv_worker)
-    compact = compact_window_words(kernel, stride, a.shape[-1]) if from_codes and w.planes is not None else 0
-    if chans == 0:              # no output: one zero panel still yields the row sums
-        k, panels = 1, np.zeros(depth * _PANEL, np.uint64)
-    elif compact:
-        depth = compact
-        panels = w.window_panels(a.shape[-1])
-        chunk = a.shape[-1] // 8
-    n_panels = -(-max(chans, 1) // _PANEL)
-    fused = epilogue is not None and chans > 0 and depth > 0 and n_pix > 0
-    # whole panels: no partial vectors; with the epilogue fused each thread sums into a block of its own
-    acc = np.empty((0, n_panels * _PANEL) if fused else (n_pix, n_panels * _PANEL), np.int32)
-    rowsum = np.zeros(n_pix, np.int32)
-    ep, ep_args = 0, (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32),
-                      np.empty(0, np.uint8), 0, 0)
-    if fused:
-        ea, eb, ec, levels = epilogue
-        ep = 1 if levels is None else 2
-        if into is None:
-            result, ld, offset = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8), chans, 0
-        else:
-            result, offset = into
-            ld = result.shape[-1]
-        ep_args = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
-                   np.ascontiguousarray(ec, np.float64), np.float32(levels or 0),
-                   result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5],
-                   ld, offset)
-    if depth == 0:              # no input channel: nothing to add up
-        acc[:] = 0
-    elif n_pix:
-        word_pairs = n_pix * m * k * depth * n_panels * _PANEL
-        # a hand-off to the pool costs about 0.1 ms (measured: AlexNet's conv4 group at batch 1, 1.4M word pairs,
-        # 0.11 ms on one thread, 0.17 ms on two); weights that do not fit in cache (the FC layers) are read
-        # from memory, where two threads help even for little arithmetic
-        many = word_pairs > (3 << 20) or (word_pairs > (1 << 18) and panels.nbytes > (1 << 20))
-        threads = get_num_threads() if many else 1
-        pix_block, panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
-        n_tasks = -(-n_pix // pix_block) * -(-n_panels // panel_block)
-        shape = (m, batch, top + height + bottom, left + width + right, cw)
-        # the padded planes' border must read as code 0; packing from codes writes only the interior
-        if any(pads):
-            padded = np.zeros(shape, np.uint64)
-        else:
-            padded = np.empty(shape, np.uint64) if from_codes else a
-        sums = np.zeros(batch * shape[2] * shape[3], np.int32)
-        prep_threads = threads if m * batch * height * width * cw > (1 << 15) else 1
-        # whole blocks of rows per task: handing out one row at a time made two threads slower than one
-        # (the shared task counter's cache line moves between the cores for every row)
-        rows = batch * height
-        row_block = -(-rows // (8 * prep_threads))
-        prof = profiling.current()
-        if prof is not None:
-            start = profiling.clock()
-        _run_workers(_pack_pad_worker if from_codes else _prep_worker, -(-rows // row_block), prep_threads,
-                     row_block, a, padded, sums, top, left, kw)
-        if prof is not None:
-            middle = profiling.clock()
-            prof.add("pack", middle - start)
-        _run_workers(_conv_worker, n_tasks, threads, padded, sums, panels, k, acc.reshape(-1), rowsum, kh, kw,
-                     stride, out_shape[-2], out_shape[-1], pix_block, panel_block, chunk, ep, *ep_args)
-        if prof is not None:
-            prof.add("popcount" if ep == 0 else "popcount+epilogue", profiling.clock() - middle)
-    if ep > 0:
-        return result if into is not None else result.reshape(tuple(out_shape) + (chans,))
-    if acc.shape[1] != chans:
-        acc = np.ascontiguousarray(acc[:, :chans])
-    return acc.reshape(tuple(out_shape) + (chans,)), rowsum.reshape(out_shape)
+    key = (a.shape, from_codes, m, kernel, stride, pads, out_shape, epilogue is not None, get_num_threads())
+    plan = w.plans.get(key)
+    if plan is None:
+        if len(w.plans) >= _PLANS_PER_WEIGHTS:
+            w.plans.clear()
+        plan = w.plans[key] = _Plan(a.shape, from_codes, m, w, kernel, stride, pads, out_shape,
+                                    epilogue is not None)
+    return plan.run(a, epilogue, into)
 
 
 # ------------------------------------------------------------------------------------- public API
