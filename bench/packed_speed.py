@@ -13,7 +13,8 @@ of the packed engine on the same random batch, with the same number of
 threads.  Each timing runs in its own process (TensorFlow's spinning thread
 pool would slow an engine sharing its process), the two alternate for
 ``--rounds`` rounds, and each figure is the median over rounds of the median
-of ``--repeats`` calls after a warm-up.  The "same top-1" column is the
+of ``--repeats`` timed repeats after two warm-up calls; a repeat is as many calls as the second says fill
+0.2 s (one call of a large batch, hundreds at batch 1).  The "same top-1" column is the
 fraction of the batch where both give the same class (a fast but wrong engine
 cannot hide here).  Per-layer kernel speed: ``bench/packed_layers.py``.
 
@@ -63,13 +64,22 @@ def _model(name, setting):
     return model_class(bits, "channels_last", size, layer_bits)
 
 
+#: Shortest timed repeat: a batch-1 call of a few hundred microseconds, timed alone, measured the machine's noise
+REPEAT_SECONDS = 0.2
+
+
 def _time_calls(predict, images, repeats):
+    """Median seconds a call over ``repeats`` timed repeats; a repeat is as many calls as fill ``REPEAT_SECONDS``."""
+    predict(images)             # the first call loads compiled code and lays out caches
+    start = time.perf_counter()
     predict(images)
+    calls = max(1, int(REPEAT_SECONDS / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        predict(images)
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            predict(images)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 
