@@ -115,16 +115,31 @@ def _reference_maxpool(x, size, stride, pads):
 
 
 @pytest.mark.parametrize("size,stride,pads", [(2, 2, (0, 0, 0, 0)), (3, 2, (0, 0, 0, 0)), (3, 2, (1, 1, 1, 1)),
-                                              (2, 2, (0, 1, 0, 1))])
-def test_maxpool_floats_codes_and_fused_quantizing(size, stride, pads):
+                                              (2, 2, (0, 1, 0, 1)), (3, 2, (0, 1, 0, 1)), (3, 3, (2, 2, 1, 1))])
+# 48 and 64 channels take the 16-lane vector kernel (uint8 and float32), 20 the scalar one
+@pytest.mark.parametrize("channels", [48, 64, 20])
+def test_maxpool_floats_codes_and_fused_quantizing(size, stride, pads, channels):
     rng = np.random.RandomState(size + stride)
-    x = rng.uniform(-0.5, 1.5, (5, 13, 12, 48)).astype(np.float32)
+    x = rng.uniform(-0.5, 1.5, (5, 13, 12, channels)).astype(np.float32)
     pooled = elementwise.maxpool(x, size, stride, pads)
     np.testing.assert_array_equal(pooled, _reference_maxpool(x, size, stride, pads))
     codes = elementwise.quantize(x, 3)
     # quantizing is monotone, so pooling commutes with it: the engine pools codes and fuses the two
     np.testing.assert_array_equal(elementwise.maxpool(codes, size, stride, pads), _reference_codes(pooled, 3))
     np.testing.assert_array_equal(elementwise.maxpool(x, size, stride, pads, levels=3), _reference_codes(pooled, 3))
+
+
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), (3, 3), (2, 1), (1, 2), (5, 1)])
+@pytest.mark.parametrize("channels", [64, 16, 5])       # 16-lane vector kernel, and the scalar one
+def test_avgpool_is_numpys_float32_window_mean(size, stride, channels):
+    x = np.random.RandomState(size * stride + channels).randn(3, 11, 10, channels).astype(np.float32)
+    view = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))[:, ::stride, ::stride]
+    got = elementwise.avgpool(x, size, stride)
+    assert got.dtype == np.float32
+    # the engine's numpy expression before the kernel: the same float32 sums in the same order, bit for bit
+    np.testing.assert_array_equal(got, view.mean(axis=(-2, -1), dtype=np.float32))
+    with pytest.raises(ValueError, match="larger than the map"):
+        elementwise.avgpool(x, 12, 1)
 
 
 @pytest.mark.parametrize("dtype,mean,std", [(np.uint8, [123.68, 116.78, 103.94], [58.4, 57.1, 57.4]),
