@@ -153,6 +153,9 @@ def test_normalize_is_numpys_float32_arithmetic(dtype, mean, std):
     got = elementwise.normalize(x, mean, std)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
+    # ResNet's input: normalised, then zero-padded 3 before and 2 after, in one pass
+    padded = elementwise.normalize(x, mean, std, pad=(3, 2))
+    np.testing.assert_array_equal(padded, np.pad(want, ((0, 0), (3, 2), (3, 2), (0, 0))))
 
 
 @pytest.mark.parametrize("batch", [1, 5, 6, 13])

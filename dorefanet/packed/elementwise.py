@@ -378,19 +378,22 @@ def avgpool(x, size, stride):
 
 # error_model="numpy": x / 0 follows IEEE instead of raising, which lets LLVM vectorise the division
 @njit(error_model="numpy", **_JIT)
-def _normalize(r0, r1, x, mean, std, out):
-    xs, ys = x[r0:r1], out[r0:r1]
-    for r in range(xs.shape[0]):
-        row, target = xs[r], ys[r]
+def _normalize(r0, r1, x, mean, std, out, height, top, start):
+    """Rows ``r0 .. r1`` of ``x [B * H, W * C]`` into ``out [B, H', W' * C]``: row ``top + y`` of their image,
+    from value ``start`` on."""
+    for r in range(r0, r1):
+        row = x[r]
+        target = out[r // height, top + r % height]
         for j in range(row.size):
-            target[j] = (np.float32(row[j]) - mean[j]) / std[j]
+            target[start + j] = (np.float32(row[j]) - mean[j]) / std[j]
 
 
-def normalize(x, mean, std):
+def normalize(x, mean, std, pad=(0, 0)):
     """``(float32(x) - mean) / std`` per channel of an NHWC batch, float32 (``mean`` None: 0).
 
     One pass instead of numpy's three; ``x - 0`` is ``x``, so a missing mean
-    changes nothing.
+    changes nothing.  ``pad = (before, after)``: the result with that many zero rows and columns around
+    each image (a constant pad after the normalisation, without a second copy of the map).
     """
     batch, height, width, channels = x.shape
     mean = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
@@ -399,6 +402,9 @@ def normalize(x, mean, std):
     mean_row = _along_row(mean, width, channels)
     std_row = _along_row(std.reshape(-1), width, channels)
     rows = np.ascontiguousarray(x).reshape(batch * height, width * channels)
-    out = np.empty(rows.shape, np.float32)
-    _split_rows(_normalize, rows.shape[0], rows.size, rows, mean_row, std_row, out)
-    return out.reshape(x.shape)
+    before, after = pad
+    shape = (batch, before + height + after, (before + width + after) * channels)
+    out = np.zeros(shape, np.float32) if before or after else np.empty(shape, np.float32)
+    _split_rows(_normalize, rows.shape[0], rows.size, rows, mean_row, std_row, out, height, before,
+                before * channels)
+    return out.reshape(batch, shape[1], before + width + after, channels)
