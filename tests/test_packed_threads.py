@@ -1,4 +1,5 @@
 """The packed engine's thread team: every task runs once, errors reach the caller, busy and idle teams still work."""
+import os
 import threading
 import time
 
@@ -134,3 +135,26 @@ def test_a_busy_team_runs_the_call_on_the_calling_thread():
     np.testing.assert_array_equal(runs, np.arange(16) + 1)
     np.testing.assert_array_equal(out, np.arange(100) + 1)
     assert count == 1
+
+
+def test_helpers_end_at_exit(tmp_path):
+    """A process that used the team exits cleanly, its helper threads ended before the interpreter finalizes."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "use_team.py"
+    script.write_text(
+        "import sys, threading\n"
+        "sys.path[:0] = [%r, %r]\n"
+        "from test_packed_threads import _two_thread_run\n"
+        "from dorefanet.packed import threads\n"
+        "_two_thread_run()\n"
+        "threads._stop_team()\n"
+        "alive = [t.name for t in threading.enumerate() if t.name.startswith('packed-kernels')]\n"
+        "print('alive', alive)\n"
+        "_two_thread_run()\n" % (os.path.dirname(os.path.abspath(__file__)),
+                                  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alive []" in done.stdout

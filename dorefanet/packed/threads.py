@@ -9,12 +9,14 @@ waiting for the helper's result) cost 50-120 us a call on this 2-core VM, as muc
 layer takes.  A helper of this team waits for ``SPIN_SECONDS`` after its last job in ``nogil`` numba
 code that reads a sequence number (the calling thread keeps the GIL meanwhile), so a job published
 within that time starts within microseconds; only then does it sleep on a condition variable, not to
-take a core from other processes for long.  Measured on 16 tasks of 16 us (``_run_workers`` of
-a spin loop, median of 3000 calls): one thread 262 us, a ThreadPoolExecutor 183 us, this team 150 us.
+take a core from other processes for long.  Measured on 16 tasks of 16 us (``run_workers`` of
+a spin loop, median of 3000 calls): one thread 262 us, a ThreadPoolExecutor 183 us, this team 148-155 us.
 
 Jobs are started one at a time: a Python thread that finds the team busy (another thread's kernel is
-running on it) runs its kernel on its own thread, which gives the same result.
+running on it) runs its kernel on its own thread, which gives the same result.  The helpers are daemon
+threads, ended at interpreter exit (``atexit``); a forked child makes a team of its own.
 """
+import atexit
 import os
 import platform
 import threading
@@ -191,6 +193,8 @@ class _Helper:
                     now = int(self.seq[0])
             seen = now
             job = self.job
+            if job is _STOP:
+                return
             if job is None or not _claim(job.state, _TAKEN):
                 continue            # cancelled, or a job already done (published twice while this ran)
             try:
@@ -199,6 +203,10 @@ class _Helper:
                 job.error = error
             finally:
                 _finish(job.state)
+
+
+#: The job that ends a helper's thread.
+_STOP = object()
 
 
 class _Team:
@@ -228,6 +236,29 @@ def _spins_for(seconds):
 
 _team = None
 _team_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_team():
+    """End the helper threads before the interpreter finalizes: a daemon thread that comes back from compiled
+    code then is stopped by the interpreter in the middle of its frames."""
+    global _team
+    with _team_lock:
+        team = _team
+    if team is None or team.pid != os.getpid():
+        return
+    if not team.lock.acquire(timeout=1.0):      # another thread's kernel still running: leave the helpers be
+        return
+    try:
+        for helper in team.helpers:
+            helper.publish(_STOP)
+        for helper in team.helpers:
+            helper.thread.join(timeout=1.0)
+        with _team_lock:
+            if _team is team:
+                _team = None
+    finally:
+        team.lock.release()
 
 
 def _the_team():
