@@ -54,8 +54,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
-from .threads import element_pointer, is_flat, next_task, run_workers
 from .elementwise import affine_accumulators, affine_row, affine_row_codes
+from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
            "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "compact_window_words", "reference_gemm",
