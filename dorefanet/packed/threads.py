@@ -274,8 +274,14 @@ def _wait(job):
     """Wait for ``job``, first withdrawing it if no helper took it yet; True if it ran (its error raised)."""
     if _claim(job.state, _CANCELLED):
         return False
+    interrupted = None
     while not _await_done(job.state, 1 << 16):
-        time.sleep(20e-6)                # a helper took it and lost its core: do not spin on it
+        try:
+            time.sleep(20e-6)            # a helper took it and lost its core: do not spin on it
+        except BaseException as error:  # Ctrl-C: still wait, the helper writes into this call's arrays
+            interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted
     if job.error is not None:
         raise job.error
     return True
