@@ -4,9 +4,9 @@ floats or codes, quantizing, max pooling.
 numpy would take several full passes (and float64 temporaries) over every
 feature map for these; at batch 128 that cost more than the bit-plane
 convolutions themselves.  Each kernel is a serial ``nogil`` function over a
-range of rows; large maps are split over ``numba.get_num_threads()`` threads
-(:mod:`.threads`) (small ones stay on the calling thread, where a thread hand-off would
-cost more than the work).
+range of rows; large maps are split over the ``numba.get_num_threads()`` threads
+of :mod:`.threads` (small ones stay on the calling thread, where a thread hand-off
+would cost more than the work).
 """
 import numpy as np
 from llvmlite import ir
@@ -23,8 +23,8 @@ _NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_accumulator
                    "maxpool": 0.75, "maxpool_lanes": 0.2, "avgpool": 0.5, "avgpool_lanes": 0.2}
 #: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a ThreadPoolExecutor
 #: cost 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
-#: 20 us on one; batch norm + quantize 96 against 48 us); with the spinning team of .threads, a threshold of 40 us
-#: gained nothing at batch 1.
+#: 20 us on one; batch norm + quantize 96 against 48 us); with the spinning team of .threads, thresholds of 40-100 us
+#: gained nothing at batch 1 (SVHN, ResNet-18).
 _SPLIT_NS = 250e3
 
 
@@ -335,7 +335,8 @@ def _avgpool(t0, t1, x, size, stride, out):
 @njit(**_JIT)
 def _avgpool_lanes(t0, t1, x, size, stride, out):
     """:func:`_avgpool` for ``channels % 16 == 0``, 16 channels in a register (the same additions in the same
-    order: ResNet-18's batch-1 pooling of a 56 x 56 x 64 map 55 us in slices, 31 us this way; numpy's mean over a window view took 161 us)."""
+    order).  ResNet-18's batch-1 pooling of a 56 x 56 x 64 map: 55 us in slices, 31 us this way; numpy's mean
+    over a window view took 161 us."""
     _, height, width, channels = x.shape
     _, out_h, out_w, _ = out.shape
     xf = x.reshape(-1)
