@@ -354,7 +354,9 @@ def main(argv=None):
                         help="bit settings: W,A,G, optionally with per-layer entries as in --layer-bits after "
                              "semicolons ('1,2,4;conv0=8,32,32;conv[12]=2,2,8') (default: each model's own list)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 128], help="batch sizes (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per process, each as many calls as fill 0.2 s; with --profile, profiled "
+                             "calls (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating graph / engine processes per batch (default: %(default)s)")
     parser.add_argument("--child", nargs=6, metavar=("KIND", "MODEL", "BITS", "PATH", "BATCH", "REPEATS"),
                         help=argparse.SUPPRESS)
