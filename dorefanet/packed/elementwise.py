@@ -183,7 +183,8 @@ def _maxpool(t0, t1, x, size, stride, top, left, n, out):
 
 
 class _Lanes16(types.Type):
-    """16 lanes of a float32 or uint8 array: an LLVM ``<16 x float>`` (one AVX-512 register) or ``<16 x i8>``."""
+    """16 lanes of a float32 or uint8 array: an LLVM ``<16 x float>`` (one AVX-512 register; also the float
+    convolution's tile type) or ``<16 x i8>``."""
 
     def __init__(self, dtype):
         self.dtype = dtype

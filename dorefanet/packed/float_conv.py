@@ -19,8 +19,9 @@ import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
+from .elementwise import _Lanes16, _lanes_load, _lanes_store
 from .kernels import _splat
 from .threads import element_pointer, is_flat, next_task, run_workers
 
@@ -32,21 +33,10 @@ LANES = 16
 _PIXELS = 6                             # output pixels per register tile (36 and 54 wide maps: no tail)
 
 
-class _F16Type(types.Type):
-    """Sixteen float32 lanes, an LLVM ``<16 x float>`` value (a zmm register with AVX-512)."""
-
-    def __init__(self):
-        super().__init__(name="float32x16")
-
-
-_f16 = _F16Type()
+#: Sixteen float32 lanes, an LLVM ``<16 x float>`` value (a zmm register with AVX-512): the element-wise
+#: kernels' vector type, loaded and stored by their ``_lanes_load`` / ``_lanes_store``.
+_f16 = _Lanes16(types.float32)
 _VF = ir.VectorType(ir.FloatType(), LANES)
-
-
-@register_model(_F16Type)
-class _F16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VF)
 
 
 @intrinsic
@@ -55,33 +45,6 @@ def _fzero(typingctx):
         return ir.Constant(_VF, [0.0] * LANES)
 
     return _f16(), codegen
-
-
-@intrinsic
-def _fload(typingctx, array, index):
-    """``array[index:index + 16]`` of a flat float32 array as a vector."""
-    if not is_flat(array, types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(pointer, _VF.as_pointer()), align=4)
-
-    return _f16(array, types.intp), codegen
-
-
-@intrinsic
-def _fstore(typingctx, array, index, value):
-    """``array[index:index + 16] = value`` for a flat float32 array."""
-    if not (is_flat(array, types.float32) and value == _f16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(pointer, _VF.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.none(array, types.intp, value), codegen
 
 
 @intrinsic
@@ -146,7 +109,7 @@ def _emit(out, codes, levels, index, acc, scale, shift):
     if levels > 0:
         _fstore_codes(codes, index, y, levels)
     else:
-        _fstore(out, index, y)
+        _lanes_store(out, index, y)
 
 
 @njit(inline="always", **_JIT)
@@ -160,9 +123,9 @@ def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, lev
         p0 = base + ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            wa = _fload(w, w0 + j * n_out)
-            wb = _fload(w, w0 + j * n_out + 16)
-            wc = _fload(w, w0 + j * n_out + 32)
+            wa = _lanes_load(w, w0 + j * n_out)
+            wb = _lanes_load(w, w0 + j * n_out + 16)
+            wc = _lanes_load(w, w0 + j * n_out + 32)
             p = p0 + j
             a00 = _fma_at(x, p, wa, a00)
             a01 = _fma_at(x, p, wb, a01)
@@ -182,8 +145,8 @@ def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, lev
             a50 = _fma_at(x, p + 5 * step, wa, a50)
             a51 = _fma_at(x, p + 5 * step, wb, a51)
             a52 = _fma_at(x, p + 5 * step, wc, a52)
-    sa, sb, sc = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32)
-    ta, tb, tc = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32)
+    sa, sb, sc = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32)
+    ta, tb, tc = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32)
     for px, (va, vb, vc) in enumerate(((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32),
                                        (a40, a41, a42), (a50, a51, a52))):
         q = o + px * n_out
@@ -201,8 +164,8 @@ def _tile1x1(x, w, base, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o
         p0 = base + ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            acc = _fma_at(x, p0 + j, _fload(w, w0 + j * n_out), acc)
-    _emit(out, codes, levels, o, acc, _fload(scale, ob), _fload(shift, ob))
+            acc = _fma_at(x, p0 + j, _lanes_load(w, w0 + j * n_out), acc)
+    _emit(out, codes, levels, o, acc, _lanes_load(scale, ob), _lanes_load(shift, ob))
 
 
 @njit(inline="always", **_JIT)
@@ -217,7 +180,7 @@ def _tile6x4(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, c
         w0 = wrow + ky * span * n_out
         for j in range(span):
             q = w0 + j * n_out
-            wa, wb, wc, wd = _fload(w, q), _fload(w, q + 16), _fload(w, q + 32), _fload(w, q + 48)
+            wa, wb, wc, wd = _lanes_load(w, q), _lanes_load(w, q + 16), _lanes_load(w, q + 32), _lanes_load(w, q + 48)
             p = d + j
             a00 = _fma_at(x, b0 + p, wa, a00)
             a01 = _fma_at(x, b0 + p, wb, a01)
@@ -243,8 +206,8 @@ def _tile6x4(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, c
             a51 = _fma_at(x, b5 + p, wb, a51)
             a52 = _fma_at(x, b5 + p, wc, a52)
             a53 = _fma_at(x, b5 + p, wd, a53)
-    sa, sb, sc, sd = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32), _fload(scale, ob + 48)
-    ta, tb, tc, td = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32), _fload(shift, ob + 48)
+    sa, sb, sc, sd = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32), _lanes_load(scale, ob + 48)
+    ta, tb, tc, td = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32), _lanes_load(shift, ob + 48)
     for px, (va, vb, vc, vd) in enumerate(((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23),
                                            (a30, a31, a32, a33), (a40, a41, a42, a43), (a50, a51, a52, a53))):
         q = o + px * n_out
@@ -265,7 +228,7 @@ def _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, 
         w0 = wrow + ky * span * n_out
         for j in range(span):
             q = w0 + j * n_out
-            wa, wb, wc = _fload(w, q), _fload(w, q + 16), _fload(w, q + 32)
+            wa, wb, wc = _lanes_load(w, q), _lanes_load(w, q + 16), _lanes_load(w, q + 32)
             p = d + j
             a00 = _fma_at(x, b0 + p, wa, a00)
             a01 = _fma_at(x, b0 + p, wb, a01)
@@ -285,8 +248,8 @@ def _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, 
             a50 = _fma_at(x, b5 + p, wa, a50)
             a51 = _fma_at(x, b5 + p, wb, a51)
             a52 = _fma_at(x, b5 + p, wc, a52)
-    sa, sb, sc = _fload(scale, ob), _fload(scale, ob + 16), _fload(scale, ob + 32)
-    ta, tb, tc = _fload(shift, ob), _fload(shift, ob + 16), _fload(shift, ob + 32)
+    sa, sb, sc = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32)
+    ta, tb, tc = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32)
     for px, (va, vb, vc) in enumerate(((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32),
                                        (a40, a41, a42), (a50, a51, a52))):
         q = o + px * n_out
@@ -304,7 +267,7 @@ def _tile6x1p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, 
         d = ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            wa = _fload(w, w0 + j * n_out)
+            wa = _lanes_load(w, w0 + j * n_out)
             p = d + j
             a0 = _fma_at(x, b0 + p, wa, a0)
             a1 = _fma_at(x, b1 + p, wa, a1)
@@ -312,7 +275,7 @@ def _tile6x1p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, 
             a3 = _fma_at(x, b3 + p, wa, a3)
             a4 = _fma_at(x, b4 + p, wa, a4)
             a5 = _fma_at(x, b5 + p, wa, a5)
-    sa, ta = _fload(scale, ob), _fload(shift, ob)
+    sa, ta = _lanes_load(scale, ob), _lanes_load(shift, ob)
     for px, va in enumerate((a0, a1, a2, a3, a4, a5)):
         _emit(out, codes, levels, o + px * n_out, va, sa, ta)
 
