@@ -198,6 +198,14 @@ class _Lanes16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(element, 16))
 
 
+def _splat(builder, value, vector_type):
+    """``value`` in every lane of an LLVM ``vector_type`` (insert into lane 0, then shuffle)."""
+    undef = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
+                                                          [0] * vector_type.count))
+
+
 def _lanes_pointer(context, builder, array_type, array, index):
     element = ir.FloatType() if array_type.dtype == types.float32 else ir.IntType(8)
     pointer = element_pointer(context, builder, array_type, array, index)
@@ -253,9 +261,7 @@ def _lanes_mean(typingctx, total, value, count):
 
     def codegen(context, builder, signature, args):
         added = builder.fadd(args[0], args[1])
-        divisor = builder.insert_element(ir.Constant(ir.VectorType(ir.FloatType(), 16), None), args[2],
-                                         ir.Constant(ir.IntType(32), 0))
-        divisor = builder.shuffle_vector(divisor, divisor, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        divisor = _splat(builder, args[2], ir.VectorType(ir.FloatType(), 16))
         positive = builder.fcmp_ordered(">", args[2], ir.Constant(ir.FloatType(), 0))
         return builder.select(positive, builder.fdiv(added, divisor), added)
 

@@ -21,8 +21,7 @@ from numba import get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .elementwise import _Lanes16, _lanes_load, _lanes_store
-from .kernels import _splat
+from .elementwise import _Lanes16, _lanes_load, _lanes_store, _splat
 from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["LANES", "conv2d_affine"]

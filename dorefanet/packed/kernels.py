@@ -54,7 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
-from .elementwise import affine_accumulators, affine_row, affine_row_codes
+from .elementwise import _splat, affine_accumulators, affine_row, affine_row_codes
 from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
@@ -134,13 +134,6 @@ _V8 = ir.VectorType(ir.IntType(64), 8)
 class _Vec8Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _V8)
-
-
-def _splat(builder, value, vector_type):
-    undef = ir.Constant(vector_type, ir.Undefined)
-    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
-                                                          [0] * vector_type.count))
 
 
 @intrinsic
