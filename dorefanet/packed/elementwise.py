@@ -254,18 +254,27 @@ def _lanes_max(typingctx, a, b):
 
 
 @intrinsic
-def _lanes_mean(typingctx, total, value, count):
-    """``total + value`` (float32 lanes), divided by ``count`` where ``count`` > 0."""
-    if not (total == _Lanes16(types.float32) and value == total and count == types.float32):
+def _lanes_add(typingctx, a, b):
+    """Lane-wise ``a + b`` of float32 lanes."""
+    if not (a == _Lanes16(types.float32) and b == a):
         return None
 
     def codegen(context, builder, signature, args):
-        added = builder.fadd(args[0], args[1])
-        divisor = _splat(builder, args[2], ir.VectorType(ir.FloatType(), 16))
-        positive = builder.fcmp_ordered(">", args[2], ir.Constant(ir.FloatType(), 0))
-        return builder.select(positive, builder.fdiv(added, divisor), added)
+        return builder.fadd(args[0], args[1])
 
-    return total(total, value, count), codegen
+    return a(a, b), codegen
+
+
+@intrinsic
+def _lanes_divide(typingctx, a, divisor):
+    """Lane-wise ``a / divisor`` of float32 lanes by a float32."""
+    if not (a == _Lanes16(types.float32) and divisor == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(args[0], _splat(builder, args[1], ir.VectorType(ir.FloatType(), 16)))
+
+    return a(a, divisor), codegen
 
 
 @njit(**_JIT)
@@ -349,7 +358,6 @@ def _avgpool_lanes(t0, t1, x, size, stride, out):
     xf = x.reshape(-1)
     of = out.reshape(-1)
     count = np.float32(size * size)
-    zero = np.float32(0)
     for task in range(t0, t1):
         image, oy = task // out_h, task % out_h
         for ox in range(out_w):
@@ -359,12 +367,9 @@ def _avgpool_lanes(t0, t1, x, size, stride, out):
                 total = _lanes_load(xf, first + c)
                 for dy in range(size):
                     for dx in range(size):
-                        if dy + dx == 0:
-                            continue
-                        last = dy == size - 1 and dx == size - 1
-                        total = _lanes_mean(total, _lanes_load(xf, first + (dy * width + dx) * channels + c),
-                                            count if last else zero)
-                _lanes_store(of, o + c, total)
+                        if dy + dx:
+                            total = _lanes_add(total, _lanes_load(xf, first + (dy * width + dx) * channels + c))
+                _lanes_store(of, o + c, _lanes_divide(total, count))
 
 
 def avgpool(x, size, stride):
