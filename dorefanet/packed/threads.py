@@ -287,15 +287,13 @@ def _wait(job):
     return True
 
 
-def _start(calls, counter_start):
-    """Publish ``calls[i] = (call, args)`` to helper ``i``; returns the jobs, or None if the team is busy.
+def _start(team, calls, counter_start):
+    """Publish ``calls[i] = (call, args)`` to helper ``i`` of ``team``; returns the jobs, or None if the team is
+    busy (another Python thread's kernel runs on it).
 
     The team's ``counter`` is set to ``counter_start`` first: helpers that see a new job wait (spinning)
     until it is not 0 before they take the GIL (see ``_Helper._serve``).
     """
-    if not calls:
-        return None
-    team = _the_team()
     if not team.lock.acquire(blocking=False):
         return None
     try:
@@ -306,7 +304,7 @@ def _start(calls, counter_start):
     except BaseException:
         team.lock.release()
         raise
-    return team, jobs
+    return jobs
 
 
 def _finish_all(team, jobs, parts=None):
@@ -337,15 +335,12 @@ def run_workers(worker, n_tasks, threads, *args):
     helpers = max(0, min(threads, n_tasks, config.NUMBA_NUM_THREADS) - 1)
     team = _the_team() if helpers else None
     # the next task to hand out: the team's own counter, 0 until the calling thread takes the first task
-    counter = team.counter if team is not None else np.zeros(1, np.int64)
-    started = _start([(worker, (counter, n_tasks) + args)] * helpers, 0)
-    if started is None:
-        counter = np.zeros(1, np.int64)        # the team is another thread's
-        worker(counter, n_tasks, *args)
+    jobs = None if team is None else _start(team, [(worker, (team.counter, n_tasks) + args)] * helpers, 0)
+    if jobs is None:                           # one thread, or the team is another thread's
+        worker(np.zeros(1, np.int64), n_tasks, *args)
         return
-    team, jobs = started
     try:
-        worker(counter, n_tasks, *args)
+        worker(team.counter, n_tasks, *args)
     finally:
         _finish_all(team, jobs)
 
@@ -359,11 +354,11 @@ def run_split(kernel, rows, threads, *args):
     threads = max(1, min(threads, rows, config.NUMBA_NUM_THREADS))
     bounds = [rows * i // threads for i in range(threads + 1)]
     parts = [(kernel, (bounds[i], bounds[i + 1]) + args) for i in range(1, threads)]
-    started = _start(parts, 1)
-    if started is None:
+    team = _the_team() if parts else None
+    jobs = None if team is None else _start(team, parts, 1)
+    if jobs is None:
         kernel(0, rows, *args)
         return
-    team, jobs = started
     try:
         kernel(bounds[0], bounds[1], *args)
     except BaseException:
