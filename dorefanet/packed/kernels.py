@@ -54,7 +54,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
-from .elementwise import _splat, affine_accumulators, affine_row, affine_row_codes
+from .elementwise import _splat, affine8, affine8_codes, affine_accumulators
 from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
@@ -790,16 +790,24 @@ def _conv_worker(counter, n_tasks, a, sums, wp, k, out, rowsum, kh, kw, stride, 
         if ep > 0:
             chans = ep_a.shape[0]
             c0, c1 = q0 * _PANEL, min(q1 * _PANEL, chans)
+            c8 = c0 + (c1 - c0) // 8 * 8
+            zero, one = np.float32(0), np.float32(1)
             for p in range(p0, p1):
-                # on slices: LLVM vectorises these loops, not ones indexing the flat arrays (3x the popcount)
                 o = p * ep_ld + ep_off
-                row = acc[(p - p0) * acc_ld:(p - p0) * acc_ld + c1 - c0]
+                r = (p - p0) * acc_ld - c0             # channel c's sum is at acc[r + c]
+                s = np.float64(task_sums[p - p0])
                 if ep == 2:
-                    affine_row_codes(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
-                                    ep_levels, cout[o + c0:o + c1])
+                    for c in range(c0, c8, 8):
+                        affine8_codes(acc, r + c, s, ep_a, ep_b, ep_c, c, ep_levels, cout, o + c)
                 else:
-                    affine_row(row, np.float64(task_sums[p - p0]), ep_a[c0:c1], ep_b[c0:c1], ep_c[c0:c1],
-                                     fout[o + c0:o + c1])
+                    for c in range(c0, c8, 8):
+                        affine8(acc, r + c, s, ep_a, ep_b, ep_c, c, fout, o + c)
+                for c in range(c8, c1):                # affine_row / affine_row_codes, one channel
+                    y = np.float32(np.float64(acc[r + c]) * ep_a[c] + (s * ep_b[c] + ep_c[c]))
+                    if ep == 2:
+                        cout[o + c] = np.rint(min(max(y, zero), one) * ep_levels)
+                    else:
+                        fout[o + c] = y
         task = next_task(counter)
 
 
