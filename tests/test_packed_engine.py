@@ -125,6 +125,28 @@ def _svhn_packed(tmp_path):
     return _exported(tmp_path, model, _images((8, 40, 40, 3), np.float32))
 
 
+def test_results_do_not_depend_on_batch_or_thread_count(tmp_path):
+    """The engine keeps each layer's checked kernel plans per input shape and thread count and reuses them:
+    a batch, its images one by one, and one thread against all of them give the same probabilities."""
+    import numba
+
+    _, _, path = _svhn_packed(tmp_path)
+    engine = load_packed(path)
+    images = _images((5, 40, 40, 3), np.float32, seed=3)
+    whole = engine.predict(images)
+    np.testing.assert_array_equal(np.concatenate([engine.predict(images[i:i + 1]) for i in range(5)]), whole)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(engine.predict(images), whole)
+        np.testing.assert_array_equal(engine.predict(images[:1]), whole[:1])
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(engine.predict(images), whole)
+    plans = engine.layers["conv1"]._plans
+    assert {key[1][0] for key in plans} == {1, 5} and len(plans) == (2 if threads == 1 else 4)
+
+
 def test_bad_packed_files_are_refused_with_one_line(tmp_path):
     _, npz, path = _svhn_packed(tmp_path)
     header, arrays = read_packed(path)

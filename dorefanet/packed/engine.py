@@ -25,6 +25,7 @@ import mmap
 import sys
 
 import numpy as np
+from numba import get_num_threads
 
 from . import elementwise, float_conv, profiling
 from .format import read_packed, unpack_weight_planes
@@ -140,6 +141,7 @@ class _Layer:
             self.E = np.float32(arrays[name + "/E"])
         self._float_w = None        # made on first use: only layers fed with float maps need it
         self._planes = {}
+        self._plans = {}            # checked kernels._Plan per popcount call: see PackedModel._conv_group
         self._affine = {}
 
     @property
@@ -426,11 +428,21 @@ class PackedModel:
                 q = layer.codes[..., out_slice].transpose(3, 0, 1, 2)     # [out, kh, kw, cin]
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
             # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
+            codes = np.ascontiguousarray(x.values, np.uint8)
+            epilogue = layer.affine_map(x.levels, out_slice) + (levels,)
+            call = (key, codes.shape, kh, kw, stride, pads, get_num_threads())
+            if call not in layer._plans:
+                if len(layer._plans) >= 16:
+                    layer._plans.clear()
+                layer._plans[call] = kernels.conv_codes_plan(codes.shape, int(x.levels).bit_length(),
+                                                             layer._planes[key], (kh, kw), stride, pads)
+            plan = layer._plans[call]
+            if plan is not None:
+                # the engine's own codes and output (shapes and dtypes as the first, checked call's)
+                return plan.run(codes, epilogue, into)
             target, offset = into if into is not None else (None, 0)
-            return kernels.conv_popcount_codes(x.values.astype(np.uint8, copy=False), int(x.levels).bit_length(),
-                                               layer._planes[key], (kh, kw), stride, pads,
-                                               epilogue=layer.affine_map(x.levels, out_slice) + (levels,),
-                                               out=target, out_offset=offset)
+            return kernels.conv_popcount_codes(codes, int(x.levels).bit_length(), layer._planes[key], (kh, kw),
+                                               stride, pads, epilogue=epilogue, out=target, out_offset=offset)
         q = layer.codes[..., out_slice].astype(np.float64)
         acc, sums = _conv_gemm(x.values, q.reshape(-1, q.shape[-1]), kh, kw, stride, pads, np.float64, with_sums=True)
         return layer.accumulators_to_output(acc.astype(np.int64), sums.astype(np.int64), x.levels, out_slice,
