@@ -21,7 +21,7 @@ from numba import get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .elementwise import _Lanes16, _lanes_load, _lanes_store, _splat
+from .elementwise import _Lanes16, _lanes_load, _splat
 from .threads import element_pointer, is_flat, next_task, run_workers
 
 __all__ = ["LANES", "conv2d_affine"]
@@ -33,7 +33,7 @@ _PIXELS = 6                             # output pixels per register tile (36 an
 
 
 #: Sixteen float32 lanes, an LLVM ``<16 x float>`` value (a zmm register with AVX-512): the element-wise
-#: kernels' vector type, loaded and stored by their ``_lanes_load`` / ``_lanes_store``.
+#: kernels' vector type, loaded by their ``_lanes_load`` (the tile stores through :func:`_emit`).
 _f16 = _Lanes16(types.float32)
 _VF = ir.VectorType(ir.FloatType(), LANES)
 
