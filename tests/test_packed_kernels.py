@@ -308,6 +308,44 @@ def test_fused_epilogue_into_channels_of_a_wider_output(levels):
     np.testing.assert_array_equal(out[..., 80:], np.full((4, 9, 9, 5), 7, dtype))
 
 
+def test_a_plan_keeps_nothing_of_one_call_for_the_next():
+    """A batch-1 plan keeps its padded planes, window sums and converted epilogue for its next call: calls
+    on other codes and with other epilogues, in turn and from two Python threads at once, each give what
+    the reference gives for their own arguments."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    w = kernels.prepare_weights(kernels.pack_planes(codes(rng, 1, (64, 3, 3, 48)), 1))
+    inputs = [codes(rng, 2, (1, 10, 10, 48)) for _ in range(4)]
+    epilogues = [(rng.uniform(-1, 1, 64) / 432, rng.uniform(-1, 1, 64) / 432, rng.uniform(0, 1, 64), levels)
+                 for levels in (3, None)]
+    want = {}
+    for i, x in enumerate(inputs):
+        acc, rowsum = kernels.conv_popcount_codes(x, 2, w, (3, 3), 1, (1, 1, 1, 1))
+        for e, ep in enumerate(epilogues):
+            want[i, e] = epilogue_reference(acc, rowsum, *ep)
+    plan = kernels.conv_codes_plan(inputs[0].shape, 2, w, (3, 3), 1, (1, 1, 1, 1))
+    assert plan.threads == 1 and plan._spare is not None     # the batch-1 path: one thread, scratch kept
+    for _ in range(2):
+        for i, x in enumerate(inputs):
+            for e, ep in enumerate(epilogues):
+                np.testing.assert_array_equal(plan.run(x, ep, None), want[i, e])
+    wrong = []
+
+    def calls(i, e):
+        for _ in range(300):
+            if not np.array_equal(plan.run(inputs[i], epilogues[e], None), want[i, e]):
+                wrong.append((i, e))
+                return
+
+    workers = [threading.Thread(target=calls, args=(i, i % 2)) for i in (1, 2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not wrong
+
+
 def test_fused_epilogue_into_rejects_a_wrong_output():
     w = kernels.pack_planes(np.zeros((8, 3, 3, 16), np.uint8), 1)
     x = np.zeros((1, 5, 5, 16), np.uint8)

@@ -220,13 +220,16 @@ class PackedModel:
         self.affines = {op["layer"]: (arrays.get(op["layer"] + "/scale"), arrays.get(op["layer"] + "/shift"))
                         for op in self.program if op["op"] == "affine"}
         self._trace = None
+        # (id of a conv op, input shape, input and output levels, threads) -> (checked plan, epilogue) of its
+        # popcount call: a batch-1 SVHN layer spent about 5 us of its 45 working out again what they hold
+        self._known_calls = {}
         self._image_bytes = {}      # per input shape: the largest map of one image (see _chunk)
         self._largest = 0
         # without a trace, the engine runs a program with some op pairs merged (see _merged); in both, which
         # ops run fused with the activate (and max pooling) after them is fixed by the program
         self._fast_program = _merged(self.program, self.affines)
-        self._fused_spans = {False: [self._fused_span(self._fast_program, i) for i in range(len(self._fast_program))],
-                             True: [self._fused_span(self.program, i) for i in range(len(self.program))]}
+        self._steps = {False: self._program_steps(self._fast_program, fuse=True),
+                       True: self._program_steps(self.program, fuse=False)}
 
     # ---------------------------------------------------------------- running
     def predict(self, images, trace=None):
@@ -262,55 +265,68 @@ class PackedModel:
         key = images.shape[1:]
         if key not in self._image_bytes:
             self._largest = 0
-            self._run(images[:1], None)
+            self._run(images[:1], None, measure=True)
             self._image_bytes[key] = max(self._largest, 1)
         per = max(1, _CHUNK_BYTES // self._image_bytes[key])
         chunks = -(-len(images) // per)
         return -(-len(images) // chunks)
 
-    def _run(self, images, trace):
-        self._trace = trace
-        registers = {"x": _Map(images)}
-        program = self.program if trace is not None else self._fast_program
-        spans = self._fused_spans[trace is not None]
-        prof = profiling.current()
+    def _program_steps(self, program, fuse):
+        """The program as steps ``(call, src, dst, first, last)``: ``call(x)`` runs ops ``first .. last`` on the
+        map in register ``src`` and the result goes to register ``dst``.
+
+        With ``fuse``, a conv / fc / maxpool followed by a quantizing activate that replaces its input is one
+        step: the codes come straight from the float32 results (no float map stored in between).  A max
+        pooling in between pools the codes: quantizing is monotone, so it commutes with max.  The trace needs
+        the float maps, so tracing runs the ops one by one; a test checks that both give the same output.
+        The calls are bound once: looking up each op's handler and arguments on every call took about a
+        tenth of a batch-1 SVHN prediction.
+        """
+        steps = []
         i = 0
         while i < len(program):
             op = program[i]
-            kind = op["op"]
             src = op.get("src", "x")
-            if prof is not None:
-                record = prof.op = profiling.OpRecord(i, kind, op.get("layer"))
-                prof.ops.append(record)
-                start = profiling.clock()
-                first = op
-            if kind == "add":
-                result = _Map(_sum_maps([registers[s] for s in src]))
-            elif trace is None and spans[i]:
-                # conv / fc / maxpool followed by a quantizing activate that replaces its input: the
-                # codes come straight from the float32 results (no float map stored in between).  A
-                # max pooling in between pools the codes: quantizing is monotone, so it commutes with
-                # max.  The trace needs the float maps, so tracing runs the ops one by one; a test
-                # checks that both give the same output.
-                span = spans[i]
-                result = getattr(self, "_" + kind)(registers[src], op, levels=(1 << program[i + span]["bits"]) - 1)
-                if span == 2:
-                    result = self._maxpool(result, program[i + 1])
-                i += span
-                op = program[i]
+            span = self._fused_span(program, i) if fuse else 0
+            if op["op"] == "add":
+                call = lambda x, srcs=tuple(src): _Map(_sum_maps([x[s] for s in srcs]))    # noqa: E731
+                src = None          # the whole register file
+            elif span == 0:
+                call = functools.partial(getattr(self, "_" + op["op"]), op=op)
             else:
-                result = getattr(self, "_" + kind)(registers[src], op)
-            if prof is not None:
-                record.seconds = profiling.clock() - start
-                prof.op = None
-                if op is not first:
-                    record.kind += "+" + "+".join(o["op"] for o in program[record.index + 1:i + 1])
-                if kind in ("conv", "fc"):
-                    self._describe(record, first, registers[src], result)
-            registers[op.get("dst", "x")] = result
-            # in 4-byte values: integer sums and float maps of codes that travel as bytes
-            self._largest = max(self._largest, result.values.size * 4)
-            i += 1
+                call = functools.partial(getattr(self, "_" + op["op"]), op=op,
+                                         levels=(1 << program[i + span]["bits"]) - 1)
+                if span == 2:
+                    call = lambda x, conv=call, pool=program[i + 1]: self._maxpool(conv(x), pool)    # noqa: E731
+            steps.append((call, src, program[i + span].get("dst", "x"), i, i + span))
+            i += span + 1
+        return steps
+
+    def _run(self, images, trace, measure=False):
+        self._trace = trace
+        registers = {"x": _Map(images)}
+        prof = profiling.current()
+        if prof is None and not measure:
+            for call, src, dst, _, _ in self._steps[trace is not None]:
+                registers[dst] = call(registers if src is None else registers[src])
+        else:
+            program = self.program if trace is not None else self._fast_program
+            for call, src, dst, first, last in self._steps[trace is not None]:
+                x = registers if src is None else registers[src]
+                if prof is not None:
+                    record = prof.op = profiling.OpRecord(first, "+".join(o["op"] for o in program[first:last + 1]),
+                                                          program[first].get("layer"))
+                    prof.ops.append(record)
+                    start = profiling.clock()
+                result = call(x)
+                if prof is not None:
+                    record.seconds = profiling.clock() - start
+                    prof.op = None
+                    if program[first]["op"] in ("conv", "fc"):
+                        self._describe(record, program[first], x, result)
+                registers[dst] = result
+                # in 4-byte values: integer sums and float maps of codes that travel as bytes
+                self._largest = max(self._largest, result.values.size * 4)
         out = registers["x"].as_float()
         return out.reshape(out.shape[0], -1)
 
@@ -361,13 +377,18 @@ class PackedModel:
 
     def _conv(self, x, op, levels=None):
         """The conv op; with ``levels`` (a fused activate), its output's codes at ``levels``."""
+        call = (id(op), x.values.shape, x.levels, levels, get_num_threads())
+        known = self._known_calls.get(call)
+        if known is not None:
+            plan, epilogue = known
+            return _Map(plan.run(np.ascontiguousarray(x.values, np.uint8), epilogue, None), levels)
         layer = self.layers[op["layer"]]
         kh, kw = op["kernel"]
         stride, groups = op["stride"], op["groups"]
         pads = _pads(op["padding"], x.values.shape[1], x.values.shape[2], kh, kw, stride)
         if groups == 1:
-            return self._quantized(self._conv_group(layer, x, slice(None), kh, kw, stride, pads, levels=levels),
-                                   levels)
+            return self._quantized(self._conv_group(layer, x, slice(None), kh, kw, stride, pads, levels=levels,
+                                                    remember=call), levels)
         cin, per_group = layer.shape[2], op["out"] // groups
         if self._popcount(layer, x):
             # the kernel writes each group's channels straight into the layer's output (AlexNet's conv1 at
@@ -405,13 +426,14 @@ class PackedModel:
             values = elementwise.quantize(values, levels)
         return _Map(values, levels)
 
-    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, levels=None, into=None):
+    def _conv_group(self, layer, x, out_slice, kh, kw, stride, pads, levels=None, into=None, remember=None):
         """One group's output channels ``out_slice``, bias and batch norm applied.
 
         With ``levels``, the popcount and the direct float paths return the codes of the output at
         once; the others return float32 and leave the quantizing to the caller.  ``into = (array,
         offset)`` (popcount path only): the kernel writes the result into channels ``offset ..`` of
-        ``array`` (see ``kernels.conv_popcount_codes``) and returns ``array``.
+        ``array`` (see ``kernels.conv_popcount_codes``) and returns ``array``.  ``remember``: the key under
+        which ``_conv`` finds the checked plan of a popcount call the next time (see ``_known_calls``).
         """
         if layer.codes is None or x.levels is None:
             w = layer.float_w[..., out_slice]
@@ -429,15 +451,20 @@ class PackedModel:
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
             # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
             codes = np.ascontiguousarray(x.values, np.uint8)
-            epilogue = layer.affine_map(x.levels, out_slice) + (levels,)
-            call = (key, codes.shape, kh, kw, stride, pads, get_num_threads())
+            call = (key, codes.shape, x.levels, levels, kh, kw, stride, pads, get_num_threads())
             if call not in layer._plans:
                 if len(layer._plans) >= 16:
                     layer._plans.clear()
-                layer._plans[call] = kernels.conv_codes_plan(codes.shape, int(x.levels).bit_length(),
-                                                             layer._planes[key], (kh, kw), stride, pads)
-            plan = layer._plans[call]
+                # the same epilogue tuple on every call: the plan converts it once (kernels._Plan.run)
+                epilogue = layer.affine_map(x.levels, out_slice) + (levels,)
+                layer._plans[call] = (kernels.conv_codes_plan(codes.shape, int(x.levels).bit_length(),
+                                                              layer._planes[key], (kh, kw), stride, pads), epilogue)
+            plan, epilogue = layer._plans[call]
             if plan is not None:
+                if remember is not None and into is None:
+                    if len(self._known_calls) >= 256:
+                        self._known_calls.clear()
+                    self._known_calls[remember] = (plan, epilogue)
                 # the engine's own codes and output (shapes and dtypes as the first, checked call's)
                 return plan.run(codes, epilogue, into)
             target, offset = into if into is not None else (None, 0)

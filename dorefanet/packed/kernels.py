@@ -852,6 +852,9 @@ def compact_window_words(kernel, stride, chans):
 #: The epilogue arguments of a call without one (never written).
 _NO_EPILOGUE = (np.zeros(0), np.zeros(0), np.zeros(0), np.float32(0), np.empty(0, np.float32), np.empty(0, np.uint8),
                 0, 0)
+#: Largest padded map (in words) whose scratch a plan keeps for its next call: a large call's allocations are a
+#: small share of its time, and a plan kept per layer and shape should not hold a batch's maps for good
+_SPARE_WORDS = 1 << 17
 #: Plans kept per weights (input shapes of one layer: a batch and the last chunk of a large one, say).
 _PLANS_PER_WEIGHTS = 8
 
@@ -866,7 +869,8 @@ class _Plan:
 
     __slots__ = ("from_codes", "m", "k", "chans", "depth", "panels", "chunk", "n_pix", "n_panels", "fused",
                  "kh", "kw", "stride", "top", "left", "out_shape", "threads", "pix_block", "panel_block",
-                 "n_tasks", "padded_shape", "any_pads", "prep_threads", "row_block", "prep_tasks")
+                 "n_tasks", "padded_shape", "any_pads", "prep_threads", "row_block", "prep_tasks", "_spare",
+                 "_epilogue", "_no_acc")
 
     def __init__(self, a_shape, from_codes, m, w, kernel, stride, pads, out_shape, with_epilogue):
         kh, kw = kernel
@@ -910,25 +914,82 @@ class _Plan:
         rows = batch * height
         self.row_block = -(-rows // (8 * self.prep_threads))
         self.prep_tasks = -(-rows // self.row_block)
+        # scratch of finished fused calls, (padded, sums, rowsum, counter): allocating and zeroing them took
+        # about a tenth of a batch-1 SVHN layer.  A reused padded map's border is still zero and its sums'
+        # border rows too: the kernels write only the interior.  Each call takes a set of its own (list
+        # pop and append are atomic), so calls from two Python threads never share one
+        self._spare = None if self.padded_shape and math.prod(self.padded_shape) > _SPARE_WORDS else []
+        self._epilogue = (None, None)      # the last epilogue tuple and its converted arrays (see run)
+        self._no_acc = np.empty((0, n_panels * _PANEL), np.int32)
 
     def run(self, a, epilogue, into):
         chans, n_pix = self.chans, self.n_pix
-        # whole panels: no partial vectors; with the epilogue fused each thread sums into a block of its own
-        acc = np.empty((0, self.n_panels * _PANEL) if self.fused else (n_pix, self.n_panels * _PANEL), np.int32)
-        rowsum = np.zeros(n_pix, np.int32)
-        ep, ep_args = 0, _NO_EPILOGUE
-        if self.fused:
+        if not self.fused:
+            return self._unfused(a)
+        last, head = self._epilogue
+        if epilogue is not last:
+            # callers that keep their epilogue tuple (the engine) convert it once; holding the tuple keeps its
+            # id from going to another object, and one assignment of both keeps another thread's call apart
             ea, eb, ec, levels = epilogue
-            ep = 1 if levels is None else 2
-            if into is None:
-                result, ld, offset = np.empty((n_pix, chans), np.float32 if levels is None else np.uint8), chans, 0
-            else:
-                result, offset = into
-                ld = result.shape[-1]
-            ep_args = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
-                       np.ascontiguousarray(ec, np.float64), np.float32(levels or 0),
-                       result.reshape(-1) if ep == 1 else ep_args[4], result.reshape(-1) if ep == 2 else ep_args[5],
-                       ld, offset)
+            head = (np.ascontiguousarray(ea, np.float64), np.ascontiguousarray(eb, np.float64),
+                    np.ascontiguousarray(ec, np.float64), np.float32(levels or 0))
+            self._epilogue = (epilogue, head)
+        codes_out = epilogue[3] is not None
+        if into is None:
+            result, ld, offset = np.empty((n_pix, chans), np.uint8 if codes_out else np.float32), chans, 0
+        else:
+            result, offset = into
+            ld = result.shape[-1]
+        if codes_out:
+            ep, fout, cout = 2, _NO_EPILOGUE[4], result.reshape(-1)
+        else:
+            ep, fout, cout = 1, result.reshape(-1), _NO_EPILOGUE[5]
+        scratch = self._spare.pop() if self._spare else self._scratch()
+        padded, sums, rowsum, counter = scratch
+        if padded is None:      # planes without a border: the kernels read the input itself
+            padded = a
+        prof = profiling.current()
+        if prof is not None:
+            start = profiling.clock()
+        self._launch(_pack_pad_worker if self.from_codes else _prep_worker, self.prep_tasks, self.prep_threads,
+                     counter, self.row_block, a, padded, sums, self.top, self.left, self.kw)
+        if prof is not None:
+            middle = profiling.clock()
+            prof.add("pack", middle - start)
+        self._launch(_conv_worker, self.n_tasks, self.threads, counter, padded, sums, self.panels, self.k,
+                     self._no_acc.reshape(-1), rowsum, self.kh, self.kw, self.stride, self.out_shape[-2],
+                     self.out_shape[-1], self.pix_block, self.panel_block, self.chunk, ep, *head, fout, cout,
+                     ld, offset)
+        if prof is not None:
+            prof.add("popcount+epilogue", profiling.clock() - middle)
+        if self._spare is not None:
+            self._spare.append(scratch)
+        return result if into is not None else result.reshape(self.out_shape + (chans,))
+
+    def _scratch(self):
+        """A new (padded, sums, rowsum, counter) set for a fused call (see ``_spare``)."""
+        shape = self.padded_shape
+        if self.any_pads:
+            padded = np.zeros(shape, np.uint64)
+        else:
+            padded = np.empty(shape, np.uint64) if self.from_codes else None
+        return padded, np.zeros(shape[1] * shape[2] * shape[3], np.int32), np.zeros(self.n_pix, np.int32), \
+            np.zeros(1, np.int64)
+
+    @staticmethod
+    def _launch(worker, n_tasks, threads, counter, *args):
+        """``worker`` over its tasks: on this thread alone with its own ``counter`` (reset here), or on the team."""
+        if threads == 1:
+            counter[0] = 0
+            worker(counter, n_tasks, *args)
+        else:
+            run_workers(worker, n_tasks, threads, *args)
+
+    def _unfused(self, a):
+        """acc and rowsum (new arrays: they are the result) of a call without an epilogue, or with nothing to fuse."""
+        chans, n_pix = self.chans, self.n_pix
+        acc = np.empty((n_pix, self.n_panels * _PANEL), np.int32)
+        rowsum = np.zeros(n_pix, np.int32)
         if self.depth == 0:     # no input channel: nothing to add up
             acc[:] = 0
         elif n_pix:
@@ -949,11 +1010,9 @@ class _Plan:
                 prof.add("pack", middle - start)
             run_workers(_conv_worker, self.n_tasks, self.threads, padded, sums, self.panels, self.k, acc.reshape(-1),
                         rowsum, self.kh, self.kw, self.stride, self.out_shape[-2], self.out_shape[-1], self.pix_block,
-                        self.panel_block, self.chunk, ep, *ep_args)
+                        self.panel_block, self.chunk, 0, *_NO_EPILOGUE)
             if prof is not None:
-                prof.add("popcount" if ep == 0 else "popcount+epilogue", profiling.clock() - middle)
-        if ep > 0:
-            return result if into is not None else result.reshape(self.out_shape + (chans,))
+                prof.add("popcount", profiling.clock() - middle)
         if acc.shape[1] != chans:
             acc = np.ascontiguousarray(acc[:, :chans])
         return acc.reshape(self.out_shape + (chans,)), rowsum.reshape(self.out_shape)
