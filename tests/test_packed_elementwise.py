@@ -175,3 +175,60 @@ def test_dense_matches_float64_reference(batch, n_out):
     codes = dense_affine(v, pad_dense_weights(w), n_out, scale / 30, shift / 30 + 0.5, levels=3)
     np.testing.assert_array_equal(codes, _reference_codes(dense_affine(v, pad_dense_weights(w), n_out, scale / 30,
                                                                        shift / 30 + 0.5), 3))
+
+
+def test_normalize_rows_are_kept_per_constants_and_width():
+    """The repeated per-channel rows are cached: another mean, std or width must not get the first one's rows."""
+    x = np.random.RandomState(4).uniform(0, 255, (1, 4, 5, 3)).astype(np.float32)
+    for mean, std, width in [([1.0, 2.0, 3.0], [2.0, 4.0, 8.0], 5), ([3.0, 2.0, 1.0], [2.0, 4.0, 8.0], 5),
+                             ([1.0, 2.0, 3.0], [8.0, 4.0, 2.0], 5), ([1.0, 2.0, 3.0], [2.0, 4.0, 8.0], 4)]:
+        v = x[:, :, :width]
+        want = (v - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        np.testing.assert_array_equal(elementwise.normalize(v, mean, std), want)
+
+
+@pytest.mark.parametrize("scale,shift", [("yes", "yes"), (None, "yes"), ("yes", None)])
+def test_affine_clip_is_numpys_float32_batch_norm_then_clip(scale, shift):
+    rng = np.random.RandomState(6)
+    x = rng.randn(2, 3, 5, 24).astype(np.float32)
+    s = rng.uniform(0.1, 2, 24).astype(np.float32) if scale else None
+    b = rng.uniform(-0.5, 0.5, 24).astype(np.float32) if shift else None
+    want = x * (np.float32(1) if s is None else s) + (np.float32(0) if b is None else b)
+    want = np.clip(want, np.float32(0), np.float32(1))
+    got = elementwise.affine_clip(x, s, b)
+    assert got.dtype == np.float32 and 0 < np.mean((got > 0) & (got < 1)) < 1     # both clipped and kept values
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape,by", [((1, 7, 7, 512), 49.0), ((3, 5, 4, 20), 1.0), ((2, 1, 1, 8), 3.0)])
+def test_global_average_is_numpys_float32_mean(shape, by):
+    x = np.random.RandomState(7).uniform(0, 3, shape).astype(np.float32)
+    want = x.mean(axis=(1, 2), dtype=np.float32) * np.float32(by)
+    np.testing.assert_array_equal(elementwise.global_average(x, by), want)
+
+
+@pytest.mark.parametrize("classes", [1, 10, 1000])
+def test_softmax_rows_match_float64(classes):
+    rng = np.random.RandomState(classes)
+    x = (rng.randn(4, classes) * 8).astype(np.float32)
+    x[1] += 80          # large logits: exp of the raw values would overflow float32
+    got = elementwise.softmax(x)
+    want = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(got.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_dense_clips_its_input_and_takes_kept_padded_affine():
+    from dorefanet.packed.float_conv import dense_affine, pad_dense_affine, pad_dense_weights
+
+    rng = np.random.RandomState(8)
+    v = rng.randn(3, 64).astype(np.float32)
+    w = pad_dense_weights(rng.randn(64, 10).astype(np.float32))
+    scale, shift = rng.randn(10).astype(np.float32), rng.randn(10).astype(np.float32)
+    want = dense_affine(np.clip(v, np.float32(0), np.float32(1)), w, 10, scale, shift)
+    np.testing.assert_array_equal(dense_affine(v, w, 10, scale, shift, clip=True), want)
+    kept = pad_dense_affine(scale, shift, w.shape[-1])
+    np.testing.assert_array_equal(dense_affine(v, w, 10, None, None, clip=True, padded_affine=kept), want)
+    assert not np.array_equal(dense_affine(v, w, 10, scale, shift), want)      # the clip changes the result

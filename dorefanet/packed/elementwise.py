@@ -8,6 +8,8 @@ range of rows; large maps are split over the ``numba.get_num_threads()`` threads
 of :mod:`.threads` (small ones stay on the calling thread, where a thread hand-off
 would cost more than the work).
 """
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, types
@@ -16,11 +18,12 @@ from numba.extending import intrinsic, models, register_model
 
 from .threads import element_pointer, is_flat, run_split
 
-__all__ = ["affine_accumulators", "quantize", "affine_quantize", "maxpool", "avgpool", "normalize"]
+__all__ = ["affine_accumulators", "quantize", "affine_quantize", "affine_clip", "maxpool", "avgpool", "normalize",
+           "global_average", "softmax"]
 
 _JIT = dict(nogil=True, cache=True)
 #: Single-thread cost of each kernel, ns per element (measured on the 2-core AMD EPYC at 200K-3M elements).
-_NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_accumulators": 0.4, "normalize": 0.25,
+_NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_clip": 0.25, "affine_accumulators": 0.4, "normalize": 0.25,
                    "maxpool": 0.75, "maxpool_lanes": 0.2, "avgpool": 0.5, "avgpool_lanes": 0.2}
 #: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a ThreadPoolExecutor
 #: cost 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
@@ -475,11 +478,8 @@ def normalize(x, mean, std, pad=(0, 0)):
     each image (a constant pad after the normalisation, without a second copy of the map).
     """
     batch, height, width, channels = x.shape
-    mean = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    # per-channel constants repeated along a whole image row, so the inner loop runs over W * C values
-    mean_row = _along_row(mean, width, channels)
-    std_row = _along_row(std.reshape(-1), width, channels)
+    mean_row, std_row = _normalize_rows(None if mean is None else tuple(np.ravel(mean).tolist()),
+                                        tuple(np.ravel(std).tolist()), width, channels)
     rows = np.ascontiguousarray(x).reshape(batch * height, width * channels)
     before, after = pad
     shape = (batch, before + height + after, (before + width + after) * channels)
@@ -487,3 +487,97 @@ def normalize(x, mean, std, pad=(0, 0)):
     _split_rows(_normalize, rows.shape[0], rows.size, rows, mean_row, std_row, out, height, before,
                 before * channels)
     return out.reshape(batch, shape[1], before + width + after, channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _normalize_rows(mean, std, width, channels):
+    """:func:`normalize`'s per-channel constants repeated along a whole image row (read-only), so that its inner
+    loop runs over W * C values; kept per constants and row shape (making them took about half of a batch-1
+    SVHN normalisation)."""
+    mean = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32)
+    rows = _along_row(mean, width, channels), _along_row(np.asarray(std, np.float32), width, channels)
+    for row in rows:
+        row.flags.writeable = False
+    return rows
+
+
+@njit(**_JIT)
+def _affine_clip(r0, r1, x, scale, shift, out):
+    xs, target = x[r0:r1], out[r0:r1]
+    zero, one = np.float32(0), np.float32(1)
+    for r in range(xs.shape[0]):
+        row, dst = xs[r], target[r]
+        for j in range(row.size):
+            # numpy's x * scale + shift (two float32 roundings), then np.clip(y, 0, 1)
+            dst[j] = min(max(row[j] * scale[j] + shift[j], zero), one)
+
+
+def affine_clip(x, scale, shift):
+    """``clip(x * scale + shift, 0, 1)`` (float32, per channel of NHWC ``x``; None: 1 and 0) in one pass: a batch
+    norm and the 32-bit activation after it, as numpy's three passes compute them."""
+    x = np.ascontiguousarray(x, np.float32)
+    channels = x.shape[-1]
+    scale = np.ones(channels, np.float32) if scale is None else np.asarray(scale, np.float32)
+    shift = np.zeros(channels, np.float32) if shift is None else np.asarray(shift, np.float32)
+    width = x.shape[-2] if x.ndim == 4 else 1
+    rows = x.reshape(-1, width * channels)
+    out = np.empty(rows.shape, np.float32)
+    _split_rows(_affine_clip, rows.shape[0], rows.size, rows, _along_row(scale, width, channels),
+                _along_row(shift, width, channels), out)
+    return out.reshape(x.shape)
+
+
+@njit(**_JIT)
+def _global_average(x, by, out):
+    """``out[b] = float32(sum of x[b]'s pixels / pixels) * by``: the pixels added in order, in float32."""
+    count = np.float32(x.shape[1])
+    for b in range(x.shape[0]):
+        acc = out[b]
+        acc[:] = 0
+        for p in range(x.shape[1]):
+            row = x[b, p]
+            for c in range(row.size):
+                acc[c] += row[c]
+        for c in range(acc.size):
+            acc[c] = acc[c] / count * by
+
+
+def global_average(x, by=1.0):
+    """The mean of NHWC float32 ``x`` over its pixels, times ``by``: ``[B, C]`` float32.
+
+    The same arithmetic as ``x.mean(axis=(1, 2), dtype=np.float32) * np.float32(by)`` (numpy adds the pixel
+    rows one after the other in float32, then divides), in one call: at batch 1 numpy's three took 40-70 us of
+    ResNet-18's tail, most of it their code and data brought back into cache after the convolutions.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    batch, channels = x.shape[0], x.shape[-1]
+    out = np.empty((batch, channels), np.float32)
+    _global_average(x.reshape(batch, -1, channels), np.float32(by), out)
+    return out
+
+
+@njit(error_model="numpy", **_JIT)
+def _softmax(x, out):
+    for r in range(x.shape[0]):
+        row, dst = x[r], out[r]
+        top = row[0]
+        for j in range(1, row.size):
+            top = max(top, row[j])
+        total = np.float32(0)
+        for j in range(row.size):
+            dst[j] = np.exp(row[j] - top)
+            total += dst[j]
+        for j in range(row.size):
+            dst[j] = dst[j] / total
+
+
+def softmax(x):
+    """Row-wise softmax of float32 ``x [B, N]``: ``exp(x - max) / sum`` in float32, one call.
+
+    Within a few float32 roundings of numpy's (the exponential is libm's, the sum sequential); numpy's six
+    operations took 10-30 us at batch 1 (SVHN, ResNet-18), most of it their code brought back into cache.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.float32)
+    _softmax(x, out)
+    return out

@@ -120,6 +120,7 @@ class _Layer:
         self.scale = arrays.get(name + "/scale")
         self.shift = arrays.get(name + "/shift")
         self.dense_w = None         # a float fully-connected layer's weights for float_conv.dense_affine
+        self.dense_affine = None    # and its scale and shift, padded alike
         if self.kind == "float":
             self.float_w = arrays[name + "/W"].astype(np.float32)
             self.codes = None
@@ -477,15 +478,21 @@ class PackedModel:
 
     def _fc(self, x, op, levels=None):
         layer = self.layers[op["layer"]]
+        float_path = layer.codes is None or x.levels is None
+        if op.get("clip_input") and not float_path:
+            x = self._clip(x, op)           # (see _merged: the float path clips while copying its input)
         v = x.values
         if v.ndim == 4 and op["flatten"] == "chw":
             v = v.transpose(0, 3, 1, 2)
         v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
-        if layer.codes is None or x.levels is None:
+        if float_path:
             if layer.dense_w is None:
                 layer.dense_w = huge_page_copy(float_conv.pad_dense_weights(layer.float_w))
+                layer.dense_affine = float_conv.pad_dense_affine(layer.scale, layer.shift, layer.dense_w.shape[-1])
             return self._quantized(float_conv.dense_affine(_Map(v, x.levels).as_float(), layer.dense_w,
-                                                           layer.shape[-1], layer.scale, layer.shift, levels), levels)
+                                                           layer.shape[-1], layer.scale, layer.shift, levels,
+                                                           clip=op.get("clip_input", False),
+                                                           padded_affine=layer.dense_affine), levels)
         if self._popcount(layer, x):
             from . import kernels
 
@@ -511,6 +518,10 @@ class PackedModel:
         if shift is not None:
             v = v + shift
         return _Map(v.astype(np.float32, copy=False))
+
+    def _affine_clip(self, x, op):
+        scale, shift = self.affines[op["layer"]]
+        return _Map(elementwise.affine_clip(x.as_float(), scale, shift))
 
     def _affine_activate(self, x, op):
         scale, shift = self.affines[op["layer"]]
@@ -557,16 +568,14 @@ class PackedModel:
         return _Map(codes, n)
 
     def _gap(self, x, op):
-        return _Map(x.as_float().mean(axis=(1, 2), dtype=np.float32))
+        return _Map(elementwise.global_average(x.as_float(), op.get("by", 1.0)))
 
     def _scale(self, x, op):
         return _Map(x.as_float() * np.float32(op["by"]))
 
     def _softmax(self, x, op):
         v = x.as_float()
-        v = v.reshape(v.shape[0], -1)
-        e = np.exp(v - v.max(axis=1, keepdims=True))
-        return _Map((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+        return _Map(elementwise.softmax(v.reshape(v.shape[0], -1)))
 
 
 @functools.cache
@@ -637,6 +646,11 @@ def _merged(program, affines):
       and the quantizing of each value in one pass, with no float map stored;
     * ``normalize``, ``pad`` (constant) -> a normalisation that writes into the zero-padded map (ResNet's
       input: np.pad took 150 us of a batch-1 call).
+    * ``affine``, ``clip`` -> ``affine_clip``, the batch norm and the 32-bit activation in one pass (ResNet's
+      ``lastbn``);
+    * ``gap``, ``scale`` -> a ``gap`` that multiplies its means (ResNet's tail), and ``clip``, float ``fc`` -> an
+      ``fc`` that clips its input while copying it (the last layer of all three networks): at batch 1 each op
+      of the tail cost 5-30 us, mostly bringing numpy's code and data back into cache after the convolutions.
 
     Tracing runs the program as it is (the trace needs each activate's float input).
     """
@@ -659,6 +673,20 @@ def _merged(program, affines):
         if (nxt is not None and op["op"] == "affine" and nxt["op"] == "activate" and 1 <= nxt["bits"] <= 8
                 and _chained(op, nxt) and all(a is None or a.dtype == np.float32 for a in affines[op["layer"]])):
             out.append(dict(op, op="affine_activate", bits=nxt["bits"]))
+            i += 2
+            continue
+        if (nxt is not None and op["op"] == "affine" and nxt["op"] == "clip" and _chained(op, nxt)
+                and all(a is None or a.dtype == np.float32 for a in affines[op["layer"]])):
+            out.append(dict(op, op="affine_clip"))
+            i += 2
+            continue
+        if nxt is not None and op["op"] == "gap" and nxt["op"] == "scale" and "by" not in op and _chained(op, nxt):
+            out.append(dict(op, by=nxt["by"]))
+            i += 2
+            continue
+        if (nxt is not None and op["op"] == "clip" and nxt["op"] == "fc" and not nxt["quantized"]
+                and _chained(op, nxt)):
+            out.append(dict(nxt, clip_input=True, src=op.get("src", "x")))
             i += 2
             continue
         out.append(op)

@@ -442,24 +442,36 @@ def _dense_worker(counter, n_tasks, x, k, w, scale, shift, row_tiles, out, codes
             _tile6x3(x, w, row * k, k, ob, width, 0, k, 1, 1, out, codes, levels, row * width + ob, scale, shift, ob)
 
 
-def dense_affine(v, padded_w, n_out, scale, shift, levels=None):
+def pad_dense_affine(scale, shift, width):
+    """``scale`` and ``shift`` (``[O]`` or None: 1 and 0) as float32 ``[width]`` (1 and 0 beyond ``O``), the form
+    :func:`dense_affine` computes with; a caller that keeps them saves their making on every call."""
+    scale_p = np.ones(width, np.float32)
+    shift_p = np.zeros(width, np.float32)
+    if scale is not None:
+        scale_p[:scale.size] = scale
+    if shift is not None:
+        shift_p[:shift.size] = shift
+    return scale_p, shift_p
+
+
+def dense_affine(v, padded_w, n_out, scale, shift, levels=None, clip=False, padded_affine=None):
     """``(v @ w) * scale + shift`` for a fully-connected layer (``v [B, K]``), float32 or codes as :func:`conv2d_affine`.
 
     The register tiles of the convolution (6 batch rows x 48 channels), with the
     weights ``padded_w`` from :func:`pad_dense_weights`; work is split by channel
-    blocks, so a large weight matrix is read from memory once per call.
+    blocks, so a large weight matrix is read from memory once per call.  With ``clip``, the input is
+    ``np.clip(v, 0, 1)`` (done while it is copied into the tiles' rows).  ``padded_affine``: ``scale`` and
+    ``shift`` from :func:`pad_dense_affine`, used instead of making them again.
     """
     batch, k = v.shape
     width = padded_w.shape[-1]
     row_tiles = -(-batch // _PIXELS)
     x = np.zeros((row_tiles * _PIXELS, k), np.float32)
-    x[:batch] = v
-    scale_p = np.ones(width, np.float32)
-    shift_p = np.zeros(width, np.float32)
-    if scale is not None:
-        scale_p[:n_out] = scale
-    if shift is not None:
-        shift_p[:n_out] = shift
+    if clip:
+        np.clip(v, np.float32(0), np.float32(1), out=x[:batch])
+    else:
+        x[:batch] = v
+    scale_p, shift_p = padded_affine if padded_affine is not None else pad_dense_affine(scale, shift, width)
     shape = (row_tiles * _PIXELS, width)
     out = np.empty(shape if levels is None else 0, np.float32)
     codes = np.empty(0 if levels is None else shape, np.uint8)
