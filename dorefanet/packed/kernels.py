@@ -898,11 +898,11 @@ class _Plan:
         self.kh, self.kw, self.stride, self.top, self.left = kh, kw, stride, top, left
         self.out_shape = tuple(out_shape)
         word_pairs = n_pix * m * k * depth * n_panels * _PANEL
-        # a hand-off to a thread pool cost about 0.1 ms (measured: AlexNet's conv4 group at batch 1, 1.4M word pairs,
-        # 0.11 ms on one thread, 0.17 ms on two); with the spinning team of .threads, thresholds 4 and 8 times lower
-        # gained nothing at batch 1 (SVHN, ResNet-18).  Weights that do not fit in cache (the FC layers) are read
-        # from memory, where two threads help even for little arithmetic
-        many = word_pairs > (3 << 20) or (word_pairs > (1 << 18) and panels.nbytes > (1 << 20))
+        # with the spinning team of .threads a hand-off costs a few us: from 256K word pairs two threads win
+        # (batch 1, the pipeline's steps, medians of 200-2000 predicts, 3 rounds alternating with a 3M threshold:
+        # SVHN's conv1 41 -> 36 us and conv2 49 -> 43 us, AlexNet's conv3 305 -> 195 us and conv4 223 -> 155 us);
+        # smaller layers (SVHN's 7 x 7 maps) lose to the hand-off
+        many = word_pairs > (1 << 18)
         self.threads = threads = get_num_threads() if many else 1
         self.pix_block, self.panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
         self.n_tasks = -(-n_pix // self.pix_block) * -(-n_panels // self.panel_block)
