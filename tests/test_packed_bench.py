@@ -33,8 +33,10 @@ def test_packed_speed_profile_prints_every_op_and_the_stage_summary():
     assert any(line.startswith("#### svhn 1,2,4, batch 2: ") for line in lines)
     ops = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.count("|") == 11
            and line.split("|")[1].strip().isdigit()]
-    # conv0 (float) with its fused pooling and quantizing, then the six popcount convolutions
-    assert ops[1][1] == "conv+maxpool+activate" and ops[1][3] == "float"
+    # conv0 (float, its input's normalisation folded into its weights) with its fused pooling and quantizing,
+    # then the six popcount convolutions
+    assert ops[0][1] == "conv+maxpool+activate" and ops[0][2] == "conv0" and ops[0][3] == "float"
+    assert not any(row[1] == "normalize" for row in ops)
     popcount = [row for row in ops if row[3] == "popcount"]
     assert len(popcount) == 6 and all(row[4] == "1x2" for row in popcount)
     for row in popcount:
