@@ -148,8 +148,10 @@ def _claim(state, new):
 
 
 @njit(**_JIT)
-def _finish(state):
+def _finish_and_await(state, seq, seen, spins, counter):
+    """Mark a taken job done, then :func:`_await_change` for the next one."""
     _compare_exchange(state, 0, _TAKEN, _DONE)
+    return _await_change(seq, seen, spins, counter)
 
 
 class _Job:
@@ -182,8 +184,8 @@ class _Helper:
 
     def _serve(self, counter, spins):
         seen = 0
+        now = _await_change(self.seq, seen, spins, counter)
         while True:
-            now = _await_change(self.seq, seen, spins, counter)
             if now == seen:
                 with self.wake:
                     self.sleeping = True
@@ -196,13 +198,17 @@ class _Helper:
             if job is _STOP:
                 return
             if job is None or not _claim(job.state, _TAKEN):
-                continue            # cancelled, or a job already done (published twice while this ran)
+                # cancelled, or a job already done (published twice while this ran)
+                now = _await_change(self.seq, seen, spins, counter)
+                continue
             try:
                 job.call(*job.args)
             except BaseException as error:   # raised again in the thread that waits for the job
                 job.error = error
-            finally:
-                _finish(job.state)
+            # one nogil call marks the job done and waits for the next: returning to Python in between took
+            # the GIL back just as the waiting thread, released, wanted it, and the helper slept on the GIL
+            # until that thread's next kernel (and then woke late for the next job)
+            now = _finish_and_await(job.state, self.seq, seen, spins, counter)
 
 
 #: The job that ends a helper's thread.
