@@ -158,3 +158,44 @@ def test_helpers_end_at_exit(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "alive []" in done.stdout
+
+
+def test_num_threads_follows_numba_per_python_thread():
+    """The direct read gives what numba.get_num_threads gives, after set_num_threads, in this and another
+    Python thread (numba's count is per thread)."""
+    import numba
+
+    before = numba.get_num_threads()
+    seen = {}
+
+    def other():
+        numba.set_num_threads(1)
+        seen["other"] = (threads.num_threads(), numba.get_num_threads())
+
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            assert threads.num_threads() == numba.get_num_threads() == n
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+        assert seen["other"] == (1, 1)
+        assert threads.num_threads() == numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_profiling_records_on_its_own_thread_only():
+    from dorefanet.packed import profiling
+
+    assert profiling.current() is None
+    seen = []
+    with profiling.recording() as outer:
+        assert profiling.current() is outer
+        worker = threading.Thread(target=lambda: seen.append(profiling.current()))
+        worker.start()
+        worker.join()
+        with profiling.recording() as inner:
+            assert profiling.current() is inner and inner is not outer
+        assert profiling.current() is outer
+    assert seen == [None] and profiling.current() is None

@@ -12,11 +12,11 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from .threads import element_pointer, is_flat, run_split
+from .threads import element_pointer, is_flat, num_threads, run_split
 
 __all__ = ["affine_accumulators", "quantize", "affine_quantize", "affine_clip", "maxpool", "avgpool", "normalize",
            "global_average", "softmax"]
@@ -36,7 +36,7 @@ def _split_rows(kernel, rows, elements, *args):
     """``kernel(r0, r1, *args)`` over ``range(rows)``, split over the threads when the work is large."""
     # the kernel's name without its leading underscore and "_codes" variant suffix keys its cost
     work = elements * _NS_PER_ELEMENT[kernel.__name__.lstrip("_").replace("_codes", "")]
-    threads = min(get_num_threads(), rows) if work >= _SPLIT_NS else 1
+    threads = min(num_threads(), rows) if work >= _SPLIT_NS else 1
     run_split(kernel, rows, threads, *args)
 
 

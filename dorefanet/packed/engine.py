@@ -26,9 +26,9 @@ import mmap
 import sys
 
 import numpy as np
-from numba import get_num_threads
 
 from . import elementwise, float_conv, profiling
+from .threads import num_threads
 from .format import read_packed, unpack_weight_planes
 
 __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS", "reuse_freed_memory", "huge_page_copy"]
@@ -389,7 +389,7 @@ class PackedModel:
 
     def _conv(self, x, op, levels=None):
         """The conv op; with ``levels`` (a fused activate), its output's codes at ``levels``."""
-        call = (id(op), x.values.shape, x.levels, levels, get_num_threads())
+        call = (id(op), x.values.shape, x.levels, levels, num_threads())
         known = self._known_calls.get(call)
         if known is not None:
             plan, epilogue = known
@@ -466,7 +466,7 @@ class PackedModel:
                 layer._planes[key] = kernels.prepare_weights(kernels.pack_planes(q.astype(np.uint8), layer.bits))
             # the kernel's tasks apply the affine map (and quantize) on their blocks while in cache
             codes = np.ascontiguousarray(x.values, np.uint8)
-            call = (key, codes.shape, x.levels, levels, kh, kw, stride, pads, get_num_threads())
+            call = (key, codes.shape, x.levels, levels, kh, kw, stride, pads, num_threads())
             if call not in layer._plans:
                 if len(layer._plans) >= 16:
                     layer._plans.clear()

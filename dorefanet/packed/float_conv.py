@@ -17,12 +17,12 @@ convolutions' do); the engine's exactness tests bound what that can change.
 """
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .elementwise import _Lanes16, _lanes_load, _splat
-from .threads import element_pointer, is_flat, next_task, run_workers
+from .threads import element_pointer, is_flat, next_task, num_threads, run_workers
 
 __all__ = ["LANES", "conv2d_affine"]
 
@@ -408,7 +408,7 @@ def conv2d_affine(x, w, scale, shift, stride, pads, levels=None):
     codes = np.empty(0 if levels is None else shape, np.uint8)
     n_pix = batch * out_h * out_w
     n_tasks = -(-n_pix // _TASK_PIXELS)
-    threads = get_num_threads() if n_pix * n_out * kh * kw * cin >= 1 << 20 else 1
+    threads = num_threads() if n_pix * n_out * kh * kw * cin >= 1 << 20 else 1
     run_workers(_conv_worker, n_tasks, threads, x, width, cin,
                  np.ascontiguousarray(w, np.float32).reshape(-1), scale, shift, kh, kw, stride, out_h, out_w,
                  out.reshape(-1), codes.reshape(-1), np.float32(levels or 0), _TASK_PIXELS)
@@ -476,7 +476,7 @@ def dense_affine(v, padded_w, n_out, scale, shift, levels=None, clip=False, padd
     out = np.empty(shape if levels is None else 0, np.float32)
     codes = np.empty(0 if levels is None else shape, np.uint8)
     n_tasks = width // _TILE_CHANNELS
-    threads = get_num_threads() if row_tiles * _PIXELS * k * width >= 1 << 20 else 1
+    threads = num_threads() if row_tiles * _PIXELS * k * width >= 1 << 20 else 1
     run_workers(_dense_worker, n_tasks, threads, x.reshape(-1), k, padded_w.reshape(-1), scale_p, shift_p,
                  row_tiles, out.reshape(-1), codes.reshape(-1), np.float32(levels or 0))
     return (out if levels is None else codes)[:batch, :n_out]

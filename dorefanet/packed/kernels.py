@@ -49,13 +49,13 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from . import profiling
 from .elementwise import _splat, affine8, affine8_codes, affine_accumulators
-from .threads import element_pointer, is_flat, next_task, run_workers
+from .threads import element_pointer, is_flat, next_task, num_threads, run_workers
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
            "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "compact_window_words", "reference_gemm",
@@ -308,7 +308,7 @@ def pack_planes(codes, bits):
     rows = math.prod(lead)
     if rows and words:
         flat = np.ascontiguousarray(codes).reshape(-1)
-        threads = get_num_threads() if flat.size * bits > (1 << 23) else 1      # ~1 ms of work
+        threads = num_threads() if flat.size * bits > (1 << 23) else 1      # ~1 ms of work
         row_block = max(1, min(256, -(-rows // (4 * threads))))
         run_workers(_pack_worker, -(-rows // row_block), threads, flat, width, bits,
                      out.reshape(bits, rows, words), row_block)
@@ -903,7 +903,7 @@ class _Plan:
         # SVHN's conv1 41 -> 36 us and conv2 49 -> 43 us, AlexNet's conv3 305 -> 195 us and conv4 223 -> 155 us);
         # smaller layers (SVHN's 7 x 7 maps) lose to the hand-off
         many = word_pairs > (1 << 18)
-        self.threads = threads = get_num_threads() if many else 1
+        self.threads = threads = num_threads() if many else 1
         self.pix_block, self.panel_block = _blocks(n_pix, n_panels, depth, m, k, threads)
         self.n_tasks = -(-n_pix // self.pix_block) * -(-n_panels // self.panel_block)
         self.padded_shape = (m, batch, top + height + bottom, left + width + right, cw)
@@ -1035,7 +1035,7 @@ def _run(a, m, w, kernel, stride, pads, out_shape, epilogue=None, into=None):
 
 def _plan(a_shape, from_codes, m, w, kernel, stride, pads, out_shape, with_epilogue):
     """The :class:`_Plan` kept with the weights ``w`` for these shapes and this thread count."""
-    key = (a_shape, from_codes, m, kernel, stride, pads, out_shape, with_epilogue, get_num_threads())
+    key = (a_shape, from_codes, m, kernel, stride, pads, out_shape, with_epilogue, num_threads())
     plan = w.plans.get(key)
     if plan is None:
         if len(w.plans) >= _PLANS_PER_WEIGHTS:

@@ -14,6 +14,10 @@ __all__ = ["OpRecord", "Profile", "current", "recording", "clock"]
 
 clock = time.perf_counter
 _local = threading.local()
+#: recordings open in any thread: while there are none, current() skips the thread-local lookup (0.4 us, asked
+#: about ten times per batch-1 prediction)
+_open = [0]
+_open_lock = threading.Lock()
 
 
 class OpRecord:
@@ -45,15 +49,21 @@ class Profile:
 
 def current():
     """The profile being recorded on this thread, or None."""
+    if not _open[0]:
+        return None
     return getattr(_local, "profile", None)
 
 
 @contextlib.contextmanager
 def recording():
     """Record the ops and stages run on this thread inside the block into a new :class:`Profile`."""
-    previous = current()
+    with _open_lock:
+        _open[0] += 1
+    previous = getattr(_local, "profile", None)
     _local.profile = prof = Profile()
     try:
         yield prof
     finally:
         _local.profile = previous
+        with _open_lock:
+            _open[0] -= 1

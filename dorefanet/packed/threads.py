@@ -24,11 +24,16 @@ import time
 
 import numpy as np
 from llvmlite import ir
-from numba import config, njit, types
+from numba import config, get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["run_workers", "run_split", "next_task", "SPIN_SECONDS"]
+try:        # numba's own thread-local count, read without get_num_threads' locks (see num_threads)
+    from numba.np.ufunc import parallel as _numba_parallel
+except ImportError:
+    _numba_parallel = None
+
+__all__ = ["run_workers", "run_split", "next_task", "num_threads", "SPIN_SECONDS"]
 
 _JIT = dict(nogil=True, cache=True)
 #: How long an idle helper keeps spinning for the next job before it sleeps.
@@ -36,6 +41,20 @@ SPIN_SECONDS = 1e-3
 
 _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def num_threads():
+    """``numba.get_num_threads()``: this thread's count, read directly once numba's threading layer is up.
+
+    The public call takes two locks to make sure the layer is launched: 0.7 us, against 0.1 us, and the engine
+    asks for the count about ten times per batch-1 prediction.
+    """
+    if getattr(_numba_parallel, "_is_initialized", False):
+        raw = getattr(_numba_parallel, "_get_num_threads", None)    # bound when the layer is launched
+        threads = raw() if raw is not None else 0
+        if threads > 0:
+            return threads
+    return get_num_threads()
 
 
 # ---------------------------------------------------------------------------------------- intrinsics
