@@ -194,19 +194,23 @@ def _affine_quantize(r0, r1, x, scale, shift, n, out):
             target[j] = np.rint(min(max(y, zero), one) * n)
 
 
-def affine_quantize(x, scale, shift, n):
-    """:func:`quantize` of ``x * scale + shift`` (float32, per channel of NHWC ``x``; None: 1 and 0) in one pass:
-    a batch norm and the activation quantizing after it, without the float map in between."""
+def _affine_rows(x, scale, shift):
+    """A per-channel affine map's operands: float32 ``x`` as rows of one image row each, and ``scale`` / ``shift``
+    (None: 1 and 0; ``x * 1 + 0`` is ``x``, so a missing one changes nothing) repeated along such a row."""
     x = np.ascontiguousarray(x, np.float32)
     channels = x.shape[-1]
     scale = np.ones(channels, np.float32) if scale is None else np.asarray(scale, np.float32)
     shift = np.zeros(channels, np.float32) if shift is None else np.asarray(shift, np.float32)
-    # x * 1 + 0 is x: a missing scale or shift changes nothing
     width = x.shape[-2] if x.ndim == 4 else 1
-    rows = x.reshape(-1, width * channels)
+    return x, x.reshape(-1, width * channels), _along_row(scale, width, channels), _along_row(shift, width, channels)
+
+
+def affine_quantize(x, scale, shift, n):
+    """:func:`quantize` of ``x * scale + shift`` (float32, per channel of NHWC ``x``; None: 1 and 0) in one pass:
+    a batch norm and the activation quantizing after it, without the float map in between."""
+    x, rows, scale_row, shift_row = _affine_rows(x, scale, shift)
     out = np.empty(rows.shape, np.uint8)
-    _split_rows(_affine_quantize, rows.shape[0], rows.size, rows, _along_row(scale, width, channels),
-                _along_row(shift, width, channels), np.float32(n), out)
+    _split_rows(_affine_quantize, rows.shape[0], rows.size, rows, scale_row, shift_row, np.float32(n), out)
     return out.reshape(x.shape)
 
 
@@ -515,15 +519,9 @@ def _affine_clip(r0, r1, x, scale, shift, out):
 def affine_clip(x, scale, shift):
     """``clip(x * scale + shift, 0, 1)`` (float32, per channel of NHWC ``x``; None: 1 and 0) in one pass: a batch
     norm and the 32-bit activation after it, as numpy's three passes compute them."""
-    x = np.ascontiguousarray(x, np.float32)
-    channels = x.shape[-1]
-    scale = np.ones(channels, np.float32) if scale is None else np.asarray(scale, np.float32)
-    shift = np.zeros(channels, np.float32) if shift is None else np.asarray(shift, np.float32)
-    width = x.shape[-2] if x.ndim == 4 else 1
-    rows = x.reshape(-1, width * channels)
+    x, rows, scale_row, shift_row = _affine_rows(x, scale, shift)
     out = np.empty(rows.shape, np.float32)
-    _split_rows(_affine_clip, rows.shape[0], rows.size, rows, _along_row(scale, width, channels),
-                _along_row(shift, width, channels), out)
+    _split_rows(_affine_clip, rows.shape[0], rows.size, rows, scale_row, shift_row, out)
     return out.reshape(x.shape)
 
 
