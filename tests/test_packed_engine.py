@@ -432,6 +432,8 @@ class _FloatLayer:
     ({"op": "normalize", "std": [255.0]}, [0.5], False),                             # not a power of two
     ({"op": "normalize", "std": [256.0, 128.0, 256.0]}, [0.5], False),              # per channel
     ({"op": "normalize", "std": [256.0], "mean": [1.0, 0, 0]}, [0.5], False),       # a mean rounds first
+    ({"op": "normalize", "std": 256.0, "mean": 127.5}, [0.5], False),                # scalar constants
+    ({"op": "normalize", "std": 256.0, "mean": 0.0}, [0.5], True),
     ({"op": "normalize", "std": [256.0], "pad": [3, 2]}, [0.5], False),             # writes a padded map
     ({"op": "normalize", "std": [256.0]}, [0.5, 1e-36], False),                     # a weight would go subnormal
 ])
@@ -444,5 +446,5 @@ def test_a_normalisation_folds_into_the_first_conv_only_where_it_is_exact(normal
     merged = packed_engine._merged([normalize, conv], {}, layers)
     assert len(merged) == (1 if folds else 2)
     if folds:
-        assert merged[0]["input_scale"] == 1 / normalize["std"][0] and merged[0]["layer"] == "conv0"
+        assert merged[0]["input_scale"] == 1 / np.ravel(normalize["std"])[0] and merged[0]["layer"] == "conv0"
     assert packed_engine._input_scale(normalize, dict(conv, quantized=True), layers) is None

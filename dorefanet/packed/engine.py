@@ -660,7 +660,7 @@ def _input_scale(normalize, conv, layers):
     normal number (checked).  It saves the normalised map: a pass over the input, 4% of a batch-1 SVHN call.
     """
     if (conv["op"] != "conv" or conv["quantized"] or "pad" in normalize or not _chained(normalize, conv)
-            or any(float(m) != 0 for m in (normalize.get("mean") or []))):
+            or np.any(np.ravel(0.0 if normalize.get("mean") is None else normalize["mean"]) != 0)):
         return None
     stds = {float(v) for v in np.ravel(normalize["std"])}
     if len(stds) != 1:
