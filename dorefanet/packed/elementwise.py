@@ -23,8 +23,8 @@ __all__ = ["affine_accumulators", "quantize", "affine_quantize", "affine_clip", 
 
 _JIT = dict(nogil=True, cache=True)
 #: Single-thread cost of each kernel, ns per element (measured on the 2-core AMD EPYC at 200K-3M elements).
-_NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_clip": 0.25, "affine_accumulators": 0.4, "normalize": 0.25,
-                   "maxpool": 0.75, "maxpool_lanes": 0.2, "avgpool": 0.5, "avgpool_lanes": 0.2}
+_NS_PER_ELEMENT = {"quantize": 0.1, "affine_quantize": 0.25, "affine_clip": 0.25, "affine_accumulators": 0.4,
+                   "normalize": 0.25, "maxpool": 0.75, "maxpool_lanes": 0.2, "avgpool": 0.5, "avgpool_lanes": 0.2}
 #: Work (ns on one thread) from which a kernel is split over the threads: handing rows to a ThreadPoolExecutor
 #: cost 50-100 us, so smaller splits lost (a batch-1 ResNet-18 map of 200K values: quantize 77 us on two threads,
 #: 20 us on one; batch norm + quantize 96 against 48 us); with the spinning team of .threads, thresholds of 40-100 us

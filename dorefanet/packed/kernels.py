@@ -945,6 +945,15 @@ class _Plan:
         else:
             ep, fout, cout = 1, result.reshape(-1), _NO_EPILOGUE[5]
         scratch = self._spare.pop() if self._spare else self._scratch()
+        self._pack_and_sum(a, scratch, self._no_acc, ep, head + (fout, cout, ld, offset), "popcount+epilogue")
+        if self._spare is not None:
+            self._spare.append(scratch)
+        return result if into is not None else result.reshape(self.out_shape + (chans,))
+
+    def _pack_and_sum(self, a, scratch, acc, ep, ep_args, stage):
+        """The two kernels of a call: the input into the padded planes and window sums of ``scratch``, then the
+        popcount sums into ``acc`` (or, with ``ep`` > 0, through the epilogue ``ep_args``); profiled as ``pack``
+        and ``stage``."""
         padded, sums, rowsum, counter = scratch
         if padded is None:      # planes without a border: the kernels read the input itself
             padded = a
@@ -957,17 +966,14 @@ class _Plan:
             middle = profiling.clock()
             prof.add("pack", middle - start)
         self._launch(_conv_worker, self.n_tasks, self.threads, counter, padded, sums, self.panels, self.k,
-                     self._no_acc.reshape(-1), rowsum, self.kh, self.kw, self.stride, self.out_shape[-2],
-                     self.out_shape[-1], self.pix_block, self.panel_block, self.chunk, ep, *head, fout, cout,
-                     ld, offset)
+                     acc.reshape(-1), rowsum, self.kh, self.kw, self.stride, self.out_shape[-2], self.out_shape[-1],
+                     self.pix_block, self.panel_block, self.chunk, ep, *ep_args)
         if prof is not None:
-            prof.add("popcount+epilogue", profiling.clock() - middle)
-        if self._spare is not None:
-            self._spare.append(scratch)
-        return result if into is not None else result.reshape(self.out_shape + (chans,))
+            prof.add(stage, profiling.clock() - middle)
 
     def _scratch(self):
-        """A new (padded, sums, rowsum, counter) set for a fused call (see ``_spare``)."""
+        """A new (padded, sums, rowsum, counter) set for a call (see ``_spare``).  The padded planes' border
+        must read as code 0: packing from codes writes only the interior."""
         shape = self.padded_shape
         if self.any_pads:
             padded = np.zeros(shape, np.uint64)
@@ -989,30 +995,12 @@ class _Plan:
         """acc and rowsum (new arrays: they are the result) of a call without an epilogue, or with nothing to fuse."""
         chans, n_pix = self.chans, self.n_pix
         acc = np.empty((n_pix, self.n_panels * _PANEL), np.int32)
-        rowsum = np.zeros(n_pix, np.int32)
+        scratch = self._scratch()           # its rowsum is returned: the set is not kept
+        rowsum = scratch[2]
         if self.depth == 0:     # no input channel: nothing to add up
             acc[:] = 0
         elif n_pix:
-            # the padded planes' border must read as code 0; packing from codes writes only the interior
-            if self.any_pads:
-                padded = np.zeros(self.padded_shape, np.uint64)
-            else:
-                padded = np.empty(self.padded_shape, np.uint64) if self.from_codes else a
-            shape = self.padded_shape
-            sums = np.zeros(shape[1] * shape[2] * shape[3], np.int32)
-            prof = profiling.current()
-            if prof is not None:
-                start = profiling.clock()
-            run_workers(_pack_pad_worker if self.from_codes else _prep_worker, self.prep_tasks, self.prep_threads,
-                        self.row_block, a, padded, sums, self.top, self.left, self.kw)
-            if prof is not None:
-                middle = profiling.clock()
-                prof.add("pack", middle - start)
-            run_workers(_conv_worker, self.n_tasks, self.threads, padded, sums, self.panels, self.k, acc.reshape(-1),
-                        rowsum, self.kh, self.kw, self.stride, self.out_shape[-2], self.out_shape[-1], self.pix_block,
-                        self.panel_block, self.chunk, 0, *_NO_EPILOGUE)
-            if prof is not None:
-                prof.add("popcount", profiling.clock() - middle)
+            self._pack_and_sum(a, scratch, acc, 0, _NO_EPILOGUE, "popcount")
         if acc.shape[1] != chans:
             acc = np.ascontiguousarray(acc[:, :chans])
         return acc.reshape(self.out_shape + (chans,)), rowsum.reshape(self.out_shape)
