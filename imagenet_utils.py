@@ -239,6 +239,10 @@ def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=
     is_training = split == "train"
     if files is None:
         files = list_imagenet_files(datadir, split, class_names)
+    if is_training and len(files) < batch_size:
+        # tensorpack's BatchData would stop on a bare assertion
+        raise ImageNetDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
+            datadir, len(files), batch_size))
     parallel = default_parallelism() if parallel is None else int(parallel)
     if parallel < 0:
         raise ValueError("parallel must be >= 0, got {}".format(parallel))

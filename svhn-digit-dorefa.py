@@ -179,6 +179,9 @@ def train(args):
               "steps_per_epoch": steps, "batch": args.batch, "train_images": len(train_flow),
               "test_images": len(test_flow), "data_format": args.data_format}
     towers = len(args.gpu.split(",")) if args.gpu else max(available_gpus(), 1)
+    if len(train_flow) < args.batch // towers:   # tensorpack's BatchData would stop on a bare assertion
+        raise SVHNDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
+            "--synthetic" if args.synthetic else args.data, len(train_flow), args.batch // towers))
     model = make_model(args, steps)
     config.update(layer_bits_record(args, model, config["resume_key"]))
     callbacks = [InferenceRunner(make_dataflow(test_flow, False, args.batch, 0),

@@ -46,14 +46,29 @@ def is_training_state(name):
 
 
 def latest_checkpoint(logdir):
-    """The path prefix of the newest checkpoint in ``logdir``, or None."""
+    """The path prefix of the newest checkpoint in ``logdir``, or None.
+
+    The ``checkpoint`` state file may name it relative to ``logdir`` (tensorpack,
+    ``save_relative_paths``) or absolutely (TensorFlow's default); an absolute
+    path that no longer exists, because the logdir was moved or copied, is looked
+    up in ``logdir`` by its file name.  ``logdir`` may be relative to the current
+    directory: the result then is too.
+    """
     state = tf.train.get_checkpoint_state(logdir)
     if state is None or not state.model_checkpoint_path:
         return None
+    # TensorFlow has already joined a relative path onto ``logdir``; joining again doubled it.
     path = state.model_checkpoint_path
-    if not os.path.isabs(path):
-        path = os.path.join(logdir, path)
+    if os.path.isabs(path) and not _checkpoint_exists(path):
+        moved = os.path.join(logdir, os.path.basename(path))
+        if _checkpoint_exists(moved):
+            return moved
     return path
+
+
+def _checkpoint_exists(prefix):
+    """A V2 checkpoint has ``prefix.index``; a V1 checkpoint is the file ``prefix`` itself."""
+    return os.path.exists(prefix + ".index") or os.path.isfile(prefix)
 
 
 def _checkpoint_prefix(path):

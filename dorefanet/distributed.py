@@ -77,12 +77,14 @@ def follower_plan(logdir, index, chief_step, steps_per_epoch):
     """Where a worker other than the chief starts: the chief's step (it gets the variables by broadcast).
 
     It logs to ``LOGDIR.worker<i>``, beside the chief's, so that ``--overwrite``
-    moving the chief's logdir aside does not pull it away from under it.
+    moving the chief's logdir aside does not pull it away from under it, and
+    holds that directory as the chief holds its own.
     """
+    from dorefanet.logdir_lock import lock_logdir
     from dorefanet.training import RunPlan
 
-    return RunPlan("{}.worker{}".format(logdir.rstrip("/"), index), None, chief_step,
-                   chief_step // steps_per_epoch + 1)
+    own = "{}.worker{}".format(logdir.rstrip("/"), index)
+    return RunPlan(own, None, chief_step, chief_step // steps_per_epoch + 1, lock_logdir(own))
 
 
 # ---------------------------------------------------------------------------------------------

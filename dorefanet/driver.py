@@ -153,7 +153,8 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
     ``args``: ``load``, ``seed``, ``epochs``, ``overwrite``.  On a cluster
     (:mod:`dorefanet.distributed`) the handshake's ``plan`` replaces this
     process's own, only the ``chief`` reads ``--load`` and writes checkpoints,
-    and ``seed`` is the worker's graph seed.  Returns the plan the run followed.
+    and ``seed`` is the worker's graph seed.  The run holds its logdir
+    (:mod:`dorefanet.logdir_lock`) until it ends.  Returns the plan the run followed.
     """
     from dorefanet.checkpoints import StrictInit, read_weights
     from dorefanet.tf_setup import tf
@@ -161,12 +162,15 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
 
     if plan is None:
         plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
-    init = None
-    if args.load and not plan.resumed and chief:
-        init = StrictInit(read_weights(args.load), args.load)
-    np.random.seed(args.seed)
-    tf.set_random_seed(args.seed if seed is None else seed)
-    launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init, chief=chief)
+    try:
+        init = None
+        if args.load and not plan.resumed and chief:
+            init = StrictInit(read_weights(args.load), args.load)
+        np.random.seed(args.seed)
+        tf.set_random_seed(args.seed if seed is None else seed)
+        launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init, chief=chief)
+    finally:
+        plan.release()   # the logdir is free for the next run of this process (or another)
     return plan
 
 

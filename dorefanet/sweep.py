@@ -29,6 +29,7 @@ import subprocess
 import sys
 
 from dorefanet.atomic_file import atomic_open, read_json, write_json_atomic
+from dorefanet.logdir_lock import lock_logdir
 
 __all__ = ["RESULT_FILE", "run_name", "Sweep", "aggregate", "format_results", "plot_results"]
 
@@ -176,8 +177,14 @@ class Sweep:
 
     # ------------------------------------------------------------ the sweep
     def run(self, out=sys.stdout):
-        """Run every configuration and seed in order; return the records (results written after each run)."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Run every configuration and seed in order; return the records (results written after each run).
+
+        The sweep holds its directory (:mod:`dorefanet.logdir_lock`) while it runs, as each run holds its own.
+        """
+        with lock_logdir(self.directory):
+            return self._run_all(out)
+
+    def _run_all(self, out):
         plan = [(bits, seed) for bits in self.configs for seed in self.seeds]
         records = [{"bits": b, "seed": s, "status": "pending"} for b, s in plan]
         for i, (bits, seed) in enumerate(plan):

@@ -18,6 +18,7 @@ from dorefanet.tf_setup import tf
 
 from dorefanet.atomic_file import read_json, write_json_atomic  # noqa: E402
 from dorefanet.checkpoints import latest_checkpoint  # noqa: E402
+from dorefanet.logdir_lock import lock_logdir  # noqa: E402
 
 __all__ = ["TrainingSetupError", "RunPlan", "plan_run", "write_json_atomic", "package_versions",
            "select_trainer", "gate_gradients", "gated_trainer", "launch", "session_config", "available_gpus",
@@ -50,13 +51,22 @@ def checkpoint_step(prefix):
 
 
 class RunPlan:
-    """Where a run starts: fresh (``checkpoint is None``) or resumed at ``starting_epoch``."""
+    """Where a run starts: fresh (``checkpoint is None``) or resumed at ``starting_epoch``.
 
-    def __init__(self, logdir, checkpoint=None, step=0, starting_epoch=1):
+    ``lock``: the :class:`~dorefanet.logdir_lock.LogdirLock` the run holds on its logdir (released by
+    :meth:`release` once training is over, or when the process ends).
+    """
+
+    def __init__(self, logdir, checkpoint=None, step=0, starting_epoch=1, lock=None):
         self.logdir = logdir
         self.checkpoint = checkpoint
         self.step = step
         self.starting_epoch = starting_epoch
+        self.lock = lock
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def resumed(self):
@@ -70,13 +80,28 @@ def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
     * a logdir with a checkpoint short of ``max_epoch``: resume it, provided
       the recorded configuration (``config['resume_key']``) is the same;
     * a finished run: refused unless ``overwrite``, which moves the old logdir
-      aside (``<logdir>.old-<time>``) rather than deleting it.
+      aside (``<logdir>.old-<time>``) rather than deleting it;
+    * a logdir another run holds (:func:`~dorefanet.logdir_lock.lock_logdir`):
+      refused, and nothing in it is touched.
+
+    The returned plan holds the logdir's lock.
     """
+    lock = lock_logdir(logdir)   # before anything is read or written: a second run touches nothing
+    try:
+        if overwrite and os.path.exists(os.path.join(logdir, "checkpoint")):
+            backup = "{}.old-{}".format(logdir.rstrip("/"), datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            shutil.move(logdir, backup)
+            print("[training] --overwrite: moved the previous run to {}".format(backup), file=sys.stderr)
+            lock.release()
+            lock = lock_logdir(logdir)
+        return _plan_locked(logdir, config, steps_per_epoch, max_epoch, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _plan_locked(logdir, config, steps_per_epoch, max_epoch, lock):
     record_path = os.path.join(logdir, "config.json")
-    if overwrite and os.path.exists(os.path.join(logdir, "checkpoint")):
-        backup = "{}.old-{}".format(logdir.rstrip("/"), datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        shutil.move(logdir, backup)
-        print("[training] --overwrite: moved the previous run to {}".format(backup), file=sys.stderr)
     ckpt, step = _last_checkpoint(logdir) if os.path.isdir(logdir) else (None, 0)
     if ckpt is not None:
         done_epochs = step // steps_per_epoch
@@ -104,11 +129,11 @@ def plan_run(logdir, config, steps_per_epoch, max_epoch, overwrite=False):
         record["resumed_at"] = previous.get("resumed_at", []) + [
             {"step": step, "epoch": done_epochs + 1, "epochs": max_epoch, "time": _now()}]
         write_json_atomic(record, record_path)
-        return RunPlan(logdir, ckpt, step, done_epochs + 1)
+        return RunPlan(logdir, ckpt, step, done_epochs + 1, lock)
     os.makedirs(logdir, exist_ok=True)
     record = dict(config, started=_now(), command=sys.argv, versions=package_versions())
     write_json_atomic(record, record_path)
-    return RunPlan(logdir)
+    return RunPlan(logdir, lock=lock)
 
 
 def _last_checkpoint(logdir):

@@ -44,6 +44,16 @@ def kill_after_first_checkpoint(cmd, logdir, timeout=240):
         return int(f.read().split('"')[1].split("-")[-1])
 
 
+def kill_group(proc):
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def random_weights(model, seed):
     """Values for every variable of ``model``: He-scaled weights, batch norm that keeps activations alive."""
     import numpy as np

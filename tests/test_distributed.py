@@ -7,7 +7,6 @@ after every step (a run whose workers diverge stops with an error) and dump its 
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_script, random_weights
+from conftest import ROOT, kill_group, load_script, random_weights
 from dorefanet import distributed
 from dorefanet.checkpoints import save_npz
 from dorefanet.cluster import free_local_ports as free_ports
@@ -63,12 +62,7 @@ class Processes:
                 proc.name, timeout, self.stderr(proc.name)[-3000:]))
 
     def kill(self, proc):
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_group(proc)
 
     def kill_all(self):
         for proc in self.procs:
