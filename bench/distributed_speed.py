@@ -27,7 +27,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 

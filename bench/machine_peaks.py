@@ -19,11 +19,9 @@ the instruction count per cycle).
 """
 import argparse
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from machine_info import cpu_mhz, cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 

@@ -37,7 +37,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from machine_info import cpu_mhz, cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 
@@ -87,11 +86,14 @@ def child(kind, name, bits, path, batch, repeats):
     """One timing in this process: ``kind`` is ``graph`` (TensorFlow on the .npz) or ``engine`` (packed file)."""
     import numpy as np
 
+    from dorefanet.memory import keep_freed_memory
+
+    keep_freed_memory()     # what the scripts set, for both
     rng = np.random.RandomState(1)
     if kind == "engine":
         from dorefanet.packed import load_packed
 
-        engine = load_packed(path)
+        engine = load_packed(path, huge_pages=True)
         shape = [engine.input["height"], engine.input["width"], engine.input["channels"]]
         images = rng.uniform(0, 255, [batch] + shape).astype(engine.input["dtype"])
         seconds = _time_calls(engine.predict, images, repeats)
@@ -142,9 +144,11 @@ def profile_child(path, batch, repeats):
 
     import numpy as np
 
+    from dorefanet.memory import keep_freed_memory
     from dorefanet.packed import load_packed, profiling
 
-    engine = load_packed(path)
+    keep_freed_memory()
+    engine = load_packed(path, huge_pages=True)
     shape = [engine.input["height"], engine.input["width"], engine.input["channels"]]
     images = np.random.RandomState(1).uniform(0, 255, [batch] + shape).astype(engine.input["dtype"])
     engine.predict(images)

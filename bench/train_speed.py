@@ -47,7 +47,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from machine_info import cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 
@@ -339,6 +338,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.child:
+        from dorefanet.memory import keep_freed_memory
+
+        keep_freed_memory()     # what the scripts set for training
         kind = args.child[0]
         if kind == "paired":
             _, name, batch, steps, rounds, fmt = args.child[:6]

@@ -16,6 +16,7 @@ import numpy as np
 from dorefanet.cli import check_run_table, run_reporting_errors
 from dorefanet.errors import ModelLoadError, TrainingSetupError
 from dorefanet.layer_bits import LayerBitsError
+from dorefanet.memory import keep_freed_memory
 from dorefanet.image_io import ImageReadError
 from dorefanet.inference import EvaluationError, results_only_on_stdout
 from dorefanet.packed.export import PackedExportError
@@ -46,6 +47,7 @@ def run_script(args, model, train, evaluate, run, training, errors=()):
     """
     def act():
         check_run_table(args, model)
+        keep_freed_memory()     # the scripts' allocator setting (dorefanet.memory); a library import leaves it
         if getattr(args, "summary", False):
             with results_only_on_stdout():
                 print(model_summary(model, args))

@@ -189,7 +189,7 @@ def make_packed_predictor(path, model):
     from dorefanet.packed import PackedFormatError, load_packed
 
     try:
-        packed = load_packed(path)
+        packed = load_packed(path, huge_pages=True)     # the scripts' choice (see dorefanet.memory)
     except PackedFormatError as err:
         raise ModelLoadError(str(err)) from None
     bits = "{},{},{}".format(*model.bits)

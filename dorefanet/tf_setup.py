@@ -43,10 +43,9 @@ Why each step is here:
   AVX-512 CPUs run them 512 bits wide (other CPUs keep their widest vectors).  It
   changes no result (no reassociation: exact IEEE element-wise operations and
   max/min reductions), only speed.  A width in the user's ``XLA_FLAGS`` wins.
-* A training step frees and allocates the same large tensors every step, and
-  glibc's malloc hands the free top of an arena back to the kernel whenever it
-  exceeds the trim threshold; the next step then page-faults that memory back
-  in, zero-filled.  :func:`_keep_freed_heap_memory` keeps it in the process.
+
+The allocator is left alone here: the scripts set it for training
+(:func:`dorefanet.memory.keep_freed_memory`), a library import does not.
 """
 import logging
 import os
@@ -220,32 +219,7 @@ def _let_dataflow_workers_die_with_their_parent():
             set_pdeathsig=lambda sig: libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0))
 
 
-def _keep_freed_heap_memory():
-    """Raise glibc's trim and mmap thresholds to 1 GiB, so that freed heap memory is reused, not returned.
-
-    Measured on the 2-core VM of docs/performance.md (SVHN, batch 128, 20 to 40 steps after
-    30 warm-up steps): with glibc's defaults about 400 to 720 page faults per 8,8,8 training step in three
-    runs (their quantizers' temporaries, up to 6.5 MB each, free the top of a thread's arena); with these
-    thresholds none, but for one stretch of about 1,600 faults in one of three runs; 32,32,32 had none
-    either way.  A page fault cost 2.8 us there.  The peak memory is that of the largest step either way.
-    Skipped when the user set glibc's malloc variables or tunables, and on other C libraries.
-    """
-    import platform
-
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return
-    if "GLIBC_TUNABLES" in os.environ or any(name.startswith("MALLOC_") for name in os.environ):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    for option in (m_trim_threshold, m_mmap_threshold):
-        libc.mallopt(option, 1 << 30)
-
-
 _patch_tensorpack_for_numpy2()
 _let_dataflow_workers_die_with_their_parent()
-_keep_freed_heap_memory()
 
 __all__ = ["tf"]

@@ -2,14 +2,11 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 from dorefanet import tf_setup  # noqa: E402,F401  (prepares TensorFlow before any test imports it)
 

@@ -76,7 +76,6 @@ def test_a_state_file_naming_a_missing_checkpoint_is_one_line(tmp_path):
 # ------------------------------------------------------------------ one run per logdir
 _HOLD = """
 import os, sys, time
-sys.path.insert(0, {root!r})
 from dorefanet.logdir_lock import lock_logdir
 lock = lock_logdir({logdir!r})
 if {fork}:
@@ -89,7 +88,7 @@ time.sleep(60)
 
 
 def _holder(logdir, fork=False):
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=ROOT, logdir=logdir, fork=fork)],
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD.format(logdir=logdir, fork=fork)],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "held"
     return proc

@@ -374,40 +374,6 @@ def test_first_last_float16_stores_rounded_weights(tmp_path):
                                   load_packed(str(tmp_path / "rounded.packed.npz")).predict(images))
 
 
-_FAULTS_PROBE = """
-import resource, sys
-import numpy as np
-if sys.argv[1] == "reuse":
-    from dorefanet.packed.engine import reuse_freed_memory
-    assert reuse_freed_memory()
-def touch():
-    a = np.empty(64 << 20, np.uint8)
-    a[::4096] = 1                                   # one write per page
-    del a
-touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_maps_are_reused_without_page_faults():
-    """A 64 MB map allocated again after it was freed: with the engine's malloc settings its pages are
-    the first one's (almost no page faults); with glibc's defaults (a fresh mmap) they fault in again."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env["PYTHONPATH"] = ROOT
-    faults = {}
-    for mode in ("default", "reuse"):
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        faults[mode] = int(out.stdout.split()[-1])
-    # a fresh mapping faults at least once per 2 MB (32 times with transparent huge pages, 16,384 without)
-    assert faults["reuse"] < 16, faults
-    assert faults["default"] >= 32, faults             # the probe would see the difference
-
-
 def test_huge_page_copy_is_an_equal_writable_array_of_its_own():
     big = np.arange(3 << 20, dtype=np.float32).reshape(3, 1 << 20)       # 12 MB
     copy = packed_engine.huge_page_copy(big)

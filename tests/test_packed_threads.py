@@ -145,15 +145,14 @@ def test_helpers_end_at_exit(tmp_path):
     script = tmp_path / "use_team.py"
     script.write_text(
         "import sys, threading\n"
-        "sys.path[:0] = [%r, %r]\n"
+        "sys.path.insert(0, %r)\n"
         "from test_packed_threads import _two_thread_run\n"
         "from dorefanet.packed import threads\n"
         "_two_thread_run()\n"
         "threads._stop_team()\n"
         "alive = [t.name for t in threading.enumerate() if t.name.startswith('packed-kernels')]\n"
         "print('alive', alive)\n"
-        "_two_thread_run()\n" % (os.path.dirname(os.path.abspath(__file__)),
-                                  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        "_two_thread_run()\n" % os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -161,7 +160,7 @@ def test_helpers_end_at_exit(tmp_path):
 
 
 def test_num_threads_follows_numba_per_python_thread():
-    """The direct read gives what numba.get_num_threads gives, after set_num_threads, in this and another
+    """num_threads gives what numba.get_num_threads gives, after set_num_threads, in this and another
     Python thread (numba's count is per thread)."""
     import numba
 
@@ -180,6 +179,23 @@ def test_num_threads_follows_numba_per_python_thread():
         worker.start()
         worker.join()
         assert seen["other"] == (1, 1)
+        assert threads.num_threads() == numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_a_pinned_count_is_read_once_for_the_call_and_nests():
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        with threads.pinned_thread_count():
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+            assert threads.num_threads() == 1           # the count at entry, for the whole call
+            with threads.pinned_thread_count():
+                assert threads.num_threads() == 1
+            assert threads.num_threads() == 1           # the inner exit keeps the outer count
         assert threads.num_threads() == numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     finally:
         numba.set_num_threads(before)

@@ -19,19 +19,17 @@ Float convolutions and fully-connected layers use :mod:`dorefanet.packed.float_c
 a layer's output is quantized next (possibly after a max pooling), the layer
 writes the codes directly (see ``predict``).
 """
-import ctypes
 import functools
 import math
 import mmap
-import sys
 
 import numpy as np
 
 from . import elementwise, float_conv, profiling
-from .threads import num_threads
+from .threads import num_threads, pinned_thread_count
 from .format import read_packed, unpack_weight_planes
 
-__all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS", "reuse_freed_memory", "huge_page_copy"]
+__all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS", "huge_page_copy"]
 
 #: Quantized layers with W x A bit planes up to this use the popcount kernels; wider ones an integer GEMM.
 POPCOUNT_MAX_PLANE_PAIRS = 8
@@ -219,9 +217,9 @@ class PackedModel:
     returns the softmax probabilities ``[B, classes]`` (float32).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, huge_pages=False):
         self.path = path
-        reuse_freed_memory()
+        self._huge_pages = huge_pages
         self.header, arrays = read_packed(path)
         self.model = self.header["model"]
         self.bits = self.header["bits"]
@@ -243,6 +241,10 @@ class PackedModel:
         self._steps = {False: self._program_steps(self._fast_program, fuse=True),
                        True: self._program_steps(self.program, fuse=False)}
 
+    def _streamed(self, array):
+        """Weights read in full on every call: on huge pages when the model was loaded with ``huge_pages``."""
+        return huge_page_copy(array) if self._huge_pages else array
+
     # ---------------------------------------------------------------- running
     def predict(self, images, trace=None):
         """Softmax probabilities of a batch.
@@ -258,6 +260,10 @@ class PackedModel:
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ValueError("{}: expects images of shape [batch, {}, {}, {}], got {}".format(
                 self.path, *want, list(images.shape)))
+        with pinned_thread_count():     # every layer of the call asks; read once
+            return self._predict(images, trace)
+
+    def _predict(self, images, trace):
         if trace is None and len(images) > 1:
             chunk = self._chunk(images)
             if chunk < len(images):
@@ -501,7 +507,7 @@ class PackedModel:
         v = np.ascontiguousarray(v).reshape(v.shape[0], -1)
         if float_path:
             if layer.dense_w is None:
-                layer.dense_w = huge_page_copy(float_conv.pad_dense_weights(layer.float_w))
+                layer.dense_w = self._streamed(float_conv.pad_dense_weights(layer.float_w))
                 layer.dense_affine = float_conv.pad_dense_affine(layer.scale, layer.shift, layer.dense_w.shape[-1])
             return self._quantized(float_conv.dense_affine(_Map(v, x.levels).as_float(), layer.dense_w,
                                                            layer.shape[-1], layer.scale, layer.shift, levels,
@@ -513,7 +519,7 @@ class PackedModel:
             if "fc" not in layer._planes:
                 prepared = kernels.prepare_weights(kernels.pack_planes(
                     np.ascontiguousarray(layer.codes.T).astype(np.uint8), layer.bits))
-                prepared.panels = huge_page_copy(prepared.panels)
+                prepared.panels = self._streamed(prepared.panels)
                 layer._planes["fc"] = prepared
             return self._quantized(kernels.gemm_popcount_codes(
                 v.astype(np.uint8, copy=False), int(x.levels).bit_length(), layer._planes["fc"],
@@ -592,35 +598,11 @@ class PackedModel:
         return _Map(elementwise.softmax(v.reshape(v.shape[0], -1)))
 
 
-@functools.cache
-def reuse_freed_memory():
-    """Have glibc's malloc keep freed blocks of any size for reuse (once per process; Linux only).
-
-    By default every block above malloc's mmap threshold (32 MB at most) is a fresh mapping whose pages
-    fault in on first touch, so each large map of a batch faulted in again on every call: about 10,000
-    page faults per AlexNet call at batch 128 and 26,000-30,000 per ResNet-18 call.  With the threshold at
-    1 GiB and up to 2 GiB of freed memory kept, later calls reuse the first call's pages (0-5 faults a
-    call).  Measured with the commit's other engine changes, alternating processes, batch 128: SVHN 1.34x,
-    AlexNet 1.31x, ResNet-18 1.19x faster; peak memory 0-20% higher.  Heap memory has 4 KiB pages: weights
-    streamed on every call are moved to huge pages (:func:`huge_page_copy`).  Returns whether both settings
-    took.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):            # another C library (musl): leave it as it is
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
-
-
 def huge_page_copy(array):
     """``array`` (4 MB or more) copied into an anonymous mapping of its own, advised for transparent huge pages.
 
     For weights that every call streams from memory (fully-connected layers): with
-    :func:`reuse_freed_memory` they would come from malloc's heap in 4 KiB pages, and reading AlexNet's
+    :func:`dorefanet.memory.keep_freed_memory` they would come from malloc's heap in 4 KiB pages, and reading AlexNet's
     16 MB ``fct`` at batch 1 took 2.0 ms instead of 1.1 ms (page walks; same process, alternating calls).
     Smaller arrays, and systems without ``MADV_HUGEPAGE``, get ``array`` back.
     """
@@ -740,6 +722,11 @@ def _merged(program, affines, layers):
     return out
 
 
-def load_packed(path):
-    """Load a packed model file (see :mod:`dorefanet.packed.format`); returns a :class:`PackedModel`."""
-    return PackedModel(path)
+def load_packed(path, huge_pages=False):
+    """Load a packed model file (see :mod:`dorefanet.packed.format`); returns a :class:`PackedModel`.
+
+    ``huge_pages``: weights streamed on every call go to mappings of their own advised for transparent
+    huge pages (:func:`huge_page_copy`); the scripts and ``bench/`` ask for it, a library caller
+    decides for its own process.
+    """
+    return PackedModel(path, huge_pages)

@@ -17,6 +17,7 @@ running on it) runs its kernel on its own thread, which gives the same result.  
 threads, ended at interpreter exit (``atexit``); a forked child makes a team of its own.
 """
 import atexit
+import contextlib
 import os
 import platform
 import threading
@@ -28,12 +29,7 @@ from numba import config, get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-try:        # numba's own thread-local count, read without get_num_threads' locks (see num_threads)
-    from numba.np.ufunc import parallel as _numba_parallel
-except ImportError:
-    _numba_parallel = None
-
-__all__ = ["run_workers", "run_split", "next_task", "num_threads", "SPIN_SECONDS"]
+__all__ = ["run_workers", "run_split", "next_task", "num_threads", "pinned_thread_count", "SPIN_SECONDS"]
 
 _JIT = dict(nogil=True, cache=True)
 #: How long an idle helper keeps spinning for the next job before it sleeps.
@@ -43,18 +39,29 @@ _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
-def num_threads():
-    """``numba.get_num_threads()``: this thread's count, read directly once numba's threading layer is up.
+_pinned = threading.local()
 
-    The public call takes two locks to make sure the layer is launched: 0.7 us, against 0.1 us, and the engine
-    asks for the count about ten times per batch-1 prediction.
+
+def num_threads():
+    """``numba.get_num_threads()``, or within :func:`pinned_thread_count` the count it read on entry."""
+    return getattr(_pinned, "count", 0) or get_num_threads()
+
+
+@contextlib.contextmanager
+def pinned_thread_count():
+    """Read this thread's numba thread count once for a whole call of the engine.
+
+    Each layer of a prediction asks for the count, about ten times per batch-1 call, and numba's public
+    call takes two locks (0.7 us, against 0.1 us for a thread-local read).  Nested uses keep the outer count.
     """
-    if getattr(_numba_parallel, "_is_initialized", False):
-        raw = getattr(_numba_parallel, "_get_num_threads", None)    # bound when the layer is launched
-        threads = raw() if raw is not None else 0
-        if threads > 0:
-            return threads
-    return get_num_threads()
+    if getattr(_pinned, "count", 0):
+        yield
+        return
+    _pinned.count = get_num_threads()
+    try:
+        yield
+    finally:
+        _pinned.count = 0
 
 
 # ---------------------------------------------------------------------------------------- intrinsics
