@@ -197,6 +197,10 @@ def session_config(num_towers=1):
     if available_gpus() == 0:
         config.intra_op_parallelism_threads = os.cpu_count() or 1
         config.inter_op_parallelism_threads = 2 if num_towers > 1 else 1
+        # TensorFlow sizes one process-wide inter-op pool from the first session's setting: a one-tower
+        # session earlier in the process (tests run several trainings in one) left a later two-tower run
+        # with one thread, and its first step never finished. Pools of its own keep the setting.
+        config.use_per_session_threads = num_towers > 1
     return config
 
 

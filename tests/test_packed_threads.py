@@ -68,11 +68,19 @@ def test_one_thread_and_fewer_tasks_than_threads():
         assert joined[0] == 1       # one thread at most, so no helper
 
 
+def _until_asleep(helpers, timeout=10.0):
+    """Wait (with a deadline) until every helper has stopped spinning and sleeps."""
+    deadline = time.monotonic() + timeout
+    while not all(h.sleeping for h in helpers):
+        assert time.monotonic() < deadline, "a helper still spins after {} s".format(timeout)
+        time.sleep(threads.SPIN_SECONDS)
+
+
 def test_a_sleeping_helper_is_woken():
     _two_thread_run()
-    time.sleep(threads.SPIN_SECONDS * 20)
     helpers = threads._the_team().helpers
-    assert helpers and all(h.sleeping for h in helpers)
+    assert helpers
+    _until_asleep(helpers)
     joined = []
     for _ in range(20):
         runs, count = _two_thread_run()
@@ -80,7 +88,7 @@ def test_a_sleeping_helper_is_woken():
         joined.append(count)
         if count == 2:
             break
-        time.sleep(threads.SPIN_SECONDS * 20)
+        _until_asleep(helpers)
     assert 2 in joined, joined
 
 
