@@ -149,10 +149,10 @@ def small_flags(tokens):
         flags += ["--image-size", "64"]
     if mode in ("train", "sweep"):
         flags += ["--epochs", "1", "--steps-per-epoch", "2"]
-    if mode == "sweep":
-        flags += ["--seeds", "1"]       # a sweep's size is its runs: one seed each
         if script in _IMAGENET and "--batch" not in tokens:
             flags += ["--batch", "8"]
+    if mode == "sweep":
+        flags += ["--seeds", "1"]       # a sweep's size is its runs: one seed each
     return flags
 
 
