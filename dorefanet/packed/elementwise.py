@@ -11,12 +11,10 @@ would cost more than the work).
 import functools
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit
 
-from .threads import element_pointer, is_flat, num_threads, run_split
+from .intrinsics import lanes_add, lanes_divide, lanes_load, lanes_max, lanes_store
+from .threads import num_threads, run_split
 
 __all__ = ["affine_accumulators", "quantize", "affine_quantize", "affine_clip", "maxpool", "avgpool", "normalize",
            "global_average", "softmax"]
@@ -55,71 +53,6 @@ def affine_row_codes(acc, s, a, b, c, n, out):
     for i in range(acc.size):
         y = np.float32(np.float64(acc[i]) * a[i] + (s * b[i] + c[i]))
         out[i] = np.rint(min(max(y, zero), one) * n)
-
-
-def _affine8_ir(context, builder, signature, args):
-    """LLVM for :func:`affine_row`'s ``y`` on 8 channels: ``acc[at:at + 8]`` (int32) with ``a, b, c[ci:ci + 8]``
-    (float64) and the row sum ``s``, as ``<8 x float>``; the same operations in the same order (no contraction)."""
-    acc_t, _, _, a_t, b_t, c_t = signature.args[:6]
-    acc, at, s, a, b, c, ci = args[:7]
-    f64x8 = ir.VectorType(ir.DoubleType(), 8)
-
-    def lanes(array_type, array, index, element_type):
-        pointer = element_pointer(context, builder, array_type, array, index)
-        return builder.load(builder.bitcast(pointer, ir.VectorType(element_type, 8).as_pointer()), align=1)
-
-    x = builder.sitofp(lanes(acc_t, acc, at, ir.IntType(32)), f64x8)
-    shift = builder.fadd(builder.fmul(_splat(builder, s, f64x8), lanes(b_t, b, ci, ir.DoubleType())),
-                         lanes(c_t, c, ci, ir.DoubleType()))
-    y = builder.fadd(builder.fmul(x, lanes(a_t, a, ci, ir.DoubleType())), shift)
-    return builder.fptrunc(y, ir.VectorType(ir.FloatType(), 8))
-
-
-def _affine8_args_ok(acc, s, a, b, c):
-    return (is_flat(acc, types.int32) and s == types.float64
-            and all(is_flat(v, types.float64) for v in (a, b, c)))
-
-
-@intrinsic
-def affine8(typingctx, acc, at, s, a, b, c, ci, out, oi):
-    """``out[oi:oi + 8] = y`` of :func:`affine_row` for channels ``ci ..`` of the accumulators at ``acc[at:]``
-    (flat arrays).  An intrinsic, not a loop over slices: a slice made per output row increfs and decrefs
-    its array (atomic adds on counters that both threads share), a fifth of SVHN's conv1 at batch 128."""
-    if not (_affine8_args_ok(acc, s, a, b, c) and is_flat(out, types.float32)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[7], args[7], args[8])
-        y = _affine8_ir(context, builder, signature, args)
-        builder.store(y, builder.bitcast(pointer, y.type.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.none(acc, types.intp, s, a, b, c, types.intp, out, types.intp), codegen
-
-
-@intrinsic
-def affine8_codes(typingctx, acc, at, s, a, b, c, ci, n, out, oi):
-    """As :func:`affine8`, the uint8 codes ``rint(clip(y, 0, 1) * n)`` of :func:`affine_row_codes`."""
-    if not (_affine8_args_ok(acc, s, a, b, c) and n == types.float32 and is_flat(out, types.uint8)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        f32x8 = ir.VectorType(ir.FloatType(), 8)
-        binary = ir.FunctionType(f32x8, [f32x8, f32x8])
-        module = builder.module
-        maxnum = cgutils.get_or_insert_function(module, binary, "llvm.maxnum.v8f32")
-        minnum = cgutils.get_or_insert_function(module, binary, "llvm.minnum.v8f32")
-        rint = cgutils.get_or_insert_function(module, ir.FunctionType(f32x8, [f32x8]), "llvm.rint.v8f32")
-        y = _affine8_ir(context, builder, signature, args)
-        clipped = builder.call(minnum, [builder.call(maxnum, [y, ir.Constant(f32x8, [0.0] * 8)]),
-                                        ir.Constant(f32x8, [1.0] * 8)])
-        codes = builder.fptoui(builder.call(rint, [builder.fmul(clipped, _splat(builder, args[7], f32x8))]),
-                               ir.VectorType(ir.IntType(8), 8))
-        pointer = element_pointer(context, builder, signature.args[8], args[8], args[9])
-        builder.store(codes, builder.bitcast(pointer, codes.type.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.none(acc, types.intp, s, a, b, c, types.intp, n, out, types.intp), codegen
 
 
 @njit(**_JIT)
@@ -255,101 +188,6 @@ def _maxpool(t0, t1, x, size, stride, top, left, n, out):
             result[:] = best
 
 
-class _Lanes16(types.Type):
-    """16 lanes of a float32 or uint8 array: an LLVM ``<16 x float>`` (one AVX-512 register; also the float
-    convolution's tile type) or ``<16 x i8>``."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        super().__init__(name="Lanes16(%s)" % dtype)
-
-
-@register_model(_Lanes16)
-class _Lanes16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        element = ir.FloatType() if fe_type.dtype == types.float32 else ir.IntType(8)
-        super().__init__(dmm, fe_type, ir.VectorType(element, 16))
-
-
-def _splat(builder, value, vector_type):
-    """``value`` in every lane of an LLVM ``vector_type`` (insert into lane 0, then shuffle)."""
-    undef = ir.Constant(vector_type, ir.Undefined)
-    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
-                                                          [0] * vector_type.count))
-
-
-def _lanes_pointer(context, builder, array_type, array, index):
-    element = ir.FloatType() if array_type.dtype == types.float32 else ir.IntType(8)
-    pointer = element_pointer(context, builder, array_type, array, index)
-    return builder.bitcast(pointer, ir.VectorType(element, 16).as_pointer())
-
-
-@intrinsic
-def _lanes_load(typingctx, array, index):
-    """``array[index:index + 16]`` of a flat float32 or uint8 array as one vector."""
-    if not (is_flat(array, types.float32) or is_flat(array, types.uint8)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.load(_lanes_pointer(context, builder, signature.args[0], args[0], args[1]), align=1)
-
-    return _Lanes16(array.dtype)(array, types.intp), codegen
-
-
-@intrinsic
-def _lanes_store(typingctx, array, index, value):
-    """``array[index:index + 16] = value``."""
-    if not ((is_flat(array, types.float32) or is_flat(array, types.uint8)) and value == _Lanes16(array.dtype)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        builder.store(args[2], _lanes_pointer(context, builder, signature.args[0], args[0], args[1]), align=1)
-        return context.get_dummy_value()
-
-    return types.none(array, types.intp, value), codegen
-
-
-@intrinsic
-def _lanes_max(typingctx, a, b):
-    """Lane-wise ``b if b > a else a`` (what the scalar kernel's ``max(a, b)`` gives)."""
-    if not (isinstance(a, _Lanes16) and a == b):
-        return None
-
-    def codegen(context, builder, signature, args):
-        if signature.args[0].dtype == types.float32:
-            greater = builder.fcmp_ordered(">", args[1], args[0])
-        else:
-            greater = builder.icmp_unsigned(">", args[1], args[0])
-        return builder.select(greater, args[1], args[0])
-
-    return a(a, b), codegen
-
-
-@intrinsic
-def _lanes_add(typingctx, a, b):
-    """Lane-wise ``a + b`` of float32 lanes."""
-    if not (a == _Lanes16(types.float32) and b == a):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1])
-
-    return a(a, b), codegen
-
-
-@intrinsic
-def _lanes_divide(typingctx, a, divisor):
-    """Lane-wise ``a / divisor`` of float32 lanes by a float32."""
-    if not (a == _Lanes16(types.float32) and divisor == types.float32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fdiv(args[0], _splat(builder, args[1], ir.VectorType(ir.FloatType(), 16)))
-
-    return a(a, divisor), codegen
-
-
 @njit(**_JIT)
 def _maxpool_lanes(t0, t1, x, size, stride, top, left, out):
     """:func:`_maxpool` without quantizing, for ``channels % 16 == 0``: each window's 16-channel groups in one
@@ -368,11 +206,11 @@ def _maxpool_lanes(t0, t1, x, size, stride, top, left, out):
             x1 = min(ox * stride - left + size, width)
             o = ((image * out_h + oy) * out_w + ox) * channels
             for c in range(0, channels, 16):
-                best = _lanes_load(xf, ((image * height + y0) * width + x0) * channels + c)
+                best = lanes_load(xf, ((image * height + y0) * width + x0) * channels + c)
                 for y in range(y0, y1):
                     for xx in range(x0, x1):
-                        best = _lanes_max(best, _lanes_load(xf, ((image * height + y) * width + xx) * channels + c))
-                _lanes_store(of, o + c, best)
+                        best = lanes_max(best, lanes_load(xf, ((image * height + y) * width + xx) * channels + c))
+                lanes_store(of, o + c, best)
 
 
 def maxpool(x, size, stride, pads, levels=None):
@@ -437,12 +275,12 @@ def _avgpool_lanes(t0, t1, x, size, stride, out):
             o = ((image * out_h + oy) * out_w + ox) * channels
             first = ((image * height + oy * stride) * width + ox * stride) * channels
             for c in range(0, channels, 16):
-                total = _lanes_load(xf, first + c)
+                total = lanes_load(xf, first + c)
                 for dy in range(size):
                     for dx in range(size):
                         if dy + dx:
-                            total = _lanes_add(total, _lanes_load(xf, first + (dy * width + dx) * channels + c))
-                _lanes_store(of, o + c, _lanes_divide(total, count))
+                            total = lanes_add(total, lanes_load(xf, first + (dy * width + dx) * channels + c))
+                lanes_store(of, o + c, lanes_divide(total, count))
 
 
 def avgpool(x, size, stride):

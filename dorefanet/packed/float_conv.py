@@ -16,13 +16,10 @@ as pixels).  Summation order differs from TensorFlow's (as any two float32
 convolutions' do); the engine's exactness tests bound what that can change.
 """
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
-from .elementwise import _Lanes16, _lanes_load, _splat
-from .threads import element_pointer, is_flat, next_task, num_threads, run_workers
+from .intrinsics import emit, fma_at, fzero, lanes_load
+from .threads import next_task, num_threads, run_workers
 
 __all__ = ["LANES", "conv2d_affine"]
 
@@ -32,139 +29,65 @@ LANES = 16
 _PIXELS = 6                             # output pixels per register tile (36 and 54 wide maps: no tail)
 
 
-#: Sixteen float32 lanes, an LLVM ``<16 x float>`` value (a zmm register with AVX-512): the element-wise
-#: kernels' vector type, loaded by their ``_lanes_load`` (the tile stores through :func:`_emit`).
-_f16 = _Lanes16(types.float32)
-_VF = ir.VectorType(ir.FloatType(), LANES)
-
-
-@intrinsic
-def _fzero(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(_VF, [0.0] * LANES)
-
-    return _f16(), codegen
-
-
-@intrinsic
-def _fma_at(typingctx, array, index, weights, acc):
-    """``acc + array[index] * weights``, the scalar broadcast to all lanes (one fused multiply-add)."""
-    if not (is_flat(array, types.float32) and weights == _f16 and acc == _f16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        scalar = builder.load(element_pointer(context, builder, signature.args[0], args[0], args[1]))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]),
-                                             "llvm.fma.v16f32")
-        return builder.call(fma, [_splat(builder, scalar, _VF), args[2], args[3]])
-
-    return _f16(array, types.intp, weights, acc), codegen
-
-
-def _codegen_emit(builder, module, out_ptr, codes_ptr, levels, acc, scale, shift):
-    """LLVM for one vector of the tile: ``y = acc * scale + shift`` (two float32 roundings, no contraction to
-    an FMA), then, if ``levels`` > 0, the codes ``rint(min(max(y, 0), 1) * levels)`` (the engine's quantizer,
-    :func:`packed.elementwise.quantize`, round half to even) into ``codes_ptr``, else ``y`` into ``out_ptr``."""
-    y = builder.fadd(builder.fmul(acc, scale), shift)
-    with builder.if_else(builder.fcmp_ordered(">", levels, ir.Constant(ir.FloatType(), 0.0))) as (quantize, plain):
-        with quantize:
-            unary = ir.FunctionType(_VF, [_VF])
-            binary = ir.FunctionType(_VF, [_VF, _VF])
-            maxnum = cgutils.get_or_insert_function(module, binary, "llvm.maxnum.v16f32")
-            minnum = cgutils.get_or_insert_function(module, binary, "llvm.minnum.v16f32")
-            rint = cgutils.get_or_insert_function(module, unary, "llvm.rint.v16f32")
-            clipped = builder.call(minnum, [builder.call(maxnum, [y, ir.Constant(_VF, [0.0] * LANES)]),
-                                            ir.Constant(_VF, [1.0] * LANES)])
-            rounded = builder.call(rint, [builder.fmul(clipped, _splat(builder, levels, _VF))])
-            bytes_v = ir.VectorType(ir.IntType(8), LANES)
-            builder.store(builder.fptoui(rounded, bytes_v), builder.bitcast(codes_ptr, bytes_v.as_pointer()), align=1)
-        with plain:
-            builder.store(y, builder.bitcast(out_ptr, _VF.as_pointer()), align=1)
-
-
-@intrinsic
-def _emit(typingctx, out, codes, levels, index, accs, scales, shifts):
-    """One output pixel's channels ``index ..`` from a tuple of vectors ``accs`` (16 channels each) with the
-    layer's affine map (``scales``, ``shifts``: tuples of the same length): into ``out`` (float32) or, if
-    ``levels`` > 0, quantized into ``codes`` (uint8).
-
-    One intrinsic rather than jitted helpers: a jitted helper that takes the arrays increfs and decrefs them
-    around every store (an atomic add on a counter both threads share), and its tuple loop spilled the tile;
-    the epilogue of SVHN's conv0 (6 x 48 outputs after 75 multiply-adds each) took a fifth of its time.
-    """
-    if not (is_flat(out, types.float32) and is_flat(codes, types.uint8) and levels == types.float32
-            and isinstance(accs, types.UniTuple) and accs.dtype == _f16 and scales == accs and shifts == accs):
-        return None
-
-    def codegen(context, builder, signature, args):
-        out_a, codes_a, levels_v, index, accs_v, scales_v, shifts_v = args
-        for lane in range(accs.count):
-            at = builder.add(index, ir.Constant(index.type, lane * LANES))
-            _codegen_emit(builder, builder.module,
-                          element_pointer(context, builder, signature.args[0], out_a, at),
-                          element_pointer(context, builder, signature.args[1], codes_a, at), levels_v,
-                          builder.extract_value(accs_v, lane), builder.extract_value(scales_v, lane),
-                          builder.extract_value(shifts_v, lane))
-        return context.get_dummy_value()
-
-    return types.none(out, codes, levels, types.intp, accs, scales, shifts), codegen
-
-
 @njit(inline="always", **_JIT)
 def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o, scale, shift, ob):
     """6 output pixels x 48 channels: 18 accumulators, 3 weight loads and 6 broadcasts per input value."""
-    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = _fzero()
-    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = _fzero()
+    # hand-unrolled tile of named accumulators: numba keeps scalar values in registers across the loop, an
+    # array tile's elements in memory
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = fzero()
+    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = fzero()
     # within one kernel row, the (kx, c) inputs are contiguous in x and their weights in w: one loop
     span = kw * cin
     for ky in range(kh):
         p0 = base + ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            wa = _lanes_load(w, w0 + j * n_out)
-            wb = _lanes_load(w, w0 + j * n_out + 16)
-            wc = _lanes_load(w, w0 + j * n_out + 32)
+            wa = lanes_load(w, w0 + j * n_out)
+            wb = lanes_load(w, w0 + j * n_out + 16)
+            wc = lanes_load(w, w0 + j * n_out + 32)
             p = p0 + j
-            a00 = _fma_at(x, p, wa, a00)
-            a01 = _fma_at(x, p, wb, a01)
-            a02 = _fma_at(x, p, wc, a02)
-            a10 = _fma_at(x, p + step, wa, a10)
-            a11 = _fma_at(x, p + step, wb, a11)
-            a12 = _fma_at(x, p + step, wc, a12)
-            a20 = _fma_at(x, p + 2 * step, wa, a20)
-            a21 = _fma_at(x, p + 2 * step, wb, a21)
-            a22 = _fma_at(x, p + 2 * step, wc, a22)
-            a30 = _fma_at(x, p + 3 * step, wa, a30)
-            a31 = _fma_at(x, p + 3 * step, wb, a31)
-            a32 = _fma_at(x, p + 3 * step, wc, a32)
-            a40 = _fma_at(x, p + 4 * step, wa, a40)
-            a41 = _fma_at(x, p + 4 * step, wb, a41)
-            a42 = _fma_at(x, p + 4 * step, wc, a42)
-            a50 = _fma_at(x, p + 5 * step, wa, a50)
-            a51 = _fma_at(x, p + 5 * step, wb, a51)
-            a52 = _fma_at(x, p + 5 * step, wc, a52)
-    sa, sb, sc = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32)
-    ta, tb, tc = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32)
+            # hand-unrolled: every pixel's input broadcast against the weight vectors, one FMA per accumulator
+            a00 = fma_at(x, p, wa, a00)
+            a01 = fma_at(x, p, wb, a01)
+            a02 = fma_at(x, p, wc, a02)
+            a10 = fma_at(x, p + step, wa, a10)
+            a11 = fma_at(x, p + step, wb, a11)
+            a12 = fma_at(x, p + step, wc, a12)
+            a20 = fma_at(x, p + 2 * step, wa, a20)
+            a21 = fma_at(x, p + 2 * step, wb, a21)
+            a22 = fma_at(x, p + 2 * step, wc, a22)
+            a30 = fma_at(x, p + 3 * step, wa, a30)
+            a31 = fma_at(x, p + 3 * step, wb, a31)
+            a32 = fma_at(x, p + 3 * step, wc, a32)
+            a40 = fma_at(x, p + 4 * step, wa, a40)
+            a41 = fma_at(x, p + 4 * step, wb, a41)
+            a42 = fma_at(x, p + 4 * step, wc, a42)
+            a50 = fma_at(x, p + 5 * step, wa, a50)
+            a51 = fma_at(x, p + 5 * step, wb, a51)
+            a52 = fma_at(x, p + 5 * step, wc, a52)
+    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
+    sa, sb, sc = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32)
+    ta, tb, tc = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32)
     s, t = (sa, sb, sc), (ta, tb, tc)
-    _emit(out, codes, levels, o, (a00, a01, a02), s, t)
-    _emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
-    _emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
-    _emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
-    _emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
-    _emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
+    emit(out, codes, levels, o, (a00, a01, a02), s, t)
+    emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
+    emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
+    emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
+    emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
+    emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
 
 
 @njit(inline="always", **_JIT)
 def _tile1x1(x, w, base, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o, scale, shift, ob):
     """One output pixel x 16 channels (the tails)."""
-    acc = _fzero()
+    acc = fzero()
     span = kw * cin
     for ky in range(kh):
         p0 = base + ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            acc = _fma_at(x, p0 + j, _lanes_load(w, w0 + j * n_out), acc)
-    _emit(out, codes, levels, o, (acc,), (_lanes_load(scale, ob),), (_lanes_load(shift, ob),))
+            acc = fma_at(x, p0 + j, lanes_load(w, w0 + j * n_out), acc)
+    emit(out, codes, levels, o, (acc,), (lanes_load(scale, ob),), (lanes_load(shift, ob),))
 
 
 @njit(inline="always", **_JIT)
@@ -172,117 +95,131 @@ def _tile6x4(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, c
              ob):
     """6 output pixels (input windows at b0 .. b5) x 64 channels: 24 accumulators, 4 weight loads and 6
     broadcasts per input value."""
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = _fzero()
-    a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = _fzero()
+    # hand-unrolled tile of named accumulators: numba keeps scalar values in registers across the loop, an
+    # array tile's elements in memory
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = fzero()
+    a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = fzero()
     for ky in range(kh):
         d = ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
             q = w0 + j * n_out
-            wa, wb, wc, wd = _lanes_load(w, q), _lanes_load(w, q + 16), _lanes_load(w, q + 32), _lanes_load(w, q + 48)
+            wa, wb, wc, wd = lanes_load(w, q), lanes_load(w, q + 16), lanes_load(w, q + 32), lanes_load(w, q + 48)
             p = d + j
-            a00 = _fma_at(x, b0 + p, wa, a00)
-            a01 = _fma_at(x, b0 + p, wb, a01)
-            a02 = _fma_at(x, b0 + p, wc, a02)
-            a03 = _fma_at(x, b0 + p, wd, a03)
-            a10 = _fma_at(x, b1 + p, wa, a10)
-            a11 = _fma_at(x, b1 + p, wb, a11)
-            a12 = _fma_at(x, b1 + p, wc, a12)
-            a13 = _fma_at(x, b1 + p, wd, a13)
-            a20 = _fma_at(x, b2 + p, wa, a20)
-            a21 = _fma_at(x, b2 + p, wb, a21)
-            a22 = _fma_at(x, b2 + p, wc, a22)
-            a23 = _fma_at(x, b2 + p, wd, a23)
-            a30 = _fma_at(x, b3 + p, wa, a30)
-            a31 = _fma_at(x, b3 + p, wb, a31)
-            a32 = _fma_at(x, b3 + p, wc, a32)
-            a33 = _fma_at(x, b3 + p, wd, a33)
-            a40 = _fma_at(x, b4 + p, wa, a40)
-            a41 = _fma_at(x, b4 + p, wb, a41)
-            a42 = _fma_at(x, b4 + p, wc, a42)
-            a43 = _fma_at(x, b4 + p, wd, a43)
-            a50 = _fma_at(x, b5 + p, wa, a50)
-            a51 = _fma_at(x, b5 + p, wb, a51)
-            a52 = _fma_at(x, b5 + p, wc, a52)
-            a53 = _fma_at(x, b5 + p, wd, a53)
-    sa, sb, sc, sd = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32), _lanes_load(scale, ob + 48)
-    ta, tb, tc, td = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32), _lanes_load(shift, ob + 48)
+            # hand-unrolled: every pixel's input broadcast against the weight vectors, one FMA per accumulator
+            a00 = fma_at(x, b0 + p, wa, a00)
+            a01 = fma_at(x, b0 + p, wb, a01)
+            a02 = fma_at(x, b0 + p, wc, a02)
+            a03 = fma_at(x, b0 + p, wd, a03)
+            a10 = fma_at(x, b1 + p, wa, a10)
+            a11 = fma_at(x, b1 + p, wb, a11)
+            a12 = fma_at(x, b1 + p, wc, a12)
+            a13 = fma_at(x, b1 + p, wd, a13)
+            a20 = fma_at(x, b2 + p, wa, a20)
+            a21 = fma_at(x, b2 + p, wb, a21)
+            a22 = fma_at(x, b2 + p, wc, a22)
+            a23 = fma_at(x, b2 + p, wd, a23)
+            a30 = fma_at(x, b3 + p, wa, a30)
+            a31 = fma_at(x, b3 + p, wb, a31)
+            a32 = fma_at(x, b3 + p, wc, a32)
+            a33 = fma_at(x, b3 + p, wd, a33)
+            a40 = fma_at(x, b4 + p, wa, a40)
+            a41 = fma_at(x, b4 + p, wb, a41)
+            a42 = fma_at(x, b4 + p, wc, a42)
+            a43 = fma_at(x, b4 + p, wd, a43)
+            a50 = fma_at(x, b5 + p, wa, a50)
+            a51 = fma_at(x, b5 + p, wb, a51)
+            a52 = fma_at(x, b5 + p, wc, a52)
+            a53 = fma_at(x, b5 + p, wd, a53)
+    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
+    sa, sb, sc, sd = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32), \
+        lanes_load(scale, ob + 48)
+    ta, tb, tc, td = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32), \
+        lanes_load(shift, ob + 48)
     s, t = (sa, sb, sc, sd), (ta, tb, tc, td)
-    _emit(out, codes, levels, o, (a00, a01, a02, a03), s, t)
-    _emit(out, codes, levels, o + n_out, (a10, a11, a12, a13), s, t)
-    _emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22, a23), s, t)
-    _emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32, a33), s, t)
-    _emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42, a43), s, t)
-    _emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52, a53), s, t)
+    emit(out, codes, levels, o, (a00, a01, a02, a03), s, t)
+    emit(out, codes, levels, o + n_out, (a10, a11, a12, a13), s, t)
+    emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22, a23), s, t)
+    emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32, a33), s, t)
+    emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42, a43), s, t)
+    emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52, a53), s, t)
 
 
 @njit(inline="always", **_JIT)
 def _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, codes, levels, o, scale, shift,
               ob):
     """6 output pixels (input windows at b0 .. b5) x 48 channels: 18 accumulators."""
-    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = _fzero()
-    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = _fzero()
+    # hand-unrolled tile of named accumulators: numba keeps scalar values in registers across the loop, an
+    # array tile's elements in memory
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = fzero()
+    a30 = a31 = a32 = a40 = a41 = a42 = a50 = a51 = a52 = fzero()
     for ky in range(kh):
         d = ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
             q = w0 + j * n_out
-            wa, wb, wc = _lanes_load(w, q), _lanes_load(w, q + 16), _lanes_load(w, q + 32)
+            wa, wb, wc = lanes_load(w, q), lanes_load(w, q + 16), lanes_load(w, q + 32)
             p = d + j
-            a00 = _fma_at(x, b0 + p, wa, a00)
-            a01 = _fma_at(x, b0 + p, wb, a01)
-            a02 = _fma_at(x, b0 + p, wc, a02)
-            a10 = _fma_at(x, b1 + p, wa, a10)
-            a11 = _fma_at(x, b1 + p, wb, a11)
-            a12 = _fma_at(x, b1 + p, wc, a12)
-            a20 = _fma_at(x, b2 + p, wa, a20)
-            a21 = _fma_at(x, b2 + p, wb, a21)
-            a22 = _fma_at(x, b2 + p, wc, a22)
-            a30 = _fma_at(x, b3 + p, wa, a30)
-            a31 = _fma_at(x, b3 + p, wb, a31)
-            a32 = _fma_at(x, b3 + p, wc, a32)
-            a40 = _fma_at(x, b4 + p, wa, a40)
-            a41 = _fma_at(x, b4 + p, wb, a41)
-            a42 = _fma_at(x, b4 + p, wc, a42)
-            a50 = _fma_at(x, b5 + p, wa, a50)
-            a51 = _fma_at(x, b5 + p, wb, a51)
-            a52 = _fma_at(x, b5 + p, wc, a52)
-    sa, sb, sc = _lanes_load(scale, ob), _lanes_load(scale, ob + 16), _lanes_load(scale, ob + 32)
-    ta, tb, tc = _lanes_load(shift, ob), _lanes_load(shift, ob + 16), _lanes_load(shift, ob + 32)
+            # hand-unrolled: every pixel's input broadcast against the weight vectors, one FMA per accumulator
+            a00 = fma_at(x, b0 + p, wa, a00)
+            a01 = fma_at(x, b0 + p, wb, a01)
+            a02 = fma_at(x, b0 + p, wc, a02)
+            a10 = fma_at(x, b1 + p, wa, a10)
+            a11 = fma_at(x, b1 + p, wb, a11)
+            a12 = fma_at(x, b1 + p, wc, a12)
+            a20 = fma_at(x, b2 + p, wa, a20)
+            a21 = fma_at(x, b2 + p, wb, a21)
+            a22 = fma_at(x, b2 + p, wc, a22)
+            a30 = fma_at(x, b3 + p, wa, a30)
+            a31 = fma_at(x, b3 + p, wb, a31)
+            a32 = fma_at(x, b3 + p, wc, a32)
+            a40 = fma_at(x, b4 + p, wa, a40)
+            a41 = fma_at(x, b4 + p, wb, a41)
+            a42 = fma_at(x, b4 + p, wc, a42)
+            a50 = fma_at(x, b5 + p, wa, a50)
+            a51 = fma_at(x, b5 + p, wb, a51)
+            a52 = fma_at(x, b5 + p, wc, a52)
+    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
+    sa, sb, sc = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32)
+    ta, tb, tc = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32)
     s, t = (sa, sb, sc), (ta, tb, tc)
-    _emit(out, codes, levels, o, (a00, a01, a02), s, t)
-    _emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
-    _emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
-    _emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
-    _emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
-    _emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
+    emit(out, codes, levels, o, (a00, a01, a02), s, t)
+    emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
+    emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
+    emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
+    emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
+    emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
 
 
 @njit(inline="always", **_JIT)
 def _tile6x1p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, codes, levels, o, scale, shift,
               ob):
     """6 output pixels x 16 channels (the channels left over by the wide tiles): 6 independent accumulators."""
-    a0 = a1 = a2 = a3 = a4 = a5 = _fzero()
+    # hand-unrolled tile of named accumulators: numba keeps scalar values in registers across the loop, an
+    # array tile's elements in memory
+    a0 = a1 = a2 = a3 = a4 = a5 = fzero()
     for ky in range(kh):
         d = ky * row_in
         w0 = wrow + ky * span * n_out
         for j in range(span):
-            wa = _lanes_load(w, w0 + j * n_out)
+            wa = lanes_load(w, w0 + j * n_out)
             p = d + j
-            a0 = _fma_at(x, b0 + p, wa, a0)
-            a1 = _fma_at(x, b1 + p, wa, a1)
-            a2 = _fma_at(x, b2 + p, wa, a2)
-            a3 = _fma_at(x, b3 + p, wa, a3)
-            a4 = _fma_at(x, b4 + p, wa, a4)
-            a5 = _fma_at(x, b5 + p, wa, a5)
-    sa, ta = _lanes_load(scale, ob), _lanes_load(shift, ob)
+            # hand-unrolled: every pixel's input broadcast against the weight vectors, one FMA per accumulator
+            a0 = fma_at(x, b0 + p, wa, a0)
+            a1 = fma_at(x, b1 + p, wa, a1)
+            a2 = fma_at(x, b2 + p, wa, a2)
+            a3 = fma_at(x, b3 + p, wa, a3)
+            a4 = fma_at(x, b4 + p, wa, a4)
+            a5 = fma_at(x, b5 + p, wa, a5)
+    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
+    sa, ta = lanes_load(scale, ob), lanes_load(shift, ob)
     s, t = (sa,), (ta,)
-    _emit(out, codes, levels, o, (a0,), s, t)
-    _emit(out, codes, levels, o + n_out, (a1,), s, t)
-    _emit(out, codes, levels, o + 2 * n_out, (a2,), s, t)
-    _emit(out, codes, levels, o + 3 * n_out, (a3,), s, t)
-    _emit(out, codes, levels, o + 4 * n_out, (a4,), s, t)
-    _emit(out, codes, levels, o + 5 * n_out, (a5,), s, t)
+    emit(out, codes, levels, o, (a0,), s, t)
+    emit(out, codes, levels, o + n_out, (a1,), s, t)
+    emit(out, codes, levels, o + 2 * n_out, (a2,), s, t)
+    emit(out, codes, levels, o + 3 * n_out, (a3,), s, t)
+    emit(out, codes, levels, o + 4 * n_out, (a4,), s, t)
+    emit(out, codes, levels, o + 5 * n_out, (a5,), s, t)
 
 
 @njit(inline="always", **_JIT)
@@ -455,7 +392,8 @@ def pad_dense_affine(scale, shift, width):
 
 
 def dense_affine(v, padded_w, n_out, scale, shift, levels=None, clip=False, padded_affine=None):
-    """``(v @ w) * scale + shift`` for a fully-connected layer (``v [B, K]``), float32 or codes as :func:`conv2d_affine`.
+    """``(v @ w) * scale + shift`` for a fully-connected layer (``v [B, K]``), float32 or codes as
+    :func:`conv2d_affine`.
 
     The register tiles of the convolution (6 batch rows x 48 channels), with the
     weights ``padded_w`` from :func:`pad_dense_weights`; work is split by channel

@@ -37,7 +37,8 @@ row's word is broadcast against them; ``acc += popcount(a & w)`` accumulates in 
 other CPUs get LLVM's generic lowering of the same vector code).  At the end of a tile the rows of
 one output pixel are summed with their shifts ``i + j`` (weight plane ``i``) and stored, or added,
 to the ``int32`` output.  The vectors are an LLVM ``<8 x i64>`` type of their own
-(``_Vec8Type``), so the tile compiles to exactly this code, independent of the auto-vectoriser.
+(:data:`.intrinsics.vec8`, with the instructions above in :mod:`.intrinsics`), so the tile compiles to exactly
+this code, independent of the auto-vectoriser.
 ``rowsum`` comes from per-pixel code sums (popcounts) taken while padding the input.
 
 Work is split into (pixel block x channel block) tasks, handed out through an atomic counter to the
@@ -48,14 +49,13 @@ about 3 s of JIT on first use, cached on disk (``cache=True``) after that.
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit
 
 from . import profiling
-from .elementwise import _splat, affine8, affine8_codes, affine_accumulators
-from .threads import element_pointer, is_flat, next_task, num_threads, run_workers
+from .elementwise import affine_accumulators
+from .intrinsics import (affine8, affine8_codes, bits_of_64_bytes, load, load_at, popcount, store_at, vadd, vfold,
+                         vload, vpopadd, vput, vshl, vzero)
+from .threads import next_task, num_threads, run_workers
 
 __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights", "gemm_popcount",
            "gemm_popcount_codes", "conv_popcount", "conv_popcount_codes", "compact_window_words", "reference_gemm",
@@ -63,197 +63,6 @@ __all__ = ["pack_planes", "unpack_planes", "prepare_weights", "PreparedWeights",
 
 _JIT = dict(nogil=True, cache=True)
 _PANEL = 32                                 # output channels per weight panel (4 vectors of 8)
-
-
-# ---------------------------------------------------------------------------------------- intrinsics
-@intrinsic
-def _popcount(typingctx, x):
-    """``llvm.ctpop.i64`` of an integer (``popcnt``)."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(context.cast(builder, args[0], signature.args[0], types.uint64))
-
-    return types.uint64(x), codegen
-
-
-@intrinsic
-def _load(typingctx, array, index):
-    """``array[index]`` of a flat uint64 array, without numba's negative-index fix-up."""
-    if not is_flat(array, types.uint64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.load(element_pointer(context, builder, signature.args[0], args[0], args[1]))
-
-    return types.uint64(array, types.intp), codegen
-
-
-@intrinsic
-def _load_at(typingctx, array, byte_offset):
-    """The uint64 at any byte offset of a flat uint64 array (an unaligned load)."""
-    if not is_flat(array, types.uint64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        at = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
-        return builder.load(builder.bitcast(at, ir.IntType(64).as_pointer()), align=1)
-
-    return types.uint64(array, types.intp), codegen
-
-
-@intrinsic
-def _store_at(typingctx, array, byte_offset, value):
-    """Store a uint64 at any byte offset of a flat uint64 array (an unaligned store)."""
-    if not is_flat(array, types.uint64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        at = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
-        builder.store(args[2], builder.bitcast(at, ir.IntType(64).as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.void(array, types.intp, types.uint64), codegen
-
-
-class _Vec8Type(types.Type):
-    """Eight uint64 lanes, an LLVM ``<8 x i64>`` value (a zmm register with AVX-512)."""
-
-    def __init__(self):
-        super().__init__(name="uint64x8")
-
-
-_vec8 = _Vec8Type()
-_V8 = ir.VectorType(ir.IntType(64), 8)
-
-
-@register_model(_Vec8Type)
-class _Vec8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8)
-
-
-@intrinsic
-def _vzero(typingctx):
-    def codegen(context, builder, signature, args):
-        return ir.Constant(_V8, [0] * 8)
-
-    return _vec8(), codegen
-
-
-@intrinsic
-def _vload(typingctx, array, index):
-    """``array[index:index + 8]`` of a flat uint64 array as a vector."""
-    if not is_flat(array, types.uint64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(pointer, _V8.as_pointer()), align=8)
-
-    return _vec8(array, types.intp), codegen
-
-
-@intrinsic
-def _vpopadd(typingctx, acc, word, weights):
-    """``acc + popcount(word & weights)`` lane-wise, ``word`` broadcast (vpandq, vpopcntq, vpaddq)."""
-    if not (acc == _vec8 and weights == _vec8 and isinstance(word, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        acc_v, word_v, weights_v = args
-        word_v = context.cast(builder, word_v, signature.args[1], types.uint64)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8]), "llvm.ctpop.v8i64")
-        both = builder.and_(_splat(builder, word_v, _V8), weights_v)
-        return builder.add(acc_v, builder.call(ctpop, [both]))
-
-    return _vec8(acc, word, weights), codegen
-
-
-@intrinsic
-def _vfold(typingctx, out, index, acc, shift):
-    """``out[index:index + 8] += int32(acc << shift)`` for a flat int32 array."""
-    if not (is_flat(out, types.int32) and acc == _vec8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        out_v, index_v, acc_v, shift_v = args
-        v32 = ir.VectorType(ir.IntType(32), 8)
-        pointer = builder.bitcast(element_pointer(context, builder, signature.args[0], out_v, index_v),
-                                  v32.as_pointer())
-        shift_v = context.cast(builder, shift_v, signature.args[3], types.uint64)
-        add = builder.trunc(builder.shl(acc_v, _splat(builder, shift_v, _V8)), v32)
-        builder.store(builder.add(builder.load(pointer, align=4), add), pointer, align=4)
-        return context.get_dummy_value()
-
-    return types.none(out, types.intp, acc, types.intp), codegen
-
-
-@intrinsic
-def _vput(typingctx, out, index, acc):
-    """``out[index:index + 8] = int32(acc)`` for a flat int32 array."""
-    if not (is_flat(out, types.int32) and acc == _vec8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v32 = ir.VectorType(ir.IntType(32), 8)
-        pointer = builder.bitcast(element_pointer(context, builder, signature.args[0], args[0], args[1]),
-                                  v32.as_pointer())
-        builder.store(builder.trunc(args[2], v32), pointer, align=4)
-        return context.get_dummy_value()
-
-    return types.none(out, types.intp, acc), codegen
-
-
-@intrinsic
-def _vshl(typingctx, acc, shift):
-    """``acc << shift`` lane-wise."""
-    if acc != _vec8:
-        return None
-
-    def codegen(context, builder, signature, args):
-        shift_v = context.cast(builder, args[1], signature.args[1], types.uint64)
-        return builder.shl(args[0], _splat(builder, shift_v, _V8))
-
-    return _vec8(acc, types.intp), codegen
-
-
-@intrinsic
-def _vadd(typingctx, x, y):
-    if not (x == _vec8 and y == _vec8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.add(args[0], args[1])
-
-    return _vec8(x, y), codegen
-
-
-@intrinsic
-def _bits_of_64_bytes(typingctx, codes, start, bit):
-    """uint64 whose bit ``i`` is bit ``bit`` of ``codes[start + i]`` for ``i < 64``.
-
-    One 64-byte load, an AND and a compare to a ``<64 x i1>`` mask (``vptestmb`` + ``kmovq`` with
-    AVX-512BW).  ``codes`` is a contiguous 1-D ``uint8`` array with ``start + 64 <= codes.size``.
-    """
-    if not is_flat(codes, types.uint8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        _, start_v, bit_v = args
-        i8 = ir.IntType(8)
-        vec = ir.VectorType(i8, 64)
-        pointer = element_pointer(context, builder, signature.args[0], args[0], start_v)
-        loaded = builder.load(builder.bitcast(pointer, vec.as_pointer()), align=1)
-        mask = builder.trunc(builder.shl(ir.Constant(bit_v.type, 1), bit_v), i8)
-        nonzero = builder.icmp_unsigned("!=", builder.and_(loaded, _splat(builder, mask, vec)),
-                                        ir.Constant(vec, [0] * 64))
-        return builder.bitcast(nonzero, ir.IntType(64))
-
-    return types.uint64(codes, types.intp, types.intp), codegen
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -271,17 +80,17 @@ def _pack_worker(counter, n_tasks, flat, width, bits, out, row_block):
             base = r * width
             for w in range(full):
                 for b in range(bits):
-                    out[b, r, w] = _bits_of_64_bytes(flat, base + 64 * w, b)
+                    out[b, r, w] = bits_of_64_bytes(flat, base + 64 * w, b)
             if rest:
                 start = base + 64 * full
                 if start + 64 <= flat.shape[0]:      # read on into the next row, keep `rest` bits
                     for b in range(bits):
-                        out[b, r, full] = _bits_of_64_bytes(flat, start, b) & keep
+                        out[b, r, full] = bits_of_64_bytes(flat, start, b) & keep
                 else:                               # the array's last bytes: through a zeroed copy
                     for c in range(rest):
                         tail[c] = flat[start + c]
                     for b in range(bits):
-                        out[b, r, full] = _bits_of_64_bytes(tail, 0, b)
+                        out[b, r, full] = bits_of_64_bytes(tail, 0, b)
         task = next_task(counter)
 
 
@@ -397,16 +206,17 @@ def prepare_weights(w_planes):
 @njit(inline="always", **_JIT)
 def _add_panel(out, index, y0, y1, y2, y3, first):
     """out[index:index + 32] (int32) = the four vectors if ``first``, else += them."""
+    # hand-unrolled over the four vectors: they are separate register values, not an array numba could index
     if first:
-        _vput(out, index, y0)
-        _vput(out, index + 8, y1)
-        _vput(out, index + 16, y2)
-        _vput(out, index + 24, y3)
+        vput(out, index, y0)
+        vput(out, index + 8, y1)
+        vput(out, index + 16, y2)
+        vput(out, index + 24, y3)
     else:
-        _vfold(out, index, y0, 0)
-        _vfold(out, index + 8, y1, 0)
-        _vfold(out, index + 16, y2, 0)
-        _vfold(out, index + 24, y3, 0)
+        vfold(out, index, y0, 0)
+        vfold(out, index + 8, y1, 0)
+        vfold(out, index + 16, y2, 0)
+        vfold(out, index + 24, y3, 0)
 
 
 @njit(inline="always", **_JIT)
@@ -418,115 +228,120 @@ def _tile4(words, r0, r1, r2, r3, kh, span, pitch, wp, wbase, out, o0, o1, o2, o
     the panel's 32 channels of reduction word kk are wp[wbase + 32 kk:][:32].  Adds the counts of
     row l, shifted by s_l, to out[o_l:o_l + 32].
     """
-    x00 = _vzero()
-    x01 = _vzero()
-    x02 = _vzero()
-    x03 = _vzero()
-    x10 = _vzero()
-    x11 = _vzero()
-    x12 = _vzero()
-    x13 = _vzero()
-    x20 = _vzero()
-    x21 = _vzero()
-    x22 = _vzero()
-    x23 = _vzero()
-    x30 = _vzero()
-    x31 = _vzero()
-    x32 = _vzero()
-    x33 = _vzero()
+    # hand-unrolled 4 x 4 tile of named accumulators: numba keeps scalars in registers across the loop, not an
+    # array tile (an array's elements go to memory on every update)
+    x00 = vzero()
+    x01 = vzero()
+    x02 = vzero()
+    x03 = vzero()
+    x10 = vzero()
+    x11 = vzero()
+    x12 = vzero()
+    x13 = vzero()
+    x20 = vzero()
+    x21 = vzero()
+    x22 = vzero()
+    x23 = vzero()
+    x30 = vzero()
+    x31 = vzero()
+    x32 = vzero()
+    x33 = vzero()
     w = wbase
     for dy in range(kh):
         run = dy * pitch
         for t in range(run, run + 8 * span, 8):
-            w0 = _vload(wp, w)
-            w1 = _vload(wp, w + 8)
-            w2 = _vload(wp, w + 16)
-            w3 = _vload(wp, w + 24)
-            a = _load_at(words, r0 + t)
-            x00 = _vpopadd(x00, a, w0)
-            x01 = _vpopadd(x01, a, w1)
-            x02 = _vpopadd(x02, a, w2)
-            x03 = _vpopadd(x03, a, w3)
-            a = _load_at(words, r1 + t)
-            x10 = _vpopadd(x10, a, w0)
-            x11 = _vpopadd(x11, a, w1)
-            x12 = _vpopadd(x12, a, w2)
-            x13 = _vpopadd(x13, a, w3)
-            a = _load_at(words, r2 + t)
-            x20 = _vpopadd(x20, a, w0)
-            x21 = _vpopadd(x21, a, w1)
-            x22 = _vpopadd(x22, a, w2)
-            x23 = _vpopadd(x23, a, w3)
-            a = _load_at(words, r3 + t)
-            x30 = _vpopadd(x30, a, w0)
-            x31 = _vpopadd(x31, a, w1)
-            x32 = _vpopadd(x32, a, w2)
-            x33 = _vpopadd(x33, a, w3)
+            # hand-unrolled: each row's word broadcast against the four weight vectors, one accumulator each
+            w0 = vload(wp, w)
+            w1 = vload(wp, w + 8)
+            w2 = vload(wp, w + 16)
+            w3 = vload(wp, w + 24)
+            a = load_at(words, r0 + t)
+            x00 = vpopadd(x00, a, w0)
+            x01 = vpopadd(x01, a, w1)
+            x02 = vpopadd(x02, a, w2)
+            x03 = vpopadd(x03, a, w3)
+            a = load_at(words, r1 + t)
+            x10 = vpopadd(x10, a, w0)
+            x11 = vpopadd(x11, a, w1)
+            x12 = vpopadd(x12, a, w2)
+            x13 = vpopadd(x13, a, w3)
+            a = load_at(words, r2 + t)
+            x20 = vpopadd(x20, a, w0)
+            x21 = vpopadd(x21, a, w1)
+            x22 = vpopadd(x22, a, w2)
+            x23 = vpopadd(x23, a, w3)
+            a = load_at(words, r3 + t)
+            x30 = vpopadd(x30, a, w0)
+            x31 = vpopadd(x31, a, w1)
+            x32 = vpopadd(x32, a, w2)
+            x33 = vpopadd(x33, a, w3)
             w += _PANEL
     # Rows of one output row are consecutive (its planes): sum them before adding to the output.
     # The group holding plane 0 of weight plane 0 (shift 0) comes first and stores (out is empty).
+    # Hand-unrolled over the four rows and four vectors, as the accumulators are named values.
     first = s0 == 0
-    y0 = _vshl(x00, s0)
-    y1 = _vshl(x01, s0)
-    y2 = _vshl(x02, s0)
-    y3 = _vshl(x03, s0)
+    y0 = vshl(x00, s0)
+    y1 = vshl(x01, s0)
+    y2 = vshl(x02, s0)
+    y3 = vshl(x03, s0)
     if o1 != o0:
         _add_panel(out, o0, y0, y1, y2, y3, first)
         first = s1 == 0
-        y0 = _vshl(x10, s1)
-        y1 = _vshl(x11, s1)
-        y2 = _vshl(x12, s1)
-        y3 = _vshl(x13, s1)
+        y0 = vshl(x10, s1)
+        y1 = vshl(x11, s1)
+        y2 = vshl(x12, s1)
+        y3 = vshl(x13, s1)
     else:
-        y0 = _vadd(y0, _vshl(x10, s1))
-        y1 = _vadd(y1, _vshl(x11, s1))
-        y2 = _vadd(y2, _vshl(x12, s1))
-        y3 = _vadd(y3, _vshl(x13, s1))
+        y0 = vadd(y0, vshl(x10, s1))
+        y1 = vadd(y1, vshl(x11, s1))
+        y2 = vadd(y2, vshl(x12, s1))
+        y3 = vadd(y3, vshl(x13, s1))
     if o2 != o1:
         _add_panel(out, o1, y0, y1, y2, y3, first)
         first = s2 == 0
-        y0 = _vshl(x20, s2)
-        y1 = _vshl(x21, s2)
-        y2 = _vshl(x22, s2)
-        y3 = _vshl(x23, s2)
+        y0 = vshl(x20, s2)
+        y1 = vshl(x21, s2)
+        y2 = vshl(x22, s2)
+        y3 = vshl(x23, s2)
     else:
-        y0 = _vadd(y0, _vshl(x20, s2))
-        y1 = _vadd(y1, _vshl(x21, s2))
-        y2 = _vadd(y2, _vshl(x22, s2))
-        y3 = _vadd(y3, _vshl(x23, s2))
+        y0 = vadd(y0, vshl(x20, s2))
+        y1 = vadd(y1, vshl(x21, s2))
+        y2 = vadd(y2, vshl(x22, s2))
+        y3 = vadd(y3, vshl(x23, s2))
     if o3 != o2:
         _add_panel(out, o2, y0, y1, y2, y3, first)
         first = s3 == 0
-        y0 = _vshl(x30, s3)
-        y1 = _vshl(x31, s3)
-        y2 = _vshl(x32, s3)
-        y3 = _vshl(x33, s3)
+        y0 = vshl(x30, s3)
+        y1 = vshl(x31, s3)
+        y2 = vshl(x32, s3)
+        y3 = vshl(x33, s3)
     else:
-        y0 = _vadd(y0, _vshl(x30, s3))
-        y1 = _vadd(y1, _vshl(x31, s3))
-        y2 = _vadd(y2, _vshl(x32, s3))
-        y3 = _vadd(y3, _vshl(x33, s3))
+        y0 = vadd(y0, vshl(x30, s3))
+        y1 = vadd(y1, vshl(x31, s3))
+        y2 = vadd(y2, vshl(x32, s3))
+        y3 = vadd(y3, vshl(x33, s3))
     _add_panel(out, o3, y0, y1, y2, y3, first)
 
 
 @njit(inline="always", **_JIT)
 def _tile1(words, r0, kh, span, pitch, wp, wbase, out, o0, s0):
     """One virtual row x one panel (as _tile4): the rows _tile4 leaves over."""
-    x0 = _vzero()
-    x1 = _vzero()
-    x2 = _vzero()
-    x3 = _vzero()
+    # hand-unrolled over the panel's four vectors, for the same reason as _tile4's accumulators
+    x0 = vzero()
+    x1 = vzero()
+    x2 = vzero()
+    x3 = vzero()
     w = wbase
     for dy in range(kh):
         run = dy * pitch
         for t in range(run, run + 8 * span, 8):
-            a = _load_at(words, r0 + t)
-            x0 = _vpopadd(x0, a, _vload(wp, w))
-            x1 = _vpopadd(x1, a, _vload(wp, w + 8))
-            x2 = _vpopadd(x2, a, _vload(wp, w + 16))
-            x3 = _vpopadd(x3, a, _vload(wp, w + 24))
+            a = load_at(words, r0 + t)
+            x0 = vpopadd(x0, a, vload(wp, w))
+            x1 = vpopadd(x1, a, vload(wp, w + 8))
+            x2 = vpopadd(x2, a, vload(wp, w + 16))
+            x3 = vpopadd(x3, a, vload(wp, w + 24))
             w += _PANEL
-    _add_panel(out, o0, _vshl(x0, s0), _vshl(x1, s0), _vshl(x2, s0), _vshl(x3, s0), s0 == 0)
+    _add_panel(out, o0, vshl(x0, s0), vshl(x1, s0), vshl(x2, s0), vshl(x3, s0), s0 == 0)
 
 
 # ------------------------------------------------------------------------------------ the workers
@@ -568,7 +383,7 @@ def _prep_worker(counter, n_tasks, row_block, a, padded, sums, top, left, kw):
                 for x in range(width):
                     ones = 0
                     for u in range(src + x * cw, src + x * cw + cw):
-                        ones += np.int64(_popcount(_load(source, u)))
+                        ones += np.int64(popcount(load(source, u)))
                     if j == 0:
                         pixel[left + x] = ones
                     else:
@@ -606,16 +421,16 @@ def _pack_pad_worker(counter, n_tasks, row_block, codes, padded, sums, top, left
                     start = base + 64 * w
                     if start + 64 <= size:
                         for j in range(m):
-                            word = _bits_of_64_bytes(flat, start, j) & keep[w]
+                            word = bits_of_64_bytes(flat, start, j) & keep[w]
                             target[j * plane + at] = word
-                            ones += np.int64(_popcount(word)) << j
+                            ones += np.int64(popcount(word)) << j
                     else:                           # a 64-byte read would run off the array: a zeroed copy
                         for c in range(size - start):
                             tail[c] = flat[start + c]
                         for j in range(m):
-                            word = _bits_of_64_bytes(tail, 0, j) & keep[w]
+                            word = bits_of_64_bytes(tail, 0, j) & keep[w]
                             target[j * plane + at] = word
-                            ones += np.int64(_popcount(word)) << j
+                            ones += np.int64(popcount(word)) << j
                     at += 1
                 pixel[left + x] = ones
                 base += chans
@@ -628,7 +443,7 @@ def _fill_column(words, bands, pixel, at, width, kh, chunk):
     """The ``kh`` one-word pixels of a column, ``width`` words apart in ``words``, to bytes ``at``,
     ``at + chunk``, ... of ``bands`` (see :func:`_fill_bands`)."""
     for dy in range(kh):
-        _store_at(bands, at, _load(words, pixel))
+        store_at(bands, at, load(words, pixel))
         pixel += width
         at += chunk
 
@@ -664,7 +479,7 @@ def _fill_bands(words, bands, m, height, width, cw, kh, out_h, g0, g1, n_bands, 
                     for dy in range(kh):
                         pixel = src + (dy * width + x) * cw
                         for w in range(cw):
-                            _store_at(bands, at + 8 * w, _load(words, pixel + w))
+                            store_at(bands, at + 8 * w, load(words, pixel + w))
                         at += chunk
 
 

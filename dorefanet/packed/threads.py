@@ -19,15 +19,13 @@ threads, ended at interpreter exit (``atexit``); a forked child makes a team of 
 import atexit
 import contextlib
 import os
-import platform
 import threading
 import time
 
 import numpy as np
-from llvmlite import ir
-from numba import config, get_num_threads, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import config, get_num_threads, njit
+
+from .intrinsics import atomic_load, compare_exchange, fetch_add, pause
 
 __all__ = ["run_workers", "run_split", "next_task", "num_threads", "pinned_thread_count", "SPIN_SECONDS"]
 
@@ -36,7 +34,6 @@ _JIT = dict(nogil=True, cache=True)
 SPIN_SECONDS = 1e-3
 
 _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
 _pinned = threading.local()
@@ -64,73 +61,6 @@ def pinned_thread_count():
         _pinned.count = 0
 
 
-# ---------------------------------------------------------------------------------------- intrinsics
-def element_pointer(context, builder, array_type, array, index):
-    """Pointer to element ``index`` of a C-contiguous 1-D array (no bounds or wraparound logic)."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.gep(data, [index])
-
-
-def is_flat(array_type, dtype):
-    return isinstance(array_type, types.Array) and array_type.ndim == 1 and array_type.dtype == dtype
-
-
-@intrinsic
-def fetch_add(typingctx, counter, index, value):
-    """Atomically ``counter[index] += value``; returns the old value."""
-    if not is_flat(counter, types.int64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", pointer, context.cast(builder, args[2], signature.args[2], types.int64),
-                                  "monotonic")
-
-    return types.int64(counter, types.intp, types.int64), codegen
-
-
-@intrinsic
-def _compare_exchange(typingctx, state, index, expected, new):
-    """Atomically: if ``state[index] == expected`` set it to ``new``; returns the old value."""
-    if not is_flat(state, types.int64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        old_new = builder.cmpxchg(pointer, context.cast(builder, args[2], signature.args[2], types.int64),
-                                  context.cast(builder, args[3], signature.args[3], types.int64),
-                                  "seq_cst", "seq_cst")
-        return builder.extract_value(old_new, 0)
-
-    return types.int64(state, types.intp, types.int64, types.int64), codegen
-
-
-@intrinsic
-def _atomic_load(typingctx, array, index):
-    """``array[index]`` read atomically: a spin loop re-reads it (LLVM may not hoist the load)."""
-    if not is_flat(array, types.int64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.load_atomic(pointer, "acquire", 8)
-
-    return types.int64(array, types.intp), codegen
-
-
-@intrinsic
-def _pause(typingctx):
-    """x86's ``pause``, a spin loop's hint (it frees the core's shared resources for a sibling thread);
-    nothing elsewhere."""
-    def codegen(context, builder, signature, args):
-        if _X86:
-            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                        "llvm.x86.sse2.pause"), [])
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
 @njit(inline="always", **_JIT)
 def next_task(counter):
     """The task a worker takes next: counter[0] is the next task to hand out."""
@@ -147,36 +77,36 @@ def _await_change(seq, seen, spins, counter):
     float convolution).
     """
     for _ in range(spins):
-        now = _atomic_load(seq, 0)
+        now = atomic_load(seq, 0)
         if now != seen:
             for _ in range(spins >> 4):
-                if _atomic_load(counter, 0) != 0:
+                if atomic_load(counter, 0) != 0:
                     break
-                _pause()
+                pause()
             return now
-        _pause()
+        pause()
     return seen
 
 
 @njit(**_JIT)
 def _await_done(state, spins):
     for _ in range(spins):
-        if _atomic_load(state, 0) == _DONE:
+        if atomic_load(state, 0) == _DONE:
             return True
-        _pause()
+        pause()
     return False
 
 
 @njit(**_JIT)
 def _claim(state, new):
     """Move a pending job to ``new`` (taken or cancelled); False if it was no longer pending."""
-    return _compare_exchange(state, 0, _PENDING, new) == _PENDING
+    return compare_exchange(state, 0, _PENDING, new) == _PENDING
 
 
 @njit(**_JIT)
 def _finish_and_await(state, seq, seen, spins, counter):
     """Mark a taken job done, then :func:`_await_change` for the next one."""
-    _compare_exchange(state, 0, _TAKEN, _DONE)
+    compare_exchange(state, 0, _TAKEN, _DONE)
     return _await_change(seq, seen, spins, counter)
 
 
