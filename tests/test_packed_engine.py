@@ -383,34 +383,3 @@ def test_huge_page_copy_is_an_equal_writable_array_of_its_own():
     assert big[0, 0] == 0
     small = np.ones((10, 10), np.float32)
     assert packed_engine.huge_page_copy(small) is small                   # below 4 MB: left where it is
-
-
-class _FloatLayer:
-    codes = None
-
-    def __init__(self, w):
-        self.float_w = np.asarray(w, np.float32)
-
-
-@pytest.mark.parametrize("normalize,weights,folds", [
-    ({"op": "normalize", "std": [256.0]}, [0.5, -0.25, 0.0], True),                # SVHN's input
-    ({"op": "normalize", "std": [0.5, 0.5, 0.5], "mean": [0, 0, 0]}, [3.0], True),  # one power of two, mean 0
-    ({"op": "normalize", "std": [255.0]}, [0.5], False),                             # not a power of two
-    ({"op": "normalize", "std": [256.0, 128.0, 256.0]}, [0.5], False),              # per channel
-    ({"op": "normalize", "std": [256.0], "mean": [1.0, 0, 0]}, [0.5], False),       # a mean rounds first
-    ({"op": "normalize", "std": 256.0, "mean": 127.5}, [0.5], False),                # scalar constants
-    ({"op": "normalize", "std": 256.0, "mean": 0.0}, [0.5], True),
-    ({"op": "normalize", "std": [256.0], "pad": [3, 2]}, [0.5], False),             # writes a padded map
-    ({"op": "normalize", "std": [256.0]}, [0.5, 1e-36], False),                     # a weight would go subnormal
-])
-def test_a_normalisation_folds_into_the_first_conv_only_where_it_is_exact(normalize, weights, folds):
-    conv = {"op": "conv", "layer": "conv0", "quantized": False, "kernel": [1, 1], "stride": 1, "padding": "VALID",
-            "groups": 1, "out": 16}
-    layers = {"conv0": _FloatLayer(weights)}
-    scale = packed_engine._input_scale(normalize, conv, layers)
-    assert (scale is not None) == folds
-    merged = packed_engine._merged([normalize, conv], {}, layers)
-    assert len(merged) == (1 if folds else 2)
-    if folds:
-        assert merged[0]["input_scale"] == 1 / np.ravel(normalize["std"])[0] and merged[0]["layer"] == "conv0"
-    assert packed_engine._input_scale(normalize, dict(conv, quantized=True), layers) is None

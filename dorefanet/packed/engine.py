@@ -20,12 +20,11 @@ a layer's output is quantized next (possibly after a max pooling), the layer
 writes the codes directly (see ``predict``).
 """
 import functools
-import math
 import mmap
 
 import numpy as np
 
-from . import elementwise, float_conv, profiling
+from . import elementwise, float_conv, passes, profiling
 from .threads import num_threads, pinned_thread_count
 from .format import read_packed, unpack_weight_planes
 
@@ -163,7 +162,7 @@ class _Layer:
 
     def scaled_float_w(self, factor):
         """``float_w * factor`` (float32; kept): the weights of a float convolution that takes over its input's
-        multiplication by ``factor`` (see ``_input_scale``)."""
+        multiplication by ``factor`` (see ``passes.fold_input_scale``)."""
         if factor is None:
             return self.float_w
         if self._scaled is None or self._scaled[0] != factor:
@@ -235,11 +234,10 @@ class PackedModel:
         self._known_calls = {}
         self._image_bytes = {}      # per input shape: the largest map of one image (see _chunk)
         self._largest = 0
-        # without a trace, the engine runs a program with some op pairs merged (see _merged); in both, which
-        # ops run fused with the activate (and max pooling) after them is fixed by the program
-        self._fast_program = _merged(self.program, self.affines, self.layers)
-        self._steps = {False: self._program_steps(self._fast_program, fuse=True),
-                       True: self._program_steps(self.program, fuse=False)}
+        # without a trace, the engine runs the program as its passes rewrote it (see passes.PASSES); a trace
+        # needs every op's own result, so tracing runs the program as it is
+        self._fast_program = passes.apply(self.program, self.layers, self.affines)
+        self._steps = {False: self._program_steps(self._fast_program), True: self._program_steps(self.program)}
 
     def _streamed(self, array):
         """Weights read in full on every call: on huge pages when the model was loaded with ``huge_pages``."""
@@ -289,23 +287,21 @@ class PackedModel:
         chunks = -(-len(images) // per)
         return -(-len(images) // chunks)
 
-    def _program_steps(self, program, fuse):
+    def _program_steps(self, program):
         """The program as steps ``(call, src, dst, first, last)``: ``call(x)`` runs ops ``first .. last`` on the
         map in register ``src`` and the result goes to register ``dst``.
 
-        With ``fuse``, a conv / fc / maxpool followed by a quantizing activate that replaces its input is one
-        step: the codes come straight from the float32 results (no float map stored in between).  A max
-        pooling in between pools the codes: quantizing is monotone, so it commutes with max.  The trace needs
-        the float maps, so tracing runs the ops one by one; a test checks that both give the same output.
-        The calls are bound once: looking up each op's handler and arguments on every call took about a
-        tenth of a batch-1 SVHN prediction.
+        An op with ``fused`` = k (see ``passes.fuse_activate``) is one step with the k ops after it: a conv / fc /
+        maxpool whose quantizing activate (after a max pooling, for a conv) writes the codes straight from the
+        float32 results; the max pooling in between pools the codes.  The calls are bound once: looking up each
+        op's handler and arguments on every call took about a tenth of a batch-1 SVHN prediction.
         """
         steps = []
         i = 0
         while i < len(program):
             op = program[i]
             src = op.get("src", "x")
-            span = self._fused_span(program, i) if fuse else 0
+            span = op.get("fused", 0)
             if op["op"] == "add":
                 call = lambda x, srcs=tuple(src): _Map(_sum_maps([x[s] for s in srcs]))    # noqa: E731
                 src = None          # the whole register file
@@ -369,25 +365,6 @@ class PackedModel:
             record.path = "popcount"
         else:
             record.path = "int-gemm"
-
-    @staticmethod
-    def _fused_span(program, i):
-        """How many ops after op ``i`` it runs fused with: 1 for ``activate``, 2 for ``maxpool, activate``; else 0."""
-        if program[i]["op"] not in ("conv", "fc", "maxpool"):
-            return 0
-        dst = program[i].get("dst", "x")
-        for span in (1, 2):
-            if i + span >= len(program):
-                return 0
-            nxt = program[i + span]
-            # each op must read the previous result and overwrite it: nothing else reads the float map
-            if nxt.get("src", "x") != dst or nxt.get("dst", "x") != dst:
-                return 0
-            if nxt["op"] == "activate":
-                return span if 1 <= nxt["bits"] <= 8 else 0
-            if nxt["op"] != "maxpool" or program[i]["op"] != "conv":
-                return 0
-        return 0
 
     # ---------------------------------------------------------------- ops
     def _normalize(self, x, op):
@@ -454,7 +431,7 @@ class PackedModel:
         offset)`` (popcount path only): the kernel writes the result into channels ``offset ..`` of
         ``array`` (see ``kernels.conv_popcount_codes``) and returns ``array``.  ``remember``: the key under
         which ``_conv`` finds the checked plan of a popcount call the next time (see ``_known_calls``).
-        ``input_scale``: a float layer computes on ``x * input_scale`` (see ``_input_scale``).
+        ``input_scale``: a float layer computes on ``x * input_scale`` (see ``passes.fold_input_scale``).
         """
         if layer.codes is None or x.levels is None:
             w = layer.scaled_float_w(input_scale)[..., out_slice]
@@ -500,7 +477,7 @@ class PackedModel:
         layer = self.layers[op["layer"]]
         float_path = layer.codes is None or x.levels is None
         if op.get("clip_input") and not float_path:
-            x = self._clip(x, op)           # (see _merged: the float path clips while copying its input)
+            x = self._clip(x, op)           # (see passes.merge_clip_fc: the float path clips while copying)
         v = x.values
         if v.ndim == 4 and op["flatten"] == "chw":
             v = v.transpose(0, 3, 1, 2)
@@ -624,102 +601,6 @@ def _sum_maps(maps):
     for m in maps[2:]:
         np.add(total, m.as_float(), out=total)
     return total
-
-
-def _chained(first, second):
-    """Whether ``second`` reads only ``first``'s result and overwrites it (nothing else reads that map)."""
-    dst = first.get("dst", "x")
-    return second.get("src", "x") == dst and second.get("dst", "x") == dst
-
-
-def _input_scale(normalize, conv, layers):
-    """``1 / std`` if the float convolution ``conv`` can take ``normalize``'s input as it is, with its weights
-    multiplied by ``1 / std``; else None.
-
-    That is exact where the normalisation is a division by one power of two (SVHN's ``x / 256``) with no
-    mean: ``x * (w / 2^k)`` and ``(x / 2^k) * w`` are the same real number, so every fused multiply-add of
-    the convolution rounds the same sum, as long as no scaled weight falls below float32's smallest
-    normal number (checked).  It saves the normalised map: a pass over the input, 4% of a batch-1 SVHN call.
-    """
-    if (conv["op"] != "conv" or conv["quantized"] or "pad" in normalize or not _chained(normalize, conv)
-            or np.any(np.ravel(0.0 if normalize.get("mean") is None else normalize["mean"]) != 0)):
-        return None
-    stds = {float(v) for v in np.ravel(normalize["std"])}
-    if len(stds) != 1:
-        return None
-    std = stds.pop()
-    layer = layers.get(conv["layer"])
-    if std <= 0 or math.frexp(std)[0] != 0.5 or layer is None or layer.codes is not None:
-        return None
-    scaled = np.abs(layer.float_w * np.float32(1 / std))
-    if np.any((scaled != 0) & (scaled < np.finfo(np.float32).tiny)):
-        return None
-    return 1 / std
-
-
-def _merged(program, affines, layers):
-    """``program`` with op pairs that have a one-pass equivalent merged (the same values, fewer full maps):
-
-    * ``pad`` (symmetric, 1 on every side), ``maxpool`` (VALID, size >= 2) -> a max pooling with 1 pixel of
-      padding that never wins: a mirrored border pixel is a copy of a pixel in the same window, so it can
-      never change a maximum (ResNet's stem);
-    * ``affine``, ``activate`` (1..8 bits) -> ``affine_activate``: the batch norm's float32 product and sum
-      and the quantizing of each value in one pass, with no float map stored;
-    * ``normalize``, ``pad`` (constant) -> a normalisation that writes into the zero-padded map (ResNet's
-      input: np.pad took 150 us of a batch-1 call).
-    * ``normalize`` (by a power of two, no mean), float ``conv`` -> a convolution with its weights scaled
-      instead (see ``_input_scale``; SVHN's input);
-    * ``affine``, ``clip`` -> ``affine_clip``, the batch norm and the 32-bit activation in one pass (ResNet's
-      ``lastbn``);
-    * ``gap``, ``scale`` -> a ``gap`` that multiplies its means (ResNet's tail), and ``clip``, float ``fc`` -> an
-      ``fc`` that clips its input while copying it (the last layer of all three networks): at batch 1 each op
-      of the tail cost 5-30 us, mostly bringing numpy's code and data back into cache after the convolutions.
-
-    Tracing runs the program as it is (the trace needs each activate's float input).
-    """
-    out = []
-    i = 0
-    while i < len(program):
-        op, nxt = program[i], program[i + 1] if i + 1 < len(program) else None
-        if (nxt is not None and op["op"] == "pad" and nxt["op"] == "maxpool" and op["mode"] == "symmetric"
-                and op["before"] == op["after"] == 1 and nxt["padding"] == "VALID" and nxt["size"] >= 2
-                and _chained(op, nxt)):
-            merged = dict(nxt, pads=[1, 1, 1, 1], src=op.get("src", "x"))
-            out.append(merged)
-            i += 2
-            continue
-        scale = _input_scale(op, nxt, layers) if nxt is not None and op["op"] == "normalize" else None
-        if scale is not None:
-            out.append(dict(nxt, input_scale=scale, src=op.get("src", "x")))
-            i += 2
-            continue
-        if (nxt is not None and op["op"] == "normalize" and nxt["op"] == "pad" and nxt["mode"] == "constant"
-                and "pad" not in op and _chained(op, nxt)):
-            out.append(dict(op, pad=[nxt["before"], nxt["after"]]))
-            i += 2
-            continue
-        if (nxt is not None and op["op"] == "affine" and nxt["op"] == "activate" and 1 <= nxt["bits"] <= 8
-                and _chained(op, nxt) and all(a is None or a.dtype == np.float32 for a in affines[op["layer"]])):
-            out.append(dict(op, op="affine_activate", bits=nxt["bits"]))
-            i += 2
-            continue
-        if (nxt is not None and op["op"] == "affine" and nxt["op"] == "clip" and _chained(op, nxt)
-                and all(a is None or a.dtype == np.float32 for a in affines[op["layer"]])):
-            out.append(dict(op, op="affine_clip"))
-            i += 2
-            continue
-        if nxt is not None and op["op"] == "gap" and nxt["op"] == "scale" and "by" not in op and _chained(op, nxt):
-            out.append(dict(op, by=nxt["by"]))
-            i += 2
-            continue
-        if (nxt is not None and op["op"] == "clip" and nxt["op"] == "fc" and not nxt["quantized"]
-                and _chained(op, nxt)):
-            out.append(dict(nxt, clip_input=True, src=op.get("src", "x")))
-            i += 2
-            continue
-        out.append(op)
-        i += 1
-    return out
 
 
 def load_packed(path, huge_pages=False):
