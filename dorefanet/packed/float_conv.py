@@ -30,6 +30,22 @@ _PIXELS = 6                             # output pixels per register tile (36 an
 
 
 @njit(inline="always", **_JIT)
+def _emit6x3(out, codes, levels, o, n_out, scale, shift, ob, p0, p1, p2, p3, p4, p5):
+    """The epilogue of a 6 x 48 tile: pixel k's three accumulators ``pk`` scaled by ``scale[ob:ob + 48]``, shifted
+    and stored (or quantized) at ``o + k n_out``."""
+    # hand-unrolled over the pixels, whose accumulators are separate register values
+    sa, sb, sc = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32)
+    ta, tb, tc = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32)
+    s, t = (sa, sb, sc), (ta, tb, tc)
+    emit(out, codes, levels, o, p0, s, t)
+    emit(out, codes, levels, o + n_out, p1, s, t)
+    emit(out, codes, levels, o + 2 * n_out, p2, s, t)
+    emit(out, codes, levels, o + 3 * n_out, p3, s, t)
+    emit(out, codes, levels, o + 4 * n_out, p4, s, t)
+    emit(out, codes, levels, o + 5 * n_out, p5, s, t)
+
+
+@njit(inline="always", **_JIT)
 def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, levels, o, scale, shift, ob):
     """6 output pixels x 48 channels: 18 accumulators, 3 weight loads and 6 broadcasts per input value."""
     # hand-unrolled tile of named accumulators: numba keeps scalar values in registers across the loop, an
@@ -65,16 +81,8 @@ def _tile6x3(x, w, base, step, wrow, n_out, row_in, cin, kh, kw, out, codes, lev
             a50 = fma_at(x, p + 5 * step, wa, a50)
             a51 = fma_at(x, p + 5 * step, wb, a51)
             a52 = fma_at(x, p + 5 * step, wc, a52)
-    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
-    sa, sb, sc = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32)
-    ta, tb, tc = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32)
-    s, t = (sa, sb, sc), (ta, tb, tc)
-    emit(out, codes, levels, o, (a00, a01, a02), s, t)
-    emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
-    emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
-    emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
-    emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
-    emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
+    _emit6x3(out, codes, levels, o, n_out, scale, shift, ob, (a00, a01, a02), (a10, a11, a12), (a20, a21, a22),
+             (a30, a31, a32), (a40, a41, a42), (a50, a51, a52))
 
 
 @njit(inline="always", **_JIT)
@@ -179,16 +187,8 @@ def _tile6x3p(x, w, b0, b1, b2, b3, b4, b5, wrow, n_out, row_in, span, kh, out, 
             a50 = fma_at(x, b5 + p, wa, a50)
             a51 = fma_at(x, b5 + p, wb, a51)
             a52 = fma_at(x, b5 + p, wc, a52)
-    # hand-unrolled epilogue: each pixel's accumulators scaled, shifted and stored (or quantized) by one emit
-    sa, sb, sc = lanes_load(scale, ob), lanes_load(scale, ob + 16), lanes_load(scale, ob + 32)
-    ta, tb, tc = lanes_load(shift, ob), lanes_load(shift, ob + 16), lanes_load(shift, ob + 32)
-    s, t = (sa, sb, sc), (ta, tb, tc)
-    emit(out, codes, levels, o, (a00, a01, a02), s, t)
-    emit(out, codes, levels, o + n_out, (a10, a11, a12), s, t)
-    emit(out, codes, levels, o + 2 * n_out, (a20, a21, a22), s, t)
-    emit(out, codes, levels, o + 3 * n_out, (a30, a31, a32), s, t)
-    emit(out, codes, levels, o + 4 * n_out, (a40, a41, a42), s, t)
-    emit(out, codes, levels, o + 5 * n_out, (a50, a51, a52), s, t)
+    _emit6x3(out, codes, levels, o, n_out, scale, shift, ob, (a00, a01, a02), (a10, a11, a12), (a20, a21, a22),
+             (a30, a31, a32), (a40, a41, a42), (a50, a51, a52))
 
 
 @njit(inline="always", **_JIT)
