@@ -45,7 +45,7 @@ import numpy as np
 
 from dorefanet.tf_setup import tf
 
-from dorefanet.bitwidths import TERNARY, _check_width, check_bits  # noqa: E402,F401  (TensorFlow-free)
+from dorefanet.bits import TERNARY, check_bits, check_width  # noqa: E402,F401  (TensorFlow-free)
 
 __all__ = ["get_dorefa", "ternarize", "quantize", "quantize_clipped", "check_bits", "TERNARY",
            "USE_XLA"]
@@ -71,7 +71,7 @@ def quantize(x, k):
     as 1 (straight-through estimator).  ``x`` is expected in [0, 1].
     k = 32 is the identity.  (arXiv:1606.06160, eq. 5.)
     """
-    k = _check_width(k, "bit width k")
+    k = check_width(k, "bit width k")
     if k == 32:
         return tf.identity(x)
     n = _levels(k)
@@ -130,7 +130,7 @@ def quantize_clipped(x, k):
     infinity) where the composition gives 0.  Without :data:`USE_XLA` the value and
     gradient come from plain TensorFlow ops, bit for bit those of the composition.
     """
-    k = _check_width(k, "bit width k")
+    k = check_width(k, "bit width k")
     n = _levels(k)
     if USE_XLA and k < 32:
         return _unit_range_quantize(x, k)

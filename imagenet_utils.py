@@ -1,51 +1,42 @@
-"""ImageNet (ILSVRC12) pieces shared by ``alexnet-dorefa.py`` and ``resnet-dorefa.py``.
+"""ImageNet training data for ``alexnet-dorefa.py`` and ``resnet-dorefa.py``: augmentation and dataflows.
 
-* class names (``data/synset_words.txt``, line i = class i): :func:`load_class_names`;
-* image decoding and the single-image / validation preprocessing of
-  ``docs/networks.md`` (shorter side to 256 bicubic, center crop 224):
-  :func:`read_image`, :func:`preprocess_image`, :func:`load_image`;
 * the fb.resnet.torch training augmentation: :func:`fbresnet_augmentor`;
 * ILSVRC12 dataflows (``DIR/train/<wnid>/*``, ``DIR/val/...``) and fake data:
-  :func:`get_imagenet_dataflow`, :func:`fake_dataflow`;
-* the tensorpack ``ModelDesc`` base class of both models: :class:`ImageNetModel`;
-* top-1 / top-5 evaluation: :func:`evaluate_topk` (from :mod:`dorefanet.inference`).
+  :func:`get_imagenet_dataflow`, :func:`fake_dataflow`.
 
-The command line of both scripts (train, ``--eval``, ``--run``, ``--export``) is
-:mod:`dorefanet.imagenet_cli`.  Import order: this module imports
+These are tensorpack dataflows (and tensorpack imports TensorFlow).  Everything
+else about ImageNet (class names, decoding, the evaluation preprocessing, file
+lists, validation batches) needs no TensorFlow and is :mod:`dorefanet.imagenet_data`,
+whose names this module re-exports; the scripts' data source is
+:mod:`dorefanet.imagenet`.  Import order: this module imports
 :mod:`dorefanet.tf_setup` first, as every module of the project does.
 """
-import collections
-from concurrent.futures import ThreadPoolExecutor
-
 from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from tensorpack import ModelDesc  # noqa: E402
 from tensorpack.dataflow import (  # noqa: E402
     BatchData, DataFlow, FakeData, MapData, MultiProcessRunnerZMQ, ProxyDataFlow, imgaug)
 from tensorpack.dataflow.imgaug.transform import CropTransform, ResizeTransform, TransformList  # noqa: E402
-from tensorpack.tfutils.summary import add_moving_summary  # noqa: E402
-from tensorpack.models import regularize_cost  # noqa: E402
 from tensorpack.utils.utils import get_rng  # noqa: E402
 
 from dorefanet.image_io import ImageReadError  # noqa: E402  (one exception class for the project)
-from dorefanet.checkpoints import build_inference_graph  # noqa: E402,F401
 from dorefanet.inference import TopKError, evaluate_topk, topk_wrong  # noqa: E402,F401
 # the pieces that need no TensorFlow (what the packed engine's --eval / --run use)
 from dorefanet.imagenet_data import (  # noqa: E402,F401
     CLASS_NAMES_FILE, IMAGE_EXTENSIONS, IMAGE_SIZE, NUM_CLASSES, RESIZE_SHORTER, ROOT, VAL_LABEL_FILES, _WNID,
-    ClassNamesError, ImageNetDataError, ImageNetNetwork, ValidationBatches, _is_image_file, _list_class_dirs,
-    _raise_failures, _read_label_file, _wnid_to_label, center_crop, default_parallelism, list_imagenet_files,
-    load_class_names, load_image, normalize_data_format, preprocess_image, read_image, resize_shorter_side)
+    ClassNamesError, ImageNetDataError, ValidationBatches, _is_image_file, _list_class_dirs,
+    _raise_failures, _read_label_file, _wnid_to_label, center_crop, decode_safely, default_parallelism, eval_sizes,
+    list_imagenet_files, load_class_names, load_image, ordered_map, preprocess_image, read_image,
+    resize_shorter_side)
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
     "ClassNamesError", "ImageReadError", "ImageNetDataError",
     "load_class_names", "read_image", "resize_shorter_side", "center_crop", "preprocess_image", "load_image",
     "RandomSizedCrop", "fbresnet_augmentor", "list_imagenet_files", "get_imagenet_dataflow", "fake_dataflow",
-    "ImageNetModel", "build_inference_graph", "TopKError", "evaluate_topk", "topk_wrong", "normalize_data_format",
-    "IMAGE_EXTENSIONS", "default_parallelism", "ImageNetNetwork", "ValidationBatches",
+    "TopKError", "evaluate_topk", "topk_wrong", "IMAGE_EXTENSIONS", "default_parallelism", "ValidationBatches",
+    "eval_sizes",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +96,8 @@ def fbresnet_augmentor(is_training, size=IMAGE_SIZE, interp=cv2.INTER_CUBIC):
     (shorter side 256 bicubic, center crop 224).
     """
     if not is_training:
-        return [imgaug.MapImage(lambda img: preprocess_image(img, resize=size * RESIZE_SHORTER // IMAGE_SIZE,
-                                                             crop=size))]
+        resize, crop = eval_sizes(size)
+        return [imgaug.MapImage(lambda img: preprocess_image(img, resize=resize, crop=crop))]
     return [
         RandomSizedCrop(size, interp=interp),
         imgaug.ToFloat32(),  # the colour jitter below would otherwise round to uint8 at every step
@@ -148,13 +139,7 @@ class _FileList(DataFlow):
 
 
 class _DecodeAugment:
-    """Decode ``[path, label]`` and augment the image; errors become ``[{'error':..., 'message':...}, label]``.
-
-    Worker threads / processes that raise die silently and leave tensorpack's
-    parallel dataflows waiting forever, so failures travel as data (a dict
-    serialises through ZMQ) and :func:`_raise_failures` re-raises them in the
-    consumer.
-    """
+    """Decode ``[path, label]`` and augment the image; a failure travels as data (:func:`decode_safely`)."""
 
     def __init__(self, augmentors):
         self.augs = imgaug.AugmentorList(augmentors)
@@ -164,12 +149,7 @@ class _DecodeAugment:
 
     def __call__(self, dp):
         path, label = dp
-        try:
-            return [self.augs.augment(read_image(path)), label]
-        except ImageReadError as err:
-            return [{"error": "read", "message": str(err)}, label]
-        except Exception as err:  # noqa: BLE001 - re-raised by _raise_failures with the file name
-            return [{"error": type(err).__name__, "message": "while preparing {}: {}".format(path, err)}, label]
+        return decode_safely(path, label, self.augs.augment)
 
 
 class _DecodeAugmentData(ProxyDataFlow):
@@ -189,13 +169,10 @@ class _DecodeAugmentData(ProxyDataFlow):
 
 
 class _ThreadedDecodeAugment(_DecodeAugmentData):
-    """Decode + augment in a pool of threads, keeping the input order.
+    """Decode + augment in a pool of threads, keeping the input order (:func:`ordered_map`).
 
-    Used instead of tensorpack's ``MultiThreadMapData`` because a pool of
-    futures keeps the order (evaluation is reproducible), hands a worker's
-    exception to the consumer, and shuts down at once (``MultiThreadMapData``
-    waits up to 5 s per flow for its polling threads).  OpenCV releases the GIL
-    while decoding and resizing, so threads do run in parallel.
+    Used instead of tensorpack's ``MultiThreadMapData``, which waits up to 5 s per
+    flow for its polling threads to shut down and does not keep the order.
     """
 
     def __init__(self, ds, augmentors, num_threads):
@@ -203,15 +180,7 @@ class _ThreadedDecodeAugment(_DecodeAugmentData):
         self.num_threads = num_threads
 
     def __iter__(self):
-        window = 4 * self.num_threads  # decoded images kept ahead of the consumer
-        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="imagenet-decode") as pool:
-            pending = collections.deque()
-            for dp in self.ds:
-                pending.append(pool.submit(self.mapper, dp))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        yield from ordered_map(self.mapper, self.ds, self.num_threads)
 
 
 def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=None, class_names=None,
@@ -267,93 +236,3 @@ def fake_dataflow(batch_size, image_size=IMAGE_SIZE, size=100, dtype="uint8", nu
     """
     return FakeData([[batch_size, image_size, image_size, 3], [batch_size]], size, random=False,
                     dtype=[dtype, "int32"], domain=[(0, 255), (0, num_classes)])
-
-
-# ---------------------------------------------------------------------------------------------
-# the model base class
-
-def _prediction_incorrect(logits, label, k, name):
-    # tensorpack convention: a float 0/1 vector per sample, 1 where the label is not in the top k.
-    with tf.name_scope(name + "_internals"):
-        wrong = tf.logical_not(tf.nn.in_top_k(logits, label, k))
-    return tf.cast(wrong, tf.float32, name=name)
-
-
-class ImageNetModel(ImageNetNetwork, ModelDesc):
-    """Shared inputs, preprocessing, loss, errors and optimizer of the ImageNet models.
-
-    Subclasses set the class attributes and describe their layers in
-    ``network(net, x)`` (:class:`dorefanet.network.DescribedNetwork`):
-
-    * ``image_dtype``: dtype of the ``input`` placeholder (uint8 or float32 BGR 0..255);
-    * ``image_mean`` / ``image_std``: BGR, in 0..255 units; ``image_std`` may be a
-      scalar (ResNet: 256);
-    * ``activation_at_32``: what ``activate`` is at A = 32 (:mod:`dorefanet.network`);
-    * ``weight_decay`` / ``weight_decay_pattern``: L2 on trainable variables whose
-      name matches the regex (``re.search``);
-    * ``base_lr`` and :meth:`optimizer`; ``lr_schedule`` ``[(epoch, lr), ...]`` (the lr
-      from the end of that epoch on, as ``ScheduledHyperParamSetter`` applies it),
-      ``max_epoch`` and ``total_batch_size``: the training recipe :func:`imagenet_main` runs;
-    * ``model_name``: used in the default logdir (``train_log/<model_name>-dorefa-W,A,G``);
-    * ``cpu_data_format``: the default layout on machines without a GPU (the faster
-      one measured on the CPU; GPUs always default to ``channels_first``);
-    * ``min_image_size``: the smallest input the network accepts (for ``--image-size``).
-
-    Graph: ``input`` (NHWC BGR, ``image_dtype``) and ``label`` (int32) placeholders;
-    the image is preprocessed in NHWC and transposed to NCHW for
-    ``channels_first``; the softmax is ``output``; ``wrong-top1`` /
-    ``wrong-top5`` are per-sample 0/1 floats; the cost (``cost``) is the mean
-    cross-entropy (``xentropy-loss``) plus the weight decay.
-    """
-
-    image_dtype = tf.uint8
-
-    def inputs(self):
-        return [tf.TensorSpec([None, self.image_size, self.image_size, 3], self.image_dtype, "input"),
-                tf.TensorSpec([None], tf.int32, "label")]
-
-    def image_preprocess(self, image):
-        """``(float(image) - image_mean) / image_std`` on the NHWC BGR batch."""
-        with tf.name_scope("image_preprocess"):
-            image = tf.cast(image, tf.float32)
-            mean = np.asarray(self.image_mean, dtype=np.float32)
-            if np.any(mean != 0):
-                image = image - tf.constant(mean)
-            return image / tf.constant(np.asarray(self.image_std, dtype=np.float32))
-
-    def get_logits(self, image):
-        """The network on a preprocessed float batch in ``self.data_format``; returns the logits."""
-        return self.network_logits(image)
-
-    def build_graph(self, image, label):
-        image = self.image_preprocess(image)
-        if self.data_format == "channels_first":
-            image = tf.transpose(image, [0, 3, 1, 2])
-        logits = self.get_logits(image)
-        tf.nn.softmax(logits, name="output")
-
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(logits=logits, labels=label),
-                              name="xentropy-loss")
-        wrong1 = _prediction_incorrect(logits, label, 1, "wrong-top1")
-        wrong5 = _prediction_incorrect(logits, label, 5, "wrong-top5")
-        add_moving_summary(tf.reduce_mean(wrong1, name="train-error-top1"),
-                           tf.reduce_mean(wrong5, name="train-error-top5"))
-        if self.weight_decay > 0:
-            # wd * sum(w^2) / 2 per variable (tf.nn.l2_loss), the form of the tensorpack versions
-            # that trained the published models (tf.contrib l2_regularizer).
-            wd_loss = regularize_cost(self.weight_decay_pattern, lambda w: self.weight_decay * tf.nn.l2_loss(w),
-                                      name="l2_regularize_loss")
-            add_moving_summary(loss, wd_loss)
-            return tf.add_n([loss, wd_loss], name="cost")
-        cost = tf.identity(loss, name="cost")
-        add_moving_summary(cost)
-        return cost
-
-    def learning_rate(self):
-        """The non-trainable ``learning_rate`` variable (for ``ScheduledHyperParamSetter``)."""
-        lr = tf.get_variable("learning_rate", initializer=float(self.base_lr), trainable=False)
-        tf.summary.scalar("learning_rate-summary", lr)
-        return lr
-
-    def optimizer(self):
-        return tf.train.MomentumOptimizer(self.learning_rate(), 0.9, use_nesterov=True)

@@ -51,15 +51,13 @@ def network_layers(net, bits):
     The quantized layers of the script's own network description (its packed program), one row per
     distinct shape; a grouped convolution is timed as one of its groups, as the engine calls it.
     """
+    from dorefanet.driver import make_model
     from dorefanet.packed.program import layer_inputs
     from dorefanet.scripts import load_script
 
-    if net == "svhn":
-        model, size = load_script("svhn-digit-dorefa.py").SVHNModel(bits + (32,)), 40
-    elif net == "alexnet":
-        model, size = load_script("alexnet-dorefa.py").AlexNetModel(bits + (32,), "channels_last"), 224
-    else:
-        model, size = load_script("resnet-dorefa.py").ResNet18Model(bits + (32,), "channels_last"), 224
+    script = {"svhn": "svhn-digit-dorefa.py", "alexnet": "alexnet-dorefa.py", "resnet": "resnet-dorefa.py"}[net]
+    model = make_model(load_script(script), bits + (32,), tensorflow=False)
+    size = model.image_size
     rows, seen = [], set()
     for op, shape in layer_inputs(model.packed_program(), (size, size, 3)):
         if not op["quantized"]:

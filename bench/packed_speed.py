@@ -41,26 +41,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from machine_info import cpu_mhz, cpu_model, load_average  # noqa: E402  (bench/ is the script's directory)
 
 MODELS = {
-    # name: (script, class, default bits, image size)
-    "svhn": ("svhn-digit-dorefa.py", "SVHNModel", ["1,2,4", "1,1,32"], 40),
-    "alexnet": ("alexnet-dorefa.py", "AlexNetModel", ["1,2,6", "1,1,32"], 224),
-    "resnet": ("resnet-dorefa.py", "ResNet18Model", ["1,4,32"], 224),
+    # name: (script, default bits, image size)
+    "svhn": ("svhn-digit-dorefa.py", ["1,2,4", "1,1,32"], 40),
+    "alexnet": ("alexnet-dorefa.py", ["1,2,6", "1,1,32"], 224),
+    "resnet": ("resnet-dorefa.py", ["1,4,32"], 224),
 }
 
 
 def _model(name, setting):
     """The model of a bit setting: ``W,A,G``, optionally followed by ``;PATTERN=W,A,G`` per-layer entries."""
-    from dorefanet.cli import dorefa_bits
-    from dorefanet.layer_bits import parse_layer_bits
+    from dorefanet.bits import parse_bits, parse_layer_bits
+    from dorefanet.driver import make_model
     from dorefanet.scripts import load_script
 
-    script, cls, _, size = MODELS[name]
-    model_class = getattr(load_script(script), cls)
+    script, _, size = MODELS[name]
     dorefa, *entries = setting.split(";")
-    bits, layer_bits = tuple(dorefa_bits(dorefa)), [parse_layer_bits(e) for e in entries]
-    if name == "svhn":
-        return model_class(bits, layer_bits=layer_bits)
-    return model_class(bits, "channels_last", size, layer_bits)
+    return make_model(load_script(script), parse_bits(dorefa), "channels_last", size,
+                      [parse_layer_bits(e) for e in entries])
 
 
 #: Shortest timed repeat: a batch-1 call of a few hundred microseconds, timed alone, measured the machine's noise
@@ -215,7 +212,7 @@ def profile(names, settings, batches, repeats, workdir):
 
     mhz = cpu_mhz()
     for name in names:
-        for bits in settings or MODELS[name][2]:
+        for bits in settings or MODELS[name][1]:
             packed_path = _export(name, bits, workdir)[1]
             for batch in batches:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--profile-child", packed_path,
@@ -377,7 +374,7 @@ def main(argv=None):
         if name == "svhn":
             parser.error("--eval-jpegs needs an ImageNet model (alexnet or resnet)")
         with tempfile.TemporaryDirectory() as workdir:
-            eval_speed(name, (args.bits or MODELS[name][2])[0], args.eval_jpegs, args.eval_batch, args.rounds, workdir)
+            eval_speed(name, (args.bits or MODELS[name][1])[0], args.eval_jpegs, args.eval_batch, args.rounds, workdir)
         return 0
     if args.profile_child:
         profile_child(args.profile_child[0], int(args.profile_child[1]), int(args.profile_child[2]))
@@ -393,7 +390,7 @@ def main(argv=None):
     sizes, rows = [], []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models:
-            for bits in args.bits or MODELS[name][2]:
+            for bits in args.bits or MODELS[name][1]:
                 s, r = measure(name, bits, args.batches, args.repeats, args.rounds, workdir)
                 sizes.append(s)
                 rows += r

@@ -131,11 +131,10 @@ def _timed(run, steps, repeats, warmup, faults=None):
 def _build_model(name, bits, data_format):
     from dorefanet.scripts import load_script
 
+    from dorefanet.driver import make_model
+
     script = load_script(MODELS[name][0])
-    if name == "svhn":
-        return script.SVHNModel(bits, data_format=data_format)
-    cls = script.AlexNetModel if name == "alexnet" else script.ResNet18Model
-    return cls(bits, data_format, MODELS[name][3])
+    return make_model(script, bits, data_format, None if name == "svhn" else MODELS[name][3])
 
 
 def _random_inputs(model, n):
@@ -255,8 +254,8 @@ def measure_svhn_dataflow(batch, workers, batches, repeats):
     from dorefanet.scripts import load_script
 
     svhn = load_script("svhn-digit-dorefa.py")
-    source = argparse.Namespace(synthetic=True, data=None, seed=0)
-    df = svhn.make_dataflow(svhn.source_flow(source, "train"), True, batch, workers)
+    source = argparse.Namespace(synthetic=True, data=None, seed=0, workers=workers, batch=batch)
+    df = svhn.DATA.training_data(source, batch)[0]
     df.reset_state()
     it = iter(df)
     rate = batch / _timed(lambda: next(it), batches, repeats, warmup=3)

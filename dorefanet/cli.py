@@ -1,37 +1,30 @@
-"""The command line shared by every script: ``--dorefa W,A,G`` and the common flags.
+"""The one command line of every script: its flags, their checks, and errors as one line.
 
-Each script calls :func:`make_parser`, adds its own flags to the returned
-argument groups, parses, and then calls :func:`check_modes` so that the same
-conflicts are refused the same way everywhere.
+:func:`make_parser` builds the parser of a script from its recipe and data
+source (argument groups; every default shown in the help); :func:`parse_args`
+parses and refuses conflicts with ``parser.error``, the same way in every script.
+What each mode then does is :mod:`dorefanet.driver`.
 """
 import argparse
 import json
 import os
 import re
 import sys
-from typing import NamedTuple, Union
 
-from dorefanet.layer_bits import LayerBitsError, parse_bits, parse_layer_bits
+from dorefanet.bits import Bits, LayerBitsError, parse_bits, parse_layer_bits
+from dorefanet.cluster import DEFAULT_TIMEOUT, resolve_cluster
 
-__all__ = ["Bits", "dorefa_bits", "layer_bits_entry", "make_parser", "check_modes", "check_run_table", "run_config",
-           "run_reporting_errors"]
+__all__ = ["Bits", "dorefa_bits", "layer_bits_entry", "make_parser", "parse_args", "check_modes", "check_run_table",
+           "run_config", "run_reporting_errors", "packed_only", "resolve_devices", "TRAINERS"]
 
-
-class Bits(NamedTuple):
-    """A validated (W, A, G) bit-width triple; W may be ``'t'`` (TTQ)."""
-
-    w: Union[int, str]
-    a: int
-    g: int
-
-    def __str__(self):
-        return "{},{},{}".format(self.w, self.a, self.g)
+#: replicated: the towers of one process; collective: one process per machine (--cluster or TF_CONFIG).
+TRAINERS = ("replicated", "collective")
 
 
 def dorefa_bits(text):
     """argparse ``type`` for ``--dorefa W,A,G`` (e.g. ``1,2,6``, ``32,32,32``, ``t,32,32``)."""
     try:
-        return Bits(*parse_bits(text))
+        return parse_bits(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -39,10 +32,9 @@ def dorefa_bits(text):
 def layer_bits_entry(text):
     """argparse ``type`` for one ``--layer-bits PATTERN=W,A,G`` entry: ``(pattern, Bits)``."""
     try:
-        pattern, bits = parse_layer_bits(text)
+        return parse_layer_bits(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return pattern, Bits(*bits)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -57,39 +49,68 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_log/<model>-dorefa-W,A,G"):
-    """Build the shared parser.
-
-    Returns ``(parser, groups)`` where ``groups`` maps ``'quantization'``,
-    ``'data'``, ``'training'`` and ``'model'`` to argparse argument groups so
-    that a script adds its own flags next to the related shared ones.
-    """
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_Formatter)
-    groups = {
-        "quantization": parser.add_argument_group("quantization"),
-        "data": parser.add_argument_group("data"),
-        "training": parser.add_argument_group("training"),
-        "model": parser.add_argument_group("loading, evaluation and inference"),
-    }
-    groups["quantization"].add_argument(
+def make_parser(script):
+    """The parser of ``script`` (a module with ``__doc__``, ``RECIPE`` and ``DATA``; see :mod:`dorefanet.model`)."""
+    recipe, data = script.RECIPE, script.DATA
+    # --help shows the title and the usage examples, not the notes after them
+    parser = argparse.ArgumentParser(description="\n\n".join(script.__doc__.split("\n\n")[:2]),
+                                     formatter_class=_Formatter)
+    quantization = parser.add_argument_group("quantization")
+    quantization.add_argument(
         "--dorefa", type=dorefa_bits, default=None, metavar="W,A,G",
         help="bit widths of weights, activations and gradients of every quantized layer; 32 = not quantized, "
              "W = 't' selects TTQ (with A = G = 32). With --load LOGDIR and no bit flags, the run's own "
-             "(default: {})".format(default_dorefa))
-    groups["quantization"].add_argument(
+             "(default: {})".format(recipe["default_dorefa"]))
+    quantization.add_argument(
         "--layer-bits", type=layer_bits_entry, nargs="+", default=[], metavar="PATTERN=W,A,G",
         help="bit widths of single layers: PATTERN is a layer name (conv0, fc1, conv2blk1/c3x3a) or a regular "
              "expression matching whole names, later entries win; W = the layer's weights, A = the activation "
              "it reads, G = the gradient into it (e.g. conv0=8,32,32 'conv[12]=2,2,8')")
-    parser.set_defaults(default_dorefa=dorefa_bits(default_dorefa))
-    groups["data"].add_argument("--data", metavar="DIR", help="dataset directory")
-    groups["training"].add_argument("--logdir", metavar="DIR",
-                                    help="where checkpoints and logs go; a killed run started again with the same "
-                                         "command resumes there (default: {})".format(logdir_pattern))
-    groups["training"].add_argument("--seed", type=int, default=0, help="random seed")
-    groups["training"].add_argument("--gpu", metavar="IDS",
-                                    help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")
-    model = groups["model"]
+    parser.set_defaults(default_dorefa=dorefa_bits(recipe["default_dorefa"]))
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="DIR", help="dataset directory")
+    data.add_flags(group)
+
+    run_name = recipe.get("run_name", recipe["name"])
+    t = parser.add_argument_group("training")
+    t.add_argument("--logdir", metavar="DIR",
+                   help="where checkpoints and logs go; a killed run started again with the same command resumes "
+                        "there (default: train_log/{}-dorefa-W,A,G)".format(run_name))
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--gpu", metavar="IDS",
+                   help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")
+    t.add_argument("--epochs", type=int, default=recipe["epochs"], help="epochs to train; the recipe by default")
+    t.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="training steps per epoch (default: one pass over the training data)")
+    t.add_argument("--batch", type=int, default=recipe["batch"],
+                   help="total batch size, split evenly over the towers (--gpu) of every worker (--cluster); "
+                        "also the batch of --eval")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over even if --logdir holds a finished run (it is moved aside, not deleted)")
+    t.add_argument("--data-format", choices=("channels_first", "channels_last"), default=None,
+                   help="layout of the feature maps inside the network; by default channels_first when a GPU "
+                        "is visible, {} on the CPU (measured faster there). Checkpoints work in either "
+                        "layout".format(recipe.get("cpu_data_format", "channels_last")))
+    t.add_argument("--sweep", type=dorefa_bits, nargs="+", metavar="W,A,G",
+                   help="train each of these configurations in its own run under --logdir (default: "
+                        "train_log/{}-sweep), then write results.md, results.json and error_vs_bits.png there; "
+                        "the same command resumes a killed sweep".format(run_name))
+    t.add_argument("--seeds", type=int, default=1,
+                   help="with --sweep: runs per configuration, seeds --seed, --seed + 1, ...")
+    t.add_argument("--trainer", choices=TRAINERS, default=None,
+                   help="replicated: synchronous data-parallel training in one process, one tower per --gpu "
+                        "(tensorpack SyncMultiGPUTrainerReplicated); collective: the same on several machines, "
+                        "one process per machine, gradients all-reduced between them over gRPC "
+                        "(docs/distributed.md). Default: collective with --cluster or TF_CONFIG, else replicated")
+    t.add_argument("--cluster", metavar="HOST:PORT,...",
+                   help="train on several machines: every worker's address, the same list on each (or TF_CONFIG)")
+    t.add_argument("--task", type=int, metavar="I", help="with --cluster: this machine's index in it (0 = the chief)")
+    t.add_argument("--worker-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="with --cluster: how long a worker waits for the others at start-up and in each all-reduce "
+                        "before it stops with an error; must exceed the chief's validation and checkpoint time")
+
+    model = parser.add_argument_group("loading, evaluation and inference")
     model.add_argument("--load", metavar="PATH",
                        help="a logdir (its latest checkpoint), a checkpoint, or an .npz of name -> array")
     model.add_argument("--eval", action="store_true", help="evaluate the loaded model on the test/validation set")
@@ -100,6 +121,8 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
                             "checkpoint (with --load: of the loaded model)")
     model.add_argument("--json", action="store_true",
                        help="with --run: print one JSON object per image; with --summary: one JSON object")
+    model.add_argument("--export", metavar="OUT.npz",
+                       help="write the loaded model's variables (no optimizer state) to an .npz")
     model.add_argument("--export-packed", metavar="OUT.npz",
                        help="write the loaded model as a bit-packed file (integer weight codes, batch norm folded) "
                             "for --engine packed; format: docs/packed-format.md")
@@ -109,7 +132,102 @@ def make_parser(description, default_dorefa, epilog=None, logdir_pattern="train_
     model.add_argument("--engine", choices=("tensorflow", "packed"), default="tensorflow",
                        help="what runs --eval and --run: the TensorFlow graph on --load, or the bit-operation engine "
                             "on a --export-packed file")
-    return parser, groups
+    return parser
+
+
+def parse_args(script, argv=None):
+    """Parse and check the flags of ``script``; conflicts and bad values end in ``parser.error``.
+
+    Sets ``args.training``, ``args.argv``, ``args.cluster`` (a :class:`dorefanet.cluster.Cluster` or
+    None) and ``args.trainer``; ``--gpu`` becomes ``CUDA_VISIBLE_DEVICES``.
+    """
+    parser = make_parser(script)
+    args = parser.parse_args(argv)
+    dorefa_given = args.dorefa is not None
+    args = check_modes(parser, args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.training = not (args.eval or args.run or args.export or args.export_packed or args.summary)
+    _check_sweep(parser, args, dorefa_given)
+    script.DATA.check_flags(parser, args, needs_data=args.training or args.eval)
+    for flag in ("epochs", "batch", "steps_per_epoch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error("--{} must be a positive integer, got {}".format(flag.replace("_", "-"), value))
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be >= 0, got {}".format(args.workers))
+    smallest = script.RECIPE.get("min_image_size")
+    if smallest and getattr(args, "image_size", smallest) < smallest:
+        parser.error("--image-size must be at least {}, got {}".format(smallest, args.image_size))
+    _parse_cluster(parser, args)
+    return parser, args
+
+
+def _check_sweep(parser, args, dorefa_given):
+    if args.sweep is None:
+        if args.seeds != 1:
+            parser.error("--seeds only applies to --sweep")
+        return
+    clashes = [flag for flag, given in (("--dorefa", dorefa_given),
+                                        ("--layer-bits", args.layer_bits), ("--load", args.load),
+                                        ("--summary", args.summary), ("--overwrite", args.overwrite),
+                                        ("--cluster", args.cluster)) if given]
+    if clashes:
+        parser.error("--sweep cannot be combined with {}: it gives each run its --dorefa and its own run "
+                     "directory".format(clashes[0]))
+    names = [str(bits) for bits in args.sweep]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        parser.error("--sweep lists {} more than once".format(", ".join(twice)))
+    if args.seeds < 1:
+        parser.error("--seeds must be a positive integer, got {}".format(args.seeds))
+
+
+def _parse_cluster(parser, args):
+    """``args.cluster``: the :class:`dorefanet.cluster.Cluster` of --cluster/--task or TF_CONFIG, or None."""
+    try:
+        cluster = resolve_cluster(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if cluster is not None and cluster.size == 1:
+        cluster = None  # a cluster of one machine is the ordinary training
+    if cluster is not None and not args.training:
+        parser.error("--cluster/TF_CONFIG is for training; --eval, --run and --export run in one process")
+    if args.trainer == "collective" and cluster is None and args.training:
+        parser.error("--trainer collective needs the workers: --cluster HOST:PORT,... --task I, or TF_CONFIG")
+    if args.trainer == "replicated" and cluster is not None:
+        parser.error("--trainer replicated trains in one process; --cluster/TF_CONFIG needs --trainer collective")
+    if not args.worker_timeout > 0:
+        parser.error("--worker-timeout must be a positive number of seconds, got {:g}".format(args.worker_timeout))
+    args.cluster = cluster
+    args.trainer = "collective" if cluster is not None else "replicated"
+
+
+def packed_only(args):
+    """Whether the flags ask for the packed engine's ``--eval`` / ``--run`` only: no TensorFlow is needed."""
+    return (args.engine == "packed" and bool(args.eval or args.run)
+            and not (args.export or args.export_packed or getattr(args, "fake", False)))
+
+
+def resolve_devices(parser, recipe, args):
+    """``args.towers`` and the default ``--data-format``, once ``CUDA_VISIBLE_DEVICES`` reflects ``--gpu``.
+
+    The packed engine's modes ask TensorFlow nothing: they run on the CPU.
+    """
+    gpus = 0
+    if not packed_only(args):
+        from dorefanet.training import available_gpus
+
+        gpus = available_gpus()
+    # On a machine without GPUs, --gpu 0,1 still builds two towers (tensorpack places them on the
+    # CPU through soft placement), which is how multi-tower training is tested here.
+    args.towers = len(args.gpu.split(",")) if args.gpu else max(gpus, 1)
+    replicas = args.towers * (args.cluster.size if args.cluster else 1)
+    if args.training and args.batch % replicas:
+        where = " ({} workers x {})".format(args.cluster.size, args.towers) if args.cluster else ""
+        parser.error("--batch {} cannot be split evenly over {} towers{}; use a multiple of {}".format(
+            args.batch, replicas, where, replicas))
+    if args.data_format is None:
+        args.data_format = "channels_first" if gpus else recipe.get("cpu_data_format", "channels_last")
 
 
 _EXCLUSIVE_MODES = ("eval", "run", "export", "export_packed")

@@ -41,7 +41,8 @@ __all__ = ["Worker", "CollectiveTrainer", "fake_train_flow", "follower_plan", "t
            "check_agreement", "DEFAULT_TIMEOUT"]
 
 #: Developer switch (tests): compare every variable's fingerprint across the workers after every step
-#: and dump each worker's variables to ``<its logdir>/replica-variables.npz`` at every epoch end.
+#: and dump each worker's variables to ``<its logdir>/replica-variables.npz`` at every epoch end (and the
+#: step checked last to ``replica-steps``).
 CHECK_ENV = "DOREFANET_CHECK_REPLICAS"
 #: The handshake's JSON must fit this many bytes (it holds a few short fields and an error line).
 _HANDSHAKE_BYTES = 4096
@@ -424,6 +425,9 @@ def _make_check_callback(worker):
                 if differ.size:
                     raise DistributedError("after step {}: {} of worker {} differs from the chief's".format(
                         self.global_step, self.variables[differ[0]].op.name, index))
+            # how far the checked run is: what a test waits on instead of sleeping
+            with open(os.path.join(self.logdir, "replica-steps"), "w") as f:
+                f.write(str(self.global_step))
 
         def _trigger_epoch(self):
             values = self.trainer.sess.run({v.op.name: v for v in tf.global_variables()})

@@ -1,80 +1,265 @@
-"""What every script does besides defining its network and its data: train, --eval, --run, --export.
+"""One driver for every script: ``main(script)`` gives a model every mode.
 
-A script parses its flags (:mod:`dorefanet.cli`), builds its model and calls
-:func:`run_script` with its own ``train``, ``evaluate`` and ``run``
-functions; training calls :func:`train_model` with its data flows and
-callbacks.  Everything a run shares lives here: the mode dispatch, errors as
-one line, ``--load`` as a strict start, seeds, the run directory and its
-resume, and the summary line at the end.
+A script is its network, its recipe and its data (:mod:`dorefanet.model`); its
+``main`` calls :func:`main` with itself.  The modes:
+
+* training (the default): the recipe on ``--data`` (or the data source's built-in
+  set), ``--gpu`` towers with tensorpack's replicated trainer, on several machines
+  with ``--cluster`` / ``TF_CONFIG`` (docs/distributed.md), a checkpoint every epoch
+  in ``--logdir``, resumed when the same command runs again, an evaluation every
+  epoch, and a summary line at the end;
+* ``--sweep W,A,G ...``: one training per configuration (and seed), the table and plot;
+* ``--load PATH`` with ``--eval`` (the error over the whole test / validation set),
+  ``--run IMAGE...`` (the top 5 classes of each image), ``--export OUT.npz``,
+  ``--export-packed OUT.npz``; ``--engine packed`` runs ``--eval`` / ``--run`` on a
+  packed file without TensorFlow;
+* ``--summary``: each layer's bits and costs.
+
+The data source (``script.DATA``: :class:`dorefanet.svhn_data.SVHNDigits`,
+:class:`dorefanet.imagenet.ImageNetData`) gives its flags and their checks,
+the training, validation and evaluation flows, ``--run``'s preprocessing and class
+names, how its errors are named and reported.  TensorFlow and tensorpack are
+imported only by the modes that use them.
 """
 import json
 import os
 import shlex
+import sys
 
 import numpy as np
 
-from dorefanet.cli import check_run_table, run_reporting_errors
+from dorefanet.bits import LayerBitsError, parse_bits
+from dorefanet.cli import (check_run_table, dorefa_bits, packed_only, parse_args, resolve_devices,
+                           run_reporting_errors)
+from dorefanet.cluster import DistributedError
 from dorefanet.errors import ModelLoadError, TrainingSetupError
-from dorefanet.layer_bits import LayerBitsError
-from dorefanet.memory import keep_freed_memory
 from dorefanet.image_io import ImageReadError
-from dorefanet.inference import EvaluationError, results_only_on_stdout
+from dorefanet.inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images
+from dorefanet.memory import keep_freed_memory
+from dorefanet.model import Model
 from dorefanet.packed.export import PackedExportError
 from dorefanet.packed.format import PackedFormatError
 
-# TensorFlow and tensorpack are imported only by the modes that use them: the packed engine's
-# --eval / --run run without (see packed_only).
-
-__all__ = ["COMMON_ERRORS", "packed_only", "run_script", "model_summary", "model_totals", "layer_bits_record",
-           "train_model", "summary_line"]
+__all__ = ["COMMON_ERRORS", "main", "make_model", "model_summary", "model_totals", "layer_bits_record", "train_model",
+           "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
-                 PackedFormatError, LayerBitsError)
+                 PackedFormatError, LayerBitsError, DistributedError)
 
 
-def packed_only(args):
-    """Whether the flags ask for the packed engine's ``--eval`` / ``--run`` only: no TensorFlow is needed."""
-    return (getattr(args, "engine", None) == "packed" and bool(args.eval or args.run)
-            and not (args.export or args.export_packed or getattr(args, "fake", False)))
+def make_model(script, bits=None, data_format="channels_last", image_size=None, layer_bits=(), steps_per_epoch=None,
+               tensorflow=True):
+    """The model of ``script`` (a module with ``network``, ``RECIPE`` and ``DATA``) at ``bits``.
 
-
-def run_script(args, model, train, evaluate, run, training, errors=()):
-    """Run the mode the flags chose; return the exit status (2 and one ``error:`` line for bad input).
-
-    ``train()``, ``evaluate()`` and ``run()`` are the script's own; each runs in
-    a fresh graph.  ``--export`` and ``--export-packed`` need only ``model``.
+    ``bits`` defaults to the recipe's ``default_dorefa``.  With ``tensorflow`` it is the
+    tensorpack ``ModelDesc`` (:class:`dorefanet.tf_model.TrainableModel`); without, the
+    same model that imports no TensorFlow (:class:`dorefanet.model.Model`).
     """
-    def act():
-        check_run_table(args, model)
-        keep_freed_memory()     # the scripts' allocator setting (dorefanet.memory); a library import leaves it
-        if getattr(args, "summary", False):
-            with results_only_on_stdout():
-                print(model_summary(model, args))
-            return 0
-        if packed_only(args):
-            with results_only_on_stdout():
-                return evaluate() if args.eval else run()
-        from dorefanet.tf_setup import tf
-        from dorefanet.checkpoints import export_weights  # also sets up tensorpack's logger before the redirect
+    cls = Model
+    if tensorflow:
+        from dorefanet.tf_model import TrainableModel as cls
+    bits = parse_bits(script.RECIPE["default_dorefa"]) if bits is None else bits
+    return cls(script.network, script.RECIPE, script.DATA, bits, data_format, image_size, layer_bits, steps_per_epoch)
 
-        if training:
-            with tf.Graph().as_default():
-                train()
-            return 0
+
+def main(script, argv=None):
+    """Run the mode the flags of ``script`` choose; return the exit status.
+
+    0: success; 1: some ``--run`` images could not be read; 2: bad flags or input,
+    reported as one ``error: ...`` line; 130: interrupted.
+    """
+    parser, args = parse_args(script, argv)
+    resolve_devices(parser, script.RECIPE, args)
+    errors = COMMON_ERRORS + tuple(script.DATA.errors)
+    if args.sweep:
+        return run_reporting_errors(lambda: sweep(script, args), errors, training=True)
+    try:
+        model = make_model(script, args.dorefa, args.data_format, getattr(args, "image_size", None), args.layer_bits,
+                           tensorflow=not packed_only(args))
+    except LayerBitsError as err:
+        parser.error(str(err))
+    name = "./" + os.path.basename(script.__file__)
+    return run_reporting_errors(lambda: _act(model, args, name), errors, args.training)
+
+
+def _act(model, args, name):
+    check_run_table(args, model)
+    keep_freed_memory()     # the scripts' allocator setting (dorefanet.memory); a library import leaves it
+    if args.summary:
         with results_only_on_stdout():
-            if args.export:
-                export_weights(model, args.load, args.export)
-                return 0
-            if args.export_packed:
-                from dorefanet.packed.export import export_packed
+            print(model_summary(model, args))
+        return 0
+    if packed_only(args):
+        with results_only_on_stdout():
+            return evaluate(model, args) if args.eval else run(model, args)
+    from dorefanet.tf_setup import tf
+    from dorefanet.checkpoints import export_weights  # also sets up tensorpack's logger before the redirect
 
-                export_packed(model, args.load, args.export_packed, args.first_last_dtype)
-                return 0
-            with tf.Graph().as_default():
-                return evaluate() if args.eval else run()
+    if args.training:
+        with tf.Graph().as_default():
+            return train(model, args, name)
+    with results_only_on_stdout():
+        if args.export:
+            export_weights(model, args.load, args.export)
+            return 0
+        if args.export_packed:
+            from dorefanet.packed.export import export_packed
 
-    return run_reporting_errors(act, COMMON_ERRORS + tuple(errors), training)
+            export_packed(model, args.load, args.export_packed, args.first_last_dtype)
+            return 0
+        with tf.Graph().as_default():
+            return evaluate(model, args) if args.eval else run(model, args)
+
+
+def evaluate(model, args):
+    """``--eval``: the error over the whole test / validation set, as the data source reports it."""
+    # The data is checked before the (slow) weights loading, so that a bad --data fails at once.
+    dataflow = model.data.evaluation_data(args, args.batch)
+    predict = load_predictor(args, model)
+    model.data.report(evaluate_topk(predict, dataflow))
+    return 0
+
+
+def run(model, args):
+    """``--run``: the top 5 classes of each image (``--json``: one object per line)."""
+    describe = model.data.class_describer()
+    predict = load_predictor(args, model)
+    failed = run_images(args.run, model.data.preprocess(args), predict, describe, k=5, as_json=args.json)
+    return 1 if failed else 0
+
+
+def _make_trainer(args):
+    """The tensorpack trainer and, on a cluster, this process's :class:`distributed.Worker` (else None)."""
+    from dorefanet import distributed
+    from dorefanet.training import select_trainer
+
+    if args.cluster is None:
+        return select_trainer(args.towers), None
+    worker = distributed.Worker(args.cluster, args.worker_timeout)
+    return distributed.CollectiveTrainer(args.towers, worker), worker
+
+
+def _handshake(worker, args, config, plan_chief):
+    """Agree with the other workers before building the graph; returns this worker's :class:`RunPlan`.
+
+    The chief plans the run (resume or fresh) and tells the others its step;
+    every worker compares the configuration that must be equal everywhere and
+    stops with the same one-line error when it is not.
+    """
+    from dorefanet import distributed
+
+    key = config["resume_key"]
+    record = dict(key, towers=args.towers, data=config["data_kind"], epochs=args.epochs,
+                  cluster=",".join(args.cluster.workers), step=0, error=None)
+    plan = None
+    if args.cluster.is_chief:
+        try:
+            plan = plan_chief()
+            record["step"] = plan.step
+        except TrainingSetupError as err:
+            record["error"] = str(err)
+    records = worker.handshake(record)
+    if records[0]["error"]:
+        raise TrainingSetupError(records[0]["error"] if args.cluster.is_chief else
+                                 "the chief (worker 0) cannot start: {}".format(records[0]["error"]))
+    distributed.check_agreement(records, ("cluster", "model", "dorefa", "layer_table", "batch", "image_size",
+                                          "steps_per_epoch", "epochs", "towers", "data"))
+    if plan is None:
+        plan = distributed.follower_plan(config["logdir"], args.cluster.index, records[0]["step"],
+                                         key["steps_per_epoch"])
+    return plan
+
+
+def train(model, args, name):
+    """Train ``model`` by its recipe on its data; ``name`` is how the summary line calls the script."""
+    from dorefanet.tf_setup import tf
+    from tensorpack import ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats
+    from dorefanet import distributed
+    from dorefanet.tf_model import schedule_callbacks
+    from dorefanet.training import plan_run
+
+    data, recipe, cluster = model.data, model.recipe, args.cluster
+    trainer, worker = _make_trainer(args)
+    replicas = args.towers * (cluster.size if cluster else 1)
+    train_flow, val_flow, fields = data.training_data(args, args.batch // replicas)
+    steps = args.steps_per_epoch or max(fields["train_images"] // args.batch, 1)
+    model.steps_per_epoch = steps     # what an in-graph schedule counts epochs in
+
+    bits = str(args.dorefa)
+    logdir = args.logdir or os.path.join("train_log", "{}-dorefa-{}".format(recipe.get("run_name", recipe["name"]),
+                                                                          bits))
+    key = dict({"model": recipe.get("run_name", recipe["name"]), "dorefa": bits, "batch": args.batch,
+                "steps_per_epoch": steps}, **data.resume_fields(args))
+    config = dict({"resume_key": key, "model": model.model_name, "dorefa": bits, "data": data.describe(args)},
+                  **fields)
+    config.update(seed=args.seed, epochs=args.epochs, steps_per_epoch=steps, batch=args.batch, trainer=args.trainer,
+                  replicas=replicas, data_format=args.data_format,
+                  recipe={"base_lr": recipe["lr"], "lr_schedule": recipe.get("lr_schedule", ()),
+                          "weight_decay": recipe.get("weight_decay", 0.0),
+                          "weight_decay_pattern": recipe.get("weight_decay_pattern")})
+    config.update(layer_bits_record(args, model, key))
+    plan = None
+    if cluster is not None:
+        plan = _handshake(worker, args, dict(config, logdir=logdir, data_kind=data.kind(args)),
+                          lambda: plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite))
+    chief = cluster is None or cluster.is_chief
+    callbacks = schedule_callbacks(model)
+    if chief:   # validation, checkpoints and stats.json are the chief's
+        stats = [ScalarStats(name) for name in data.validation_scalars]
+        stats += [ClassificationError(tensor, key) for tensor, key in data.validation_errors]
+        callbacks += [InferenceRunner(val_flow, stats), EstimatedTimeLeft()]
+    # Other workers draw other fg noise (as the towers of one process do); their initial values do not
+    # matter: the chief broadcasts its variables at the start.
+    seed = args.seed + (1000 * cluster.index if cluster else 0)
+    try:
+        plan = train_model(model, args, logdir, config, train_flow, steps, callbacks, trainer, plan=plan,
+                           chief=chief, seed=seed)
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.CancelledError,
+            tf.errors.AbortedError, tf.errors.InternalError) as err:
+        if cluster is None:
+            raise
+        raise distributed.translate_runtime_error(err, cluster, args.worker_timeout) from None
+    if chief:
+        print(summary_line(plan.logdir, data.error_key, data.error_name, name, data.data_flags(args)))
+    return 0
+
+
+def sweep(script, args):
+    """``--sweep``: every configuration (and seed) trained by the script in its own run, then the table and plot."""
+    from dorefanet.sweep import Sweep
+    from dorefanet.training import quiet_tensorpack
+
+    quiet_tensorpack()   # the sweep's own output is its progress lines and the table; the runs log to logs/
+    recipe, data = script.RECIPE, script.DATA
+    data_flags = data.data_flags(args, sweep=True)
+    flags = data_flags + ["--epochs", str(args.epochs), "--batch", str(args.batch)]
+    flags += ["--workers", str(args.workers)] if args.workers is not None else []
+    flags += ["--data-format", args.data_format]
+    flags += ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
+    flags += ["--gpu", args.gpu] if args.gpu else []
+    image_size = getattr(args, "image_size", None)
+
+    def figures(bits):
+        return model_totals(make_model(script, dorefa_bits(bits), args.data_format, image_size))
+
+    title = "{} on {}, {} epoch{}{}".format(
+        recipe["title"], data.title(args), args.epochs, "" if args.epochs == 1 else "s",
+        " of {} steps".format(args.steps_per_epoch) if args.steps_per_epoch else "")
+    directory = os.path.abspath(args.logdir or os.path.join("train_log", recipe.get("run_name", recipe["name"]) +
+                                                            "-sweep"))
+    runs = Sweep(directory, args.sweep, range(args.seed, args.seed + args.seeds), os.path.abspath(script.__file__),
+                 flags, data_flags, args.epochs, data.error_key, data.eval_pattern, figures, title,
+                 ["./" + os.path.basename(script.__file__)] + list(args.argv))
+    records = runs.run()
+    print(runs.write(records))
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        print("error: {} of {} runs failed ({}); the others are in the table, and running the same command again "
+              "retries only those".format(len(failed), len(records), ", ".join(
+                  "{} seed {}".format(r["bits"], r["seed"]) for r in failed)), file=sys.stderr)
+        return 1
+    return 0
 
 
 def model_summary(model, args):
@@ -109,7 +294,7 @@ def model_summary(model, args):
             weights = read_weights(source)
             check_weights(expected, weights, source)
             expected = {name: tuple(np.shape(value)) for name, value in weights.items()}
-    height, width, channels = _input_shape(model)
+    height, width, channels = model.input_shape
     summary = summarise(program, model.layer_plan, (height, width, channels), expected, first_last)
     fields = {"model": model.model_name, "dorefa": str(args.dorefa), "layer_bits": model.layer_plan.table(),
               "input": [height, width, channels], "first_last_dtype": first_last, "load": source}
@@ -122,16 +307,12 @@ def model_summary(model, args):
     return format_table(summary, title)
 
 
-def _input_shape(model):
-    return tuple(model.inputs()[0].shape.as_list()[1:])
-
-
 def model_totals(model):
     """``--summary``'s totals of ``model`` as built (float32 first and last layers): what ``--sweep`` tabulates."""
     from dorefanet.checkpoints import expected_variables
     from dorefanet.summary import summarise
 
-    return summarise(model.packed_program(), model.layer_plan, _input_shape(model),
+    return summarise(model.packed_program(), model.layer_plan, model.input_shape,
                      expected_variables(model))["totals"]
 
 

@@ -1,10 +1,11 @@
-"""The ImageNet pieces that need no TensorFlow; ``imagenet_utils`` re-exports all of them.
+"""ImageNet (ILSVRC12) files and images, without TensorFlow.
 
-Class names, image decoding and the evaluation preprocessing, the ILSVRC12 file
-lists, the TensorFlow-free part of the models (:class:`ImageNetNetwork`) and the
-validation batches of the packed engine's ``--eval`` (:class:`ValidationBatches`):
-what ``alexnet-dorefa.py`` / ``resnet-dorefa.py --engine packed --eval / --run``
-use, without importing TensorFlow or tensorpack.
+Class names, image decoding and the evaluation preprocessing (shorter side to
+256/224 of the input, bicubic, center crop: :func:`eval_sizes`), the ILSVRC12
+file lists, and the validation batches (:class:`ValidationBatches`, decoded by
+:func:`ordered_map`).  The training augmentation and tensorpack dataflows built
+on them are ``imagenet_utils`` (tensorpack imports TensorFlow), which re-exports
+this module's names; the scripts' data source is :mod:`dorefanet.imagenet`.
 """
 import collections
 import multiprocessing
@@ -15,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from dorefanet.bitwidths import check_bits
-from dorefanet.described_network import DescribedNetwork
 from dorefanet.image_io import ImageReadError, read_image_bgr  # one exception class for the project
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -125,6 +124,11 @@ def center_crop(image, size=IMAGE_SIZE):
         raise ValueError("cannot center-crop {0}x{0} from a {1}x{2} image".format(size, h, w))
     top, left = (h - size) // 2, (w - size) // 2
     return image[top:top + size, left:left + size]
+
+
+def eval_sizes(image_size=IMAGE_SIZE):
+    """(shorter side, crop) of the evaluation preprocessing for a network input of ``image_size``: 256/224 of it."""
+    return image_size * RESIZE_SHORTER // IMAGE_SIZE, image_size
 
 
 def preprocess_image(image, resize=RESIZE_SHORTER, crop=IMAGE_SIZE):
@@ -253,19 +257,47 @@ def _raise_failures(dp):
     return dp
 
 
+def decode_safely(path, label, transform):
+    """``[transform(read_image(path)), label]``, or ``[{'error':..., 'message':...}, label]`` if that fails.
+
+    Worker threads / processes that raise die silently and leave tensorpack's
+    parallel dataflows waiting forever, so failures travel as data (a dict
+    serialises through ZMQ) and :func:`_raise_failures` re-raises them in the
+    consumer, naming the file.
+    """
+    try:
+        return [transform(read_image(path)), label]
+    except ImageReadError as err:
+        return [{"error": "read", "message": str(err)}, label]
+    except Exception as err:  # noqa: BLE001 - re-raised by _raise_failures with the file name
+        return [{"error": type(err).__name__, "message": "while preparing {}: {}".format(path, err)}, label]
+
+
+def ordered_map(function, items, threads):
+    """``function(item)`` of each item, in the items' order, computed by ``threads`` threads (0: in this one).
+
+    A pool of futures keeps the order (evaluation is reproducible) and hands a
+    worker's exception to the consumer; OpenCV releases the GIL while decoding and
+    resizing, so the threads do run in parallel.  At most ``4 * threads`` results are
+    computed ahead of the consumer.
+    """
+    if threads == 0:
+        for item in items:
+            yield function(item)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="imagenet-decode") as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def default_parallelism():
     """Decoding workers by default: half the CPUs (hyper-threading), at least 1, at most 40."""
     return max(1, min(40, multiprocessing.cpu_count() // 2))
-
-
-def normalize_data_format(data_format):
-    """Accept ``'channels_first'``/``'NCHW'`` or ``'channels_last'``/``'NHWC'``; return the ``channels_*`` name."""
-    value = {"nchw": "channels_first", "channels_first": "channels_first",
-             "nhwc": "channels_last", "channels_last": "channels_last"}.get(str(data_format).lower())
-    if value is None:
-        raise ValueError("invalid data_format {!r}; expected 'channels_first' (NCHW) or 'channels_last' "
-                         "(NHWC)".format(data_format))
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +318,7 @@ class ValidationBatches:
         self.parallel = default_parallelism() if parallel is None else int(parallel)
         if self.parallel < 0:
             raise ValueError("parallel must be >= 0, got {}".format(self.parallel))
-        self.resize, self.crop = image_size * RESIZE_SHORTER // IMAGE_SIZE, image_size
+        self.resize, self.crop = eval_sizes(image_size)
 
     def reset_state(self):
         pass
@@ -296,27 +328,11 @@ class ValidationBatches:
 
     def _prepare(self, item):
         path, label = item
-        try:
-            return [preprocess_image(read_image(path), resize=self.resize, crop=self.crop), label]
-        except ImageReadError as err:
-            return [{"error": "read", "message": str(err)}, label]
-        except Exception as err:  # noqa: BLE001 - re-raised by _raise_failures with the file name
-            return [{"error": type(err).__name__, "message": "while preparing {}: {}".format(path, err)}, label]
+        return decode_safely(path, label, lambda image: preprocess_image(image, resize=self.resize, crop=self.crop))
 
     def _samples(self):
-        if self.parallel == 0:
-            for item in self.files:
-                yield _raise_failures(self._prepare(item))
-            return
-        window = 4 * self.parallel  # decoded images kept ahead of the consumer
-        with ThreadPoolExecutor(self.parallel, thread_name_prefix="imagenet-decode") as pool:
-            pending = collections.deque()
-            for item in self.files:
-                pending.append(pool.submit(self._prepare, list(item)))
-                if len(pending) >= window:
-                    yield _raise_failures(pending.popleft().result())
-            while pending:
-                yield _raise_failures(pending.popleft().result())
+        for sample in ordered_map(self._prepare, self.files, self.parallel):
+            yield _raise_failures(sample)
 
     def __iter__(self):
         holder = []
@@ -338,82 +354,3 @@ def _batch(samples):
         dtype = "int32" if isinstance(first, int) and not isinstance(first, bool) else getattr(first, "dtype", None)
         result.append(np.asarray(values, dtype=dtype))
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# the models without TensorFlow
-
-def tensorflow_class(define):
-    """A ``with_tensorflow`` classmethod returning the class ``define()`` makes, made once, when first asked for.
-
-    ``define`` imports TensorFlow and tensorpack, which the packed engine's
-    ``--eval`` / ``--run`` never do; a subclass of the network it returns
-    inherits this classmethod and so returns itself.
-    """
-    made = []
-
-    def with_tensorflow(cls):
-        if not made:
-            model = define()
-            model.__qualname__ = model.__name__  # made inside a function; named as the module attribute it is
-            made.append(model)
-        return made[0]
-
-    return classmethod(with_tensorflow)
-
-
-def module_getattr(module, name, make):
-    """A module ``__getattr__`` that answers ``name`` with ``make()`` (a class made on first use)."""
-    def getattr_(attribute):
-        if attribute == name:
-            return make()
-        raise AttributeError("module {!r} has no attribute {!r}".format(module, attribute))
-
-    return getattr_
-
-
-class ImageNetNetwork(DescribedNetwork):
-    """What the ImageNet models are without TensorFlow: flags, bit widths, input size, the layer description.
-
-    The base of ``imagenet_utils.ImageNetModel`` (the tensorpack ``ModelDesc``, whose docstring lists
-    the class attributes); enough by itself for the packed engine's ``--eval`` and ``--run``.
-    """
-
-    image_mean = (0.0, 0.0, 0.0)
-    image_std = (1.0, 1.0, 1.0)
-    weight_decay = 0.0
-    weight_decay_pattern = r"/W$"
-    base_lr = 0.1
-    lr_schedule = ()
-    max_epoch = None
-    total_batch_size = 256
-    model_name = "imagenet"
-    cpu_data_format = "channels_last"
-    min_image_size = 64
-
-    def __init__(self, bits=(32, 32, 32), data_format="channels_first", image_size=IMAGE_SIZE, layer_bits=()):
-        super().__init__()
-        self.bits = tuple(check_bits(*bits))
-        self.data_format = normalize_data_format(data_format)
-        if int(image_size) < 1:
-            raise ValueError("invalid image size {!r}".format(image_size))
-        self.image_size = int(image_size)
-        self.plan_layers(layer_bits)
-
-    @classmethod
-    def with_tensorflow(cls):
-        """The class with the TensorFlow graph (a ``ModelDesc``) of this network; the class itself if it is one.
-
-        A script sets it with :func:`tensorflow_class` on its TensorFlow-free network.
-        """
-        return cls
-
-    @property
-    def input_hw(self):
-        """(height, width) of the network's input images."""
-        return self.image_size, self.image_size
-
-    @property
-    def channel_axis(self):
-        """The channel axis of the network's feature maps (1 for NCHW, 3 for NHWC)."""
-        return 1 if self.data_format == "channels_first" else 3

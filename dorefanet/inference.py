@@ -185,14 +185,14 @@ def make_packed_predictor(path, model):
     The file must have been exported for the script's ``model``: the same
     network, bit widths and input size; otherwise :class:`ModelLoadError`.
     """
-    from dorefanet.layer_bits import LayerPlan
+    from dorefanet.bits import LayerPlan
     from dorefanet.packed import PackedFormatError, load_packed
 
     try:
         packed = load_packed(path, huge_pages=True)     # the scripts' choice (see dorefanet.memory)
     except PackedFormatError as err:
         raise ModelLoadError(str(err)) from None
-    bits = "{},{},{}".format(*model.bits)
+    bits = str(model.layer_plan.default)
     if packed.model != model.model_name:
         raise ModelLoadError("{}: is a packed {} model; this script runs {}".format(path, packed.model,
                                                                                    model.model_name))
@@ -206,8 +206,7 @@ def make_packed_predictor(path, model):
         if packed_table.get(layer) != ours[layer]:
             raise ModelLoadError("{}: was packed with {} at {}, not {} as --dorefa / --layer-bits give".format(
                 path, layer, packed_table.get(layer), ours[layer]))
-    # input_hw: the TensorFlow-free models' own; the others' from their input placeholder
-    height, width = model.input_hw if hasattr(model, "input_hw") else model.inputs()[0].shape.as_list()[1:3]
+    height, width = model.input_hw
     if (packed.input["height"], packed.input["width"]) != (height, width):
         raise ModelLoadError("{}: takes {}x{} images; this network takes {}x{}".format(
             path, packed.input["height"], packed.input["width"], height, width))

@@ -1,35 +1,10 @@
-"""Each network is described once; this module builds that description in TensorFlow.
+"""The TensorFlow builder of a network description (:mod:`dorefanet.builder`): tensorpack's layers, each at its bits.
 
-A model describes its layers in one method, ``network(self, net, x)``, written
-against the small builder interface below (``conv``, ``fc``, ``bn``,
-``maxpool``, ``avgpool``, ``pad``, ``activate``, ``nonlin``, ``dropout``,
-``gap``, ``scale``, ``add``, ``scope``).  Two back-ends implement it:
-
-* :class:`GraphBuilder` (here): tensorpack's layers, the quantizers of
-  :mod:`dorefa`, for training, ``--eval`` and ``--run``;
-* :class:`dorefanet.packed.program.ProgramBuilder`: the op list the packed
-  engine interprets (``--export-packed``).
-
-So a researcher who adds or changes a layer edits one place, and the exactness
-tests (``tests/test_packed_engine.py``) run both results on the same weights.
-
-What the builder's words mean, in both back-ends:
-
-* ``conv`` / ``fc`` with ``quantized=True``: the layer's ``W`` goes through
-  ``fw`` and the gradient flowing into its output through ``fg``; with
-  ``quantized=False`` (the first and the last layer) both stay float;
-* ``activate(x)``: the activation the next layer reads: ``clip(x, 0, 1)``
-  quantized to that layer's A bits, or at A = 32 the float activation;
-* ``nonlin(x)``: the same where the next layer is float by default (the last
-  layer reads it): the float activation unless that layer is given A < 32.
-
-The float activation is ``relu`` where the model's ``activation_at_32`` is
-``"relu"`` (the SVHN net and AlexNet) and ``--dorefa`` has A = 32, otherwise
-``clip(x, 0, 1)`` (always for ResNet-18), as published.  Which bits each layer
-gets is :mod:`dorefanet.layer_bits`.
+``network(net, x)`` built with :class:`GraphBuilder` is the graph of training,
+``--eval`` and ``--run``; the same description built by
+:class:`dorefanet.packed.program.ProgramBuilder` is the packed program, and the
+exactness tests (``tests/test_packed_engine.py``) run both on the same weights.
 """
-import contextlib
-
 from dorefanet.tf_setup import tf
 
 from tensorpack.models import (AvgPooling, BatchNorm, Conv2D, Dropout, FullyConnected,  # noqa: E402
@@ -39,10 +14,9 @@ from tensorpack.tfutils.tower import get_current_tower_context  # noqa: E402
 from tensorpack.tfutils.varreplace import remap_variables  # noqa: E402
 
 from dorefa import get_dorefa, quantize, quantize_clipped  # noqa: E402
-from dorefanet.layer_bits import LayerPlan  # noqa: E402,F401
-from dorefanet.described_network import DescribedNetwork  # noqa: E402,F401  (TensorFlow-free)
+from dorefanet.builder import Builder  # noqa: E402
 
-__all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder", "DescribedNetwork"]
+__all__ = ["BN_MOMENTUM", "BN_EPSILON", "ACTIVATIONS_AT_32", "GraphBuilder"]
 
 #: The batch norm of all three published networks (docs/networks.md).
 BN_MOMENTUM = 0.9
@@ -55,10 +29,10 @@ def _identity(v):
     return v
 
 
-class GraphBuilder:
+class GraphBuilder(Builder):
     """Builds a network description with tensorpack's layers, each layer at the bit widths of ``plan``.
 
-    ``plan`` is the model's :class:`dorefanet.layer_bits.LayerPlan` (from
+    ``plan`` is the model's :class:`dorefanet.bits.LayerPlan` (from
     ``--dorefa`` and ``--layer-bits``).  Call :meth:`build` rather than the
     description directly: it sets the layouts and batch-norm constants every
     layer shares.
@@ -68,12 +42,10 @@ class GraphBuilder:
         if activation_at_32 not in ACTIVATIONS_AT_32:
             raise ValueError("activation_at_32 must be one of {}, got {!r}".format(ACTIVATIONS_AT_32,
                                                                                    activation_at_32))
-        self.plan = plan
+        super().__init__(plan)
         self.data_format = data_format
         self.activation_at_32 = activation_at_32
         self._quantizers = {}
-        self._scopes = []
-        self._activations = 0
 
     def build(self, network, x):
         """``network(self, x)`` inside the layouts and constants its layers share; returns its result."""
@@ -84,7 +56,7 @@ class GraphBuilder:
     # ------------------------------------------------------------ layers with weights
     def _layer_quantizers(self, name):
         """``(remap, fg)`` of layer ``name``: ``fw`` on its kernel and ``fg`` on its output, or identities."""
-        name = "/".join(self._scopes + [name])
+        name = self._name(name)
         if not self.plan.quantized(name):
             return _identity, _identity
         bits = self.plan.layers[name]
@@ -121,11 +93,6 @@ class GraphBuilder:
         return BatchNorm(name, x)
 
     # ------------------------------------------------------------ activations
-    def _next_activation_bits(self):
-        bits = self.plan.activation_bits[self._activations]
-        self._activations += 1
-        return bits
-
     def _float_activation(self, x):
         if self.plan.float_activation(self.activation_at_32) == "relu":
             return tf.nn.relu(x)
@@ -169,11 +136,5 @@ class GraphBuilder:
     def add(self, a, b):
         return a + b
 
-    @contextlib.contextmanager
-    def scope(self, name):
-        with tf.variable_scope(name):
-            self._scopes.append(name)
-            try:
-                yield
-            finally:
-                self._scopes.pop()
+    def _scope_context(self, name):
+        return tf.variable_scope(name)

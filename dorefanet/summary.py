@@ -2,7 +2,7 @@
 
 The rows come from the model's packed program (:mod:`dorefanet.packed.program`,
 itself derived from ``network(net, x)``), the bits from its
-:class:`dorefanet.layer_bits.LayerPlan`, and the float variables from the
+:class:`dorefanet.bits.LayerPlan`, and the float variables from the
 ``{name: shape}`` of its checkpoint.  Nothing here reads or writes a file.
 
 What the numbers count, per row (one per ``conv`` / ``fc``, and one per batch

@@ -3,11 +3,14 @@ import os
 
 import pytest
 
+from conftest import load_script
 from dorefanet.cli import Bits, check_modes, make_parser
 
+SVHN = load_script("svhn-digit-dorefa.py")   # its default --dorefa is 1,2,4
 
-def parse(argv, default="1,2,4"):
-    parser, _ = make_parser("test", default)
+
+def parse(argv):
+    parser = make_parser(SVHN)
     return check_modes(parser, parser.parse_args(argv))
 
 
@@ -31,7 +34,7 @@ def test_rejected_values_get_a_usage_error_with_a_reason(capsys, text, reason):
 
 
 def test_default_is_shown_in_help(capsys):
-    parser, _ = make_parser("test", "1,2,4")
+    parser = make_parser(SVHN)
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     out = capsys.readouterr().out

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, load_script, random_weights
+from dorefanet.driver import make_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc: Linux only")
 
@@ -57,7 +58,7 @@ def alexnet_packed(tmp_path_factory):
     from dorefanet.checkpoints import save_npz
     from dorefanet.packed.export import export_packed
 
-    model = load_script("alexnet-dorefa.py").AlexNet.with_tensorflow()((1, 2, 6), "channels_last", 64)
+    model = make_model(load_script("alexnet-dorefa.py"), (1, 2, 6), "channels_last", 64)
     d = tmp_path_factory.mktemp("host")
     save_npz(random_weights(model, seed=3), str(d / "w.npz"))
     export_packed(model, str(d / "w.npz"), str(d / "a.packed.npz"))

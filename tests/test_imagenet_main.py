@@ -18,7 +18,8 @@ from conftest import ROOT, kill_after_first_checkpoint, load_script, random_weig
 from dorefanet.checkpoints import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
-from dorefanet import imagenet_cli
+from dorefanet import cli
+from dorefanet.driver import make_model  # noqa: E402
 
 # tensorpack 0.11 threads call the deprecated Event.isSet()
 pytestmark = pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")
@@ -56,7 +57,7 @@ def write_image(path, seed, shape=(70, 90)):
 def resnet_npz(tmp_path_factory):
     """A ResNet-18 1,4,32 model (shapes do not depend on the image size) with random values."""
     path = str(tmp_path_factory.mktemp("model") / "resnet.npz")
-    save_npz(random_weights(resnet.ResNet18Model((1, 4, 32), "channels_last"), seed=0), path)
+    save_npz(random_weights(make_model(resnet, (1, 4, 32), "channels_last"), seed=0), path)
     return path
 
 
@@ -136,7 +137,7 @@ def test_export_drops_training_state_and_reloads(resnet_run, tmp_path, capsys):
     assert code == 0 and out in stdout
     with np.load(out, allow_pickle=False) as data:
         names = set(data.files)
-    assert names == set(expected_variables(resnet.ResNet18Model((1, 4, 32))))
+    assert names == set(expected_variables(make_model(resnet, (1, 4, 32))))
     image = write_image(tmp_path / "x.png", seed=1)
     results = []
     for source in (resnet_run, out):
@@ -217,7 +218,7 @@ def test_eval_with_fake_data_is_quick(resnet_npz, capsys):
 @pytest.fixture(scope="module")
 def alexnet_ttq_npz(tmp_path_factory):
     """A t,32,32 AlexNet for 64x64 inputs (fc0 256x4096): zeros are enough, loading fails first."""
-    shapes = expected_variables(alexnet.AlexNetModel(("t", 32, 32), "channels_last", 64))
+    shapes = expected_variables(make_model(alexnet, ("t", 32, 32), "channels_last", 64))
     path = str(tmp_path_factory.mktemp("ttq") / "AlexNet-t,32,32.npz")
     save_npz({name: np.zeros(shape, np.float32) for name, shape in shapes.items()}, path)
     return path
@@ -288,9 +289,8 @@ def test_help(script, default_bits, capsys):
 
 
 def test_cpu_defaults():
-    parser = imagenet_cli.make_imagenet_parser(alexnet.AlexNetModel, "test", "1,2,6")
-    args = imagenet_cli.parse_imagenet_args(parser, alexnet.AlexNetModel, ["--fake"])
-    imagenet_cli._resolve_devices(parser, alexnet.AlexNetModel, args)
+    parser, args = cli.parse_args(alexnet, ["--fake"])
+    cli.resolve_devices(parser, alexnet.RECIPE, args)
     assert (args.towers, args.data_format, args.batch, args.epochs) == (1, "channels_last", 256, 90)
     assert args.steps_per_epoch is None and args.trainer == "replicated"
 

@@ -16,9 +16,10 @@ from conftest import ROOT, load_script
 from dorefanet import network
 from dorefanet.cli import Bits
 from dorefanet.tf_setup import tf
+from dorefanet.driver import make_model  # noqa: E402
 from tensorpack.tfutils.tower import TowerContext
 
-from imagenet_utils import ImageNetModel, build_inference_graph
+from dorefanet.checkpoints import build_inference_graph
 
 alexnet = load_script("alexnet-dorefa.py")
 resnet = load_script("resnet-dorefa.py")
@@ -26,7 +27,7 @@ resnet = load_script("resnet-dorefa.py")
 with open(os.path.join(ROOT, "data", "zoo_spec.json")) as _f:
     ZOO_SPEC = json.load(_f)
 
-MODELS = {"alexnet": alexnet.AlexNetModel, "resnet": resnet.ResNet18Model}
+SCRIPTS = {"alexnet": alexnet, "resnet": resnet}
 SMALL = {"alexnet": 96, "resnet": 64}
 
 
@@ -42,19 +43,19 @@ def inference_graph(kind, bits, data_format, image_size=224):
     graph = tf.Graph()
     with graph.as_default():
         tf.set_random_seed(7)
-        build_inference_graph(MODELS[kind](bits, data_format, image_size))
+        build_inference_graph(make_model(SCRIPTS[kind], bits, data_format, image_size))
     return graph
 
 
-@pytest.mark.parametrize("script, network, model", [(alexnet, "AlexNet", "AlexNetModel"),
-                                                     (resnet, "ResNet18", "ResNet18Model")])
-def test_the_tensorflow_class_is_made_once_and_is_its_own(script, network, model):
-    made = getattr(script, network).with_tensorflow()
-    assert made is getattr(script, model) and made.__qualname__ == model
-    assert issubclass(made, getattr(script, network)) and issubclass(made, ImageNetModel)
-    assert made.with_tensorflow() is made and getattr(script, network).with_tensorflow() is made
-    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
-        script.Nothing
+@pytest.mark.parametrize("script", [alexnet, resnet])
+def test_a_model_without_tensorflow_is_the_same_model(script):
+    from dorefanet.tf_model import TrainableModel
+
+    bare, full = make_model(script, tensorflow=False), make_model(script)
+    assert type(bare).__name__ == "Model" and isinstance(full, TrainableModel)
+    assert bare.layer_plan.table() == full.layer_plan.table() and bare.packed_program() == full.packed_program()
+    assert list(bare.input_shape) == full.inputs()[0].shape.as_list()[1:]
+    assert bare.input_dtype == full.inputs()[0].dtype.name
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -90,10 +91,10 @@ def test_stable_tensor_names(kind, dtype):
 
 def test_constructor_rejects_bad_arguments():
     with pytest.raises(ValueError, match="data_format"):
-        alexnet.AlexNetModel((1, 2, 6), "NCWH")
+        make_model(alexnet, (1, 2, 6), "NCWH")
     with pytest.raises(ValueError, match="activation bit width"):
-        resnet.ResNet18Model((1, 0, 32))
-    model = alexnet.AlexNetModel(Bits(1, 2, 6), "NHWC")
+        make_model(resnet, (1, 0, 32))
+    model = make_model(alexnet, Bits(1, 2, 6), "NHWC")
     assert model.bits == (1, 2, 6) and model.data_format == "channels_last"
 
 
@@ -128,10 +129,13 @@ def test_quantize_rule(monkeypatch, kind, first, last):
 
 # ---------------------------------------------------------------- preprocessing in the graph
 @pytest.mark.parametrize("kind", ["alexnet", "resnet"])
-def test_image_preprocess(session, kind):
+def test_image_preprocess(kind):
     rng = np.random.RandomState(0)
-    image = rng.randint(0, 256, size=(2, 5, 4, 3)).astype(np.uint8)
-    got = session.run(MODELS[kind]().image_preprocess(tf.constant(image)))
+    image = rng.randint(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    with tf.Graph().as_default() as graph:
+        build_inference_graph(make_model(SCRIPTS[kind], image_size=64))
+        with tf.Session(graph=graph) as session:
+            got = session.run("image_preprocess/truediv:0", {"input:0": image})
     if kind == "alexnet":  # BGR mean/std of model-zoo.md, by hand
         mean = np.array([0.406, 0.456, 0.485]) * 255
         std = np.array([0.225, 0.224, 0.229]) * 255
@@ -241,7 +245,7 @@ def test_alexnet_fc0_one_hot_weight_picks_chw_element(data_format):
 def test_training_step(kind, bits, optimizer, lr):
     """One optimizer step: the cost is cross-entropy + L2 on the pattern's variables, and weights change."""
     size = SMALL[kind]
-    model = MODELS[kind](bits, "channels_last", size)
+    model = make_model(SCRIPTS[kind], bits, "channels_last", size)
     graph = tf.Graph()
     with graph.as_default():
         tf.set_random_seed(5)
@@ -253,7 +257,7 @@ def test_training_step(kind, bits, optimizer, lr):
         train_op = opt.minimize(cost)
         lr_var = [v for v in tf.global_variables() if v.op.name == "learning_rate"]
         assert len(lr_var) == 1 and not lr_var[0] in tf.trainable_variables()
-        decayed = [v for v in tf.trainable_variables() if re.search(model.weight_decay_pattern, v.op.name)]
+        decayed = [v for v in tf.trainable_variables() if re.search(model.recipe["weight_decay_pattern"], v.op.name)]
         assert decayed
         rng = np.random.RandomState(6)
         feed = {"input:0": rng.randint(0, 256, size=(2, size, size, 3)), "label:0": np.array([3, 998])}
@@ -262,17 +266,10 @@ def test_training_step(kind, bits, optimizer, lr):
             assert np.isclose(sess.run(lr_var[0]), lr)
             xent, total, wd_vars, wrong1 = sess.run(
                 ["xentropy-loss:0", cost, decayed, "wrong-top1:0"], feed)
-            expected_wd = model.weight_decay * sum(float(np.sum(np.square(v, dtype=np.float64))) / 2 for v in wd_vars)
+            expected_wd = model.recipe["weight_decay"] * sum(float(np.sum(np.square(v, dtype=np.float64))) / 2 for v in wd_vars)
             assert np.isclose(total, xent + expected_wd, rtol=1e-5)
             assert wrong1.shape == (2,) and set(np.unique(wrong1)) <= {0.0, 1.0}
             before = sess.run(decayed[0])
             sess.run(train_op, feed)
             assert not np.allclose(before, sess.run(decayed[0]))
             assert np.isfinite(sess.run(cost, feed))
-
-
-def test_base_class_requires_a_network_description():
-    with tf.Graph().as_default():
-        with pytest.raises(NotImplementedError, match="ImageNetModel does not describe its network"):
-            build_inference_graph(ImageNetModel())
-

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
-from dorefanet.layer_bits import LayerBitsError, LayerPlan, parse_layer_bits
+from dorefanet.bits import LayerBitsError, LayerPlan, parse_layer_bits
 from dorefanet.tf_setup import tf
+from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
@@ -21,7 +22,7 @@ SVHN_MIXED = [("conv0", (8, 32, 32)), ("conv[12]", (2, 2, 8)), ("fc1", (4, 32, 3
 
 
 def svhn_plan(default=(1, 2, 4), entries=()):
-    return svhn.SVHNModel(default, layer_bits=entries).layer_plan
+    return make_model(svhn, default, layer_bits=entries).layer_plan
 
 
 # ------------------------------------------------------------------ resolution
@@ -52,8 +53,8 @@ def test_conv0_with_quantized_input_is_refused():
 def test_layers_reading_one_activation_must_agree_on_a():
     with pytest.raises(LayerBitsError, match="conv3blk1/shortcut and conv3blk1/c3x3a read the same activation but "
                                              "ask for A = 2 and 4"):
-        resnet.ResNet18Model((1, 4, 32), "channels_last", 64, [("conv3blk1/shortcut", (1, 2, 32))])
-    plan = resnet.ResNet18Model((1, 4, 32), "channels_last", 64, [("conv3blk1/(shortcut|c3x3a)", (1, 2, 32))]).layer_plan
+        make_model(resnet, (1, 4, 32), "channels_last", 64, [("conv3blk1/shortcut", (1, 2, 32))])
+    plan = make_model(resnet, (1, 4, 32), "channels_last", 64, [("conv3blk1/(shortcut|c3x3a)", (1, 2, 32))]).layer_plan
     assert plan.layers["conv3blk1/shortcut"] == plan.layers["conv3blk1/c3x3a"] == (1, 2, 32)
 
 
@@ -80,7 +81,7 @@ def test_each_layer_is_quantized_at_its_own_widths(session):
     """Weights, activations and gradients of a mixed SVHN net, layer by layer, against numpy."""
     from tensorpack.tfutils.tower import TowerContext
 
-    model = svhn.SVHNModel((1, 2, 4), layer_bits=SVHN_MIXED + [("conv4", (3, 4, 2))])
+    model = make_model(svhn, (1, 2, 4), layer_bits=SVHN_MIXED + [("conv4", (3, 4, 2))])
     image = tf.placeholder(tf.float32, [4, 40, 40, 3])
     label = tf.placeholder(tf.int32, [4])
     with TowerContext("", is_training=True):
@@ -152,7 +153,7 @@ def _engine_matches_graph(tmp_path, model, images):
 
 
 def test_mixed_svhn_engine_matches_graph(tmp_path):
-    model = svhn.SVHNModel((1, 2, 4), layer_bits=SVHN_MIXED + [("conv3", ("t", 32, 32)), ("conv5", (3, 1, 32))])
+    model = make_model(svhn, (1, 2, 4), layer_bits=SVHN_MIXED + [("conv3", ("t", 32, 32)), ("conv5", (3, 1, 32))])
     header = _engine_matches_graph(tmp_path, model, np.random.RandomState(3).uniform(0, 255, (32, 40, 40, 3))
                                    .astype(np.float32))
     assert header["layers"]["conv1"]["bits"] == 2 and header["layers"]["conv0"]["bits"] == 8
@@ -162,7 +163,7 @@ def test_mixed_svhn_engine_matches_graph(tmp_path):
 
 
 def test_mixed_alexnet_engine_matches_graph(tmp_path):
-    model = alexnet.AlexNetModel((1, 2, 6), "channels_last", 224,
+    model = make_model(alexnet, (1, 2, 6), "channels_last", 224,
                                  [("conv0", (8, 32, 32)), ("conv[34]", (2, 2, 8)), ("fc0", (1, 4, 6)),
                                   ("fct", (8, 8, 32))])
     _engine_matches_graph(tmp_path, model, np.random.RandomState(4).uniform(0, 255, (4, 224, 224, 3))
@@ -170,7 +171,7 @@ def test_mixed_alexnet_engine_matches_graph(tmp_path):
 
 
 def test_mixed_resnet_engine_matches_graph(tmp_path):
-    model = resnet.ResNet18Model((1, 4, 32), "channels_last", 224,
+    model = make_model(resnet, (1, 4, 32), "channels_last", 224,
                                  [("conv1", (8, 32, 32)), ("conv3blk.*", (2, 2, 32)), ("fct", (8, 32, 32))])
     _engine_matches_graph(tmp_path, model, np.random.RandomState(5).uniform(0, 255, (6, 224, 224, 3))
                           .astype(np.float32))
@@ -233,7 +234,7 @@ def test_layer_bits_errors_are_parser_errors():
 def test_ttq_on_one_layer_adds_its_scalars_only():
     from dorefanet.checkpoints import expected_variables
 
-    names = expected_variables(svhn.SVHNModel((1, 2, 4), layer_bits=[("conv3", ("t", 32, 32))]))
+    names = expected_variables(make_model(svhn, (1, 2, 4), layer_bits=[("conv3", ("t", 32, 32))]))
     assert sorted(n for n in names if n.endswith(("/Wp", "/Wn"))) == ["conv3/Wn", "conv3/Wp"]
 
 

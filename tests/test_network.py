@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_script
-from dorefanet.layer_bits import LayerPlan
+from dorefanet.bits import LayerPlan
 from dorefanet.packed.program import ProgramBuilder, validate_program
 from dorefanet.tf_setup import tf
+from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
@@ -32,10 +33,10 @@ def parse_bits(text):
 
 def model(kind, bits):
     if kind == "svhn":
-        return svhn.SVHNModel(bits)
+        return make_model(svhn, bits)
     if kind == "alexnet":
-        return alexnet.AlexNetModel(bits, "channels_last")
-    return resnet.ResNet18Model(bits, "channels_last")
+        return make_model(alexnet, bits, "channels_last")
+    return make_model(resnet, bits, "channels_last")
 
 
 def dataflow(program):
@@ -141,3 +142,38 @@ def test_layer_inputs_agree_with_the_weight_shapes(kind, bits, key, size):
         assert dict((op["layer"], shape) for op, shape in found)["fc0"] == (6, 6, 256)
     if kind == "svhn":
         assert dict((op["layer"], shape) for op, shape in found)["fc1"] == (1, 1, 512)
+
+
+def test_every_builder_speaks_every_word_with_the_same_signature():
+    """The three builders (TensorFlow graph, packed program, layer plan) share one declared interface."""
+    import inspect
+
+    from dorefanet.builder import Builder, NetworkBuilder, Recorder
+    from dorefanet.network import GraphBuilder
+    from dorefanet.packed.program import ProgramBuilder
+
+    words = {name for name in vars(NetworkBuilder) if not name.startswith("_")}
+    assert words == {"conv", "fc", "bn", "activate", "nonlin", "maxpool", "avgpool", "gap", "pad", "dropout",
+                     "scale", "add", "scope"}
+    for builder in (GraphBuilder, ProgramBuilder, Recorder):
+        assert issubclass(builder, Builder)
+        for word in words:
+            assert inspect.signature(getattr(builder, word)) == inspect.signature(getattr(NetworkBuilder, word)), \
+                (builder.__name__, word)
+
+
+def test_scopes_name_the_layers_inside_them_in_every_builder():
+    from dorefanet.bits import LayerPlan
+    from dorefanet.packed.program import ProgramBuilder
+
+    def network(net, x):
+        with net.scope("outer"):
+            with net.scope("inner"):
+                x = net.conv("conv", x, 4, 3, quantized=False)
+            x = net.activate(x)
+        return net.fc("fc", x, 2)
+
+    plan = LayerPlan(network, (1, 2, 32))
+    assert list(plan.layers) == ["outer/inner/conv", "fc"] and plan.activation_bits == [2]
+    program = ProgramBuilder(plan).program(network, (0, 0, 0), 1.0)
+    assert [op.get("layer") for op in program if op["op"] in ("conv", "fc")] == ["outer/inner/conv", "fc"]

@@ -15,6 +15,7 @@ from dorefanet.packed.export import export_packed
 from dorefanet.packed.format import pack_weight_planes, unpack_weight_planes
 from packed_reference import compare_with_graph
 from dorefanet.synthetic_weights import calibrated_weights
+from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
@@ -67,7 +68,7 @@ def test_weight_planes_round_trip():
 
 @pytest.mark.parametrize("bits", ["1,2,4", "t,32,32", "32,32,32", "3,2,32"])
 def test_svhn_engine_matches_graph(tmp_path, bits):
-    model = svhn.SVHNModel(_bits(bits))
+    model = make_model(svhn, _bits(bits))
     images = _images((48, 40, 40, 3), np.float32)
     weights, _, path = _exported(tmp_path, model, images)
     _check(model, weights, images, path)
@@ -75,7 +76,7 @@ def test_svhn_engine_matches_graph(tmp_path, bits):
 
 @pytest.mark.parametrize("bits", ["1,1,32", "1,32,32", "8,8,8"])
 def test_svhn_engine_matches_graph_other_bits(tmp_path, bits):
-    model = svhn.SVHNModel(_bits(bits))
+    model = make_model(svhn, _bits(bits))
     images = _images((48, 40, 40, 3), np.float32, seed=1)
     weights, _, path = _exported(tmp_path, model, images)
     _check(model, weights, images, path)
@@ -83,7 +84,7 @@ def test_svhn_engine_matches_graph_other_bits(tmp_path, bits):
 
 def test_integer_gemm_path_matches_popcount_path(tmp_path, monkeypatch):
     """The wide-bits integer GEMM and the bit-plane popcounts give the same integers."""
-    model = svhn.SVHNModel((2, 3, 32))
+    model = make_model(svhn, (2, 3, 32))
     images = _images((16, 40, 40, 3), np.float32, seed=2)
     weights, _, path = _exported(tmp_path, model, images)
     popcount = load_packed(path).predict(images)
@@ -94,14 +95,14 @@ def test_integer_gemm_path_matches_popcount_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bits", ["32,32,32", "t,32,32", "1,32,32", "1,1,32", "8,8,8", "1,2,32", "1,2,6", "1,2,4"])
 def test_alexnet_published_rows_match_graph(tmp_path, bits):
-    model = alexnet.AlexNetModel(_bits(bits), "channels_last", 224)
+    model = make_model(alexnet, _bits(bits), "channels_last", 224)
     images = _images((6, 224, 224, 3), np.uint8)
     weights, _, path = _exported(tmp_path, model, images)
     _check(model, weights, images, path)
 
 
 def test_resnet18_matches_graph(tmp_path):
-    model = resnet.ResNet18Model((1, 4, 32), "channels_last", 224)
+    model = make_model(resnet, (1, 4, 32), "channels_last", 224)
     images = _images((6, 224, 224, 3), np.float32)
     weights, _, path = _exported(tmp_path, model, images)
     _check(model, weights, images, path)
@@ -109,8 +110,8 @@ def test_resnet18_matches_graph(tmp_path):
 
 def test_packed_sizes(tmp_path):
     """The size targets: AlexNet 1,2,6 and ResNet-18 1,4,32 at least 10x smaller, SVHN 1,2,4 at least 20x."""
-    cases = [(svhn.SVHNModel((1, 2, 4)), 20), (alexnet.AlexNetModel((1, 2, 6), "channels_last", 224), 10),
-             (resnet.ResNet18Model((1, 4, 32), "channels_last", 224), 10)]
+    cases = [(make_model(svhn, (1, 2, 4)), 20), (make_model(alexnet, (1, 2, 6), "channels_last", 224), 10),
+             (make_model(resnet, (1, 4, 32), "channels_last", 224), 10)]
     for i, (model, factor) in enumerate(cases):
         image_spec = model.inputs()[0]
         images = _images([2] + image_spec.shape.as_list()[1:], image_spec.dtype.as_numpy_dtype)
@@ -121,7 +122,7 @@ def test_packed_sizes(tmp_path):
 
 # ------------------------------------------------------------------ reading errors
 def _svhn_packed(tmp_path):
-    model = svhn.SVHNModel((1, 2, 4))
+    model = make_model(svhn, (1, 2, 4))
     return _exported(tmp_path, model, _images((8, 40, 40, 3), np.float32))
 
 
@@ -209,7 +210,7 @@ def _script(name, *args, env=None):
 def test_svhn_cli_packed_run_prints_what_tensorflow_prints(tmp_path):
     import cv2
 
-    model = svhn.SVHNModel((1, 2, 4))
+    model = make_model(svhn, (1, 2, 4))
     images = _images((16, 40, 40, 3), np.float32, seed=3)
     _, npz, _ = _exported(tmp_path, model, images)
     packed = str(tmp_path / "cli.packed.npz")
@@ -243,10 +244,10 @@ def _assert_same_output(engine, graph, as_json):
             assert abs(a.pop("prob") - b.pop("prob")) < 1e-5 and a == b
 
 
-def test_svhn_cli_packed_eval_prints_what_tensorflow_prints(tmp_path):
+def test_svhn_cli_packed_eval_prints_what_tensorflow_prints_without_tensorflow(tmp_path):
     import scipy.io
 
-    model = svhn.SVHNModel((1, 1, 32))
+    model = make_model(svhn, (1, 1, 32))
     images = _images((8, 40, 40, 3), np.float32, seed=4)
     _, npz, packed = _exported(tmp_path, model, images)
     rng = np.random.RandomState(5)
@@ -255,16 +256,19 @@ def test_svhn_cli_packed_eval_prints_what_tensorflow_prints(tmp_path):
                          {"X": rng.randint(0, 256, (32, 32, 3, 37)).astype(np.uint8),
                           "y": rng.randint(1, 11, (37, 1)).astype(np.uint8)})
     common = ["--dorefa", "1,1,32", "--eval", "--data", str(tmp_path)]
-    graph = _script("svhn-digit-dorefa.py", "--load", npz, *common)
-    engine = _script("svhn-digit-dorefa.py", "--load", packed, "--engine", "packed", *common)
+    graph, graph_imports = _probed("svhn-digit-dorefa.py", "--load", npz, *common)
+    engine, engine_imports = _probed("svhn-digit-dorefa.py", "--load", packed, "--engine", "packed", *common)
     assert graph.returncode == engine.returncode == 0, graph.stderr + engine.stderr
     assert engine.stdout == graph.stdout and engine.stdout.startswith("test error: ")
+    # the packed engine's --eval imports neither TensorFlow nor tensorpack; the probe sees the graph's do
+    assert engine_imports == "imported: tensorflow=False tensorpack=False", engine.stderr
+    assert graph_imports == "imported: tensorflow=True tensorpack=True", graph.stderr
 
 
 def test_alexnet_cli_export_and_run_packed(tmp_path):
     import cv2
 
-    model = alexnet.AlexNetModel((1, 2, 6), "channels_last", 64)
+    model = make_model(alexnet, (1, 2, 6), "channels_last", 64)
     images = _images((4, 64, 64, 3), np.uint8, seed=6)
     _, npz, _ = _exported(tmp_path, model, images)
     packed = str(tmp_path / "alex.packed.npz")
@@ -303,7 +307,7 @@ def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
 
     from dorefanet.imagenet_data import load_class_names
 
-    model = alexnet.AlexNetModel((1, 2, 6), "channels_last", 64)
+    model = make_model(alexnet, (1, 2, 6), "channels_last", 64)
     _, npz, packed = _exported(tmp_path, model, _images((4, 64, 64, 3), np.uint8, seed=9))
     classes = load_class_names()
     for i in range(5):     # 5 images in batches of 2: a partial last batch
@@ -355,7 +359,7 @@ def test_cli_packed_errors_are_one_line(tmp_path):
 
 def test_first_last_float16_stores_rounded_weights(tmp_path):
     """--first-last-dtype float16: a smaller file whose first and last layers are those weights rounded to float16."""
-    model = svhn.SVHNModel((1, 2, 4))
+    model = make_model(svhn, (1, 2, 4))
     images = _images((16, 40, 40, 3), np.float32, seed=8)
     weights, npz, exact = _exported(tmp_path, model, images)
     half = str(tmp_path / "half.packed.npz")

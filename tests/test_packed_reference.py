@@ -6,6 +6,7 @@ import dorefa
 from conftest import load_script
 from packed_reference import graph_outputs
 from dorefanet.synthetic_weights import calibrated_weights
+from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 
@@ -18,7 +19,7 @@ def test_graph_outputs_sees_the_same_activations_on_both_quantizer_paths(monkeyp
     same scaled values ``clip(v) * n`` and the same probabilities, bit for bit: quantize_clipped's forward
     value does not depend on the path.
     """
-    model = svhn.SVHNModel(bits)
+    model = make_model(svhn, bits)
     images = np.random.RandomState(3).uniform(0, 255, (8, 40, 40, 3)).astype(np.float32)
     weights = calibrated_weights(model, images)
     results = {}

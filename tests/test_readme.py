@@ -238,12 +238,13 @@ def stock(tmp_path_factory):
     for i, name in enumerate(("a.png", "b.png", "cat.jpg", "dog.png")):
         names[name] = os.path.join(base, name)
         write_image(names[name], seed=100 + i)
-    alexnet = load_script("alexnet-dorefa.py").AlexNet.with_tensorflow()
-    resnet = load_script("resnet-dorefa.py").ResNet18.with_tensorflow()
+    from dorefanet.driver import make_model
+
+    alexnet, resnet = load_script("alexnet-dorefa.py"), load_script("resnet-dorefa.py")
     names["AlexNet-1,2,6.npz"] = os.path.join(base, "AlexNet-1,2,6.npz")
-    save_npz(random_weights(alexnet((1, 2, 6), "channels_last", 64), seed=0), names["AlexNet-1,2,6.npz"])
+    save_npz(random_weights(make_model(alexnet, (1, 2, 6), "channels_last", 64), seed=0), names["AlexNet-1,2,6.npz"])
     names["ResNet-18-14f.npz"] = os.path.join(base, "ResNet-18-14f.npz")
-    save_npz(random_weights(resnet((1, 4, 32), "channels_last"), seed=1), names["ResNet-18-14f.npz"])
+    save_npz(random_weights(make_model(resnet, (1, 4, 32), "channels_last"), seed=1), names["ResNet-18-14f.npz"])
 
     trained = copy_checkout(os.path.join(base, "quickstart", "checkout"))
     tokens = quick_start_command()

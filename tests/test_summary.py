@@ -10,6 +10,7 @@ from dorefanet.packed.export import export_packed
 from dorefanet.packed.format import HEADER
 from dorefanet.summary import summarise
 from dorefanet.synthetic_weights import calibrated_weights
+from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
@@ -41,7 +42,7 @@ def _bytes_by_owner(arrays, bn_of=None):
 @pytest.fixture(scope="module")
 def svhn_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svhn")
-    model = svhn.SVHNModel((1, 2, 4), layer_bits=MIXED)
+    model = make_model(svhn, (1, 2, 4), layer_bits=MIXED)
     images = np.random.RandomState(0).uniform(0, 255, (4, 40, 40, 3)).astype(np.float32)
     npz = str(tmp / "model.npz")
     save_npz(calibrated_weights(model, images), npz)
@@ -77,7 +78,7 @@ def test_packed_and_float_bytes_are_the_real_files(svhn_files, dtype):
 
 
 def test_svhn_macs_and_bops_by_hand():
-    model = svhn.SVHNModel((1, 2, 4), layer_bits=MIXED)
+    model = make_model(svhn, (1, 2, 4), layer_bits=MIXED)
     summary = summarise(model.packed_program(), model.layer_plan, (40, 40, 3), expected_variables(model))
     rows = {r["layer"]: r for r in summary["layers"]}
     # conv0: 5x5 VALID on 40x40x3 -> 36x36x48
@@ -100,7 +101,7 @@ def test_svhn_macs_and_bops_by_hand():
 
 
 def test_alexnet_macs_by_hand():
-    model = alexnet.AlexNetModel((1, 2, 6), "channels_last", 224)
+    model = make_model(alexnet, (1, 2, 6), "channels_last", 224)
     summary = summarise(model.packed_program(), model.layer_plan, (224, 224, 3), expected_variables(model))
     rows = {r["layer"]: r for r in summary["layers"]}
     # conv0: 12x12 stride 4 VALID on 224 -> 54x54x96; conv1: 5x5 SAME, 2 groups: 48 input channels a group
@@ -159,7 +160,7 @@ def test_imagenet_scripts_summarise(capsys):
     assert status == 0, err
     summary = json.loads(out)
     # every layer of the plan has a row, and the batch norms not folded into a layer have their own
-    plan = resnet.ResNet18Model((1, 4, 32), "channels_last", 224).layer_plan
+    plan = make_model(resnet, (1, 4, 32), "channels_last", 224).layer_plan
     assert [r["layer"] for r in summary["layers"] if r["kind"] != "bn"] == list(plan.layers)
     assert any(r["kind"] == "bn" and r["macs"] == 0 and r["packed_bytes"] > 0 for r in summary["layers"])
 
@@ -173,7 +174,7 @@ def test_imagenet_scripts_summarise(capsys):
 ])
 def test_bad_flags_are_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
-        svhn.parse_args(argv)
+        svhn.main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in err   # argparse: "<prog>: error: ...", prog being whatever runs the test
@@ -191,8 +192,7 @@ def test_a_load_of_another_model_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("script, bits", [("resnet", (1, 4, 32)), ("alexnet", ("t", 32, 32))])
 def test_imagenet_packed_and_float_bytes_are_the_real_files(tmp_path, script, bits):
     # ResNet-18 has batch norms of their own (rows of kind bn); AlexNet grouped convolutions and TTQ scalars
-    model_class = {"resnet": resnet.ResNet18Model, "alexnet": alexnet.AlexNetModel}[script]
-    model = model_class(bits, "channels_last", 64)
+    model = make_model({"resnet": resnet, "alexnet": alexnet}[script], bits, "channels_last", 64)
     images = np.random.RandomState(1).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     npz, packed = str(tmp_path / "m.npz"), str(tmp_path / "m.packed.npz")
     save_npz(calibrated_weights(model, images), npz)

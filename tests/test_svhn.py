@@ -11,6 +11,7 @@ from scipy.io import savemat
 
 from conftest import ROOT, kill_after_first_checkpoint, load_script
 from dorefanet.tf_setup import tf
+from dorefanet.driver import make_model  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "svhn-digit-dorefa.py")
 
@@ -117,7 +118,7 @@ def test_graph_layers_and_quantized_weights():
     svhn = load_script("svhn-digit-dorefa.py")
     from dorefanet.checkpoints import expected_variables
 
-    shapes = expected_variables(svhn.SVHNModel(("t", 32, 32)))
+    shapes = expected_variables(make_model(svhn, ("t", 32, 32)))
     assert shapes["conv0/W"] == (5, 5, 3, 48) and shapes["conv6/W"] == (5, 5, 128, 512)
     assert shapes["fc1/W"] == (512, 10) and shapes["bn6/mean/EMA"] == (512,)
     ttq = {n for n in shapes if n.endswith(("/Wp", "/Wn"))}
@@ -130,10 +131,10 @@ def test_a_few_training_steps_decrease_the_loss(bits):
 
     svhn = load_script("svhn-digit-dorefa.py")
     rgb, labels = learnable_digits(64, 5)
-    images = np.stack([svhn.resize_like_test_data(im) for im in rgb[..., ::-1]])
+    images = np.stack([svhn.DATA.preprocess(None)(im) for im in rgb[..., ::-1]])
     with tf.Graph().as_default():
         tf.set_random_seed(0)
-        model = svhn.SVHNModel(bits, steps_per_epoch=10)
+        model = make_model(svhn, bits, steps_per_epoch=10)
         x = tf.placeholder(tf.float32, [None, 40, 40, 3])
         y = tf.placeholder(tf.int32, [None])
         with TowerContext("", is_training=True):

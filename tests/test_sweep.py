@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT, load_script
 from dorefanet.sweep import RESULT_FILE, aggregate, format_results, run_name
+from dorefanet.driver import make_model  # noqa: E402
 from test_svhn import learnable_digits, write_mat
 
 SCRIPT = os.path.join(ROOT, "svhn-digit-dorefa.py")
@@ -67,7 +68,7 @@ def test_mean_and_sample_std_over_seeds_and_failures_in_the_table():
 def test_summary_figures_are_the_summary_totals(svhn):
     from dorefanet.driver import model_totals
 
-    totals = model_totals(svhn.SVHNModel(svhn.dorefa_bits("1,2,4")))
+    totals = model_totals(make_model(svhn, (1, 2, 4)))
     # conv0 and fc1 float (32 x 32); conv1..conv6 1-bit weights x 2-bit activations; MACs by hand
     float_macs = 5 * 5 * 3 * 48 * 36 * 36 + 512 * 10
     quantized = (3 * 3 * 48 * 64 * 18 * 18 + 3 * 3 * 64 * 64 * 18 * 18 + 3 * 3 * 64 * 128 * 7 * 7
@@ -86,17 +87,17 @@ def test_summary_figures_are_the_summary_totals(svhn):
 ])
 def test_sweep_flag_errors(svhn, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        svhn.parse_args(["--sweep", "1,2,4", "32,32,32", "--synthetic"] + extra)
+        svhn.main(["--sweep", "1,2,4", "32,32,32", "--synthetic"] + extra)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_sweep_refuses_a_configuration_twice_and_seeds_without_sweep(svhn, capsys):
     with pytest.raises(SystemExit):
-        svhn.parse_args(["--sweep", "1,2,4", "1,2,4", "--synthetic"])
+        svhn.main(["--sweep", "1,2,4", "1,2,4", "--synthetic"])
     assert "--sweep lists 1,2,4 more than once" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        svhn.parse_args(["--seeds", "3", "--synthetic"])
+        svhn.main(["--seeds", "3", "--synthetic"])
     assert "--seeds only applies to --sweep" in capsys.readouterr().err
 
 
@@ -225,6 +226,34 @@ def test_sweep_killed_resumed_failing_configuration_table_json_and_plot(svhn, da
         assert fewer.returncode == 1
         assert "holds 3 epochs, more than --epochs 2; use another --logdir" in fewer.stdout
         assert checkpoint_state(second) == before
+    finally:
+        for pid in processes_mentioning(sweep_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_an_imagenet_script_sweeps_too(tmp_path):
+    """The issue's command, at a smaller batch: the ImageNet flags reach every run, the table and plot are written."""
+    sweep_dir = str(tmp_path / "resnet-sweep")
+    cmd = [sys.executable, os.path.join(ROOT, "resnet-dorefa.py"), "--sweep", "1,4,32", "2,4,32", "--fake",
+           "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "64", "--batch", "8", "--workers", "0",
+           "--logdir", sweep_dir]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(os.path.join(sweep_dir, "results.json")) as f:
+            results = json.load(f)
+        runs = {r["bits"]: r for r in results["runs"]}
+        assert sorted(runs) == ["1,4,32", "2,4,32"] and all(r["status"] == "ok" for r in runs.values())
+        for bits, run in runs.items():
+            assert "--image-size 64" in run["command"] and "--fake" in run["command"]
+            with open(os.path.join(sweep_dir, run_name(bits, 0), "stats.json")) as f:
+                assert run["test_error"] == json.load(f)[-1]["val-error-top1"]
+        assert runs["2,4,32"]["figures"]["bops"] > runs["1,4,32"]["figures"]["bops"]
+        with open(os.path.join(sweep_dir, "results.md")) as f:
+            table = f.read()
+        assert "ResNet-18 on random images (--fake), 1 epoch of 2 steps" in table and table in done.stdout
+        with open(os.path.join(sweep_dir, "error_vs_bits.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     finally:
         for pid in processes_mentioning(sweep_dir):
             os.kill(pid, signal.SIGKILL)

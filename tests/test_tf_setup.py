@@ -38,7 +38,7 @@ def test_a_bad_input_is_one_error_line_at_every_tf_log_level(tmp_path, level):
     """
     missing = str(tmp_path / "missing.npz")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "svhn-digit-dorefa.py"), "--dorefa", "1,2,4",
-                           "--load", missing, "--engine", "packed", "--run", str(tmp_path / "x.png")],
+                           "--load", missing, "--run", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
                           env=_env(TF_CPP_MIN_LOG_LEVEL=level))
     lines = done.stderr.splitlines()

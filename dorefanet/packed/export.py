@@ -103,7 +103,7 @@ def _folded(weights, op):
 def packed_arrays(plan, program, weights, first_last_dtype="float32"):
     """``(layers, arrays)``: the header's layer specs and the file's arrays for ``program`` and ``weights``.
 
-    ``plan`` (:class:`dorefanet.layer_bits.LayerPlan`) gives each layer's W.
+    ``plan`` (:class:`dorefanet.bits.LayerPlan`) gives each layer's W.
     """
     layer_ops = [op for op in program if op["op"] in ("conv", "fc")]
     layer_w = {op["layer"]: plan.layers[op["layer"]][0] for op in layer_ops if op["quantized"]}
@@ -137,8 +137,7 @@ def packed_arrays(plan, program, weights, first_last_dtype="float32"):
 def export_packed(model, source, out, first_last_dtype="float32"):
     """``--export-packed``: read ``source`` strictly for ``model``, write the packed file ``out``, report sizes.
 
-    ``model`` is the script's model object: ``bits``, ``model_name``, ``inputs()``
-    and ``packed_program()``.
+    ``model`` is the script's :class:`dorefanet.model.Model` (with TensorFlow: its variables are checked).
     """
     from dorefanet.checkpoints import check_weights, expected_variables, read_weights
     from dorefanet.tf_setup import tf
@@ -147,11 +146,10 @@ def export_packed(model, source, out, first_last_dtype="float32"):
     check_weights(expected_variables(model), weights, source)
     program = model.packed_program()
     layers, arrays = packed_arrays(model.layer_plan, program, weights, first_last_dtype)
-    image_spec = model.inputs()[0]
-    height, width, channels = image_spec.shape.as_list()[1:]
-    bits = "{},{},{}".format(*model.bits)
+    height, width, channels = model.input_shape
+    bits = str(model.layer_plan.default)
     header = {"model": model.model_name, "bits": bits, "classes": int(program_classes(program)),
-              "input": {"height": height, "width": width, "channels": channels, "dtype": image_spec.dtype.name},
+              "input": {"height": height, "width": width, "channels": channels, "dtype": model.input_dtype},
               "layers": layers, "program": program, "first_last_dtype": first_last_dtype,
               "source": os.path.basename(os.path.normpath(source)),
               "exported_by": "DoReFa-Net toolkit, TensorFlow {}".format(tf.__version__)}

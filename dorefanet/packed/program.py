@@ -2,7 +2,7 @@
 
 A model's program is not written by hand: :class:`ProgramBuilder` derives it
 from the model's one description of its layers (``network(net, x)``, see
-:mod:`dorefanet.network`), which TensorFlow builds too.  The exactness tests
+:mod:`dorefanet.builder`), which TensorFlow builds too.  The exactness tests
 run both on the same weights.
 
 Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
@@ -18,7 +18,7 @@ Every op reads the register ``src`` (default ``"x"``) and writes ``dst``
 * ``add`` (sum of the registers in ``src``), ``softmax``.
 """
 
-import contextlib
+from dorefanet.builder import Builder
 
 __all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
            "gap",
@@ -145,8 +145,8 @@ class _Value:
         self.folded = False   # its batch norm was folded into its producer: the pre-norm map is not kept
 
 
-class ProgramBuilder:
-    """The builder interface of :mod:`dorefanet.network` that writes a packed-engine program.
+class ProgramBuilder(Builder):
+    """The builder (:mod:`dorefanet.builder`) that writes a packed-engine program.
 
     Ops are recorded on values (one per map), then :meth:`program` assigns
     registers: a map goes to ``x`` unless ``x`` still holds a map that a later
@@ -156,11 +156,9 @@ class ProgramBuilder:
     """
 
     def __init__(self, plan, activation_at_32="relu"):
-        self.plan = plan
+        super().__init__(plan)
         self.activation_at_32 = activation_at_32
-        self._scopes = []
         self._records = []
-        self._activations = 0
 
     def program(self, network, mean, std):
         """The program of ``network(self, input)``: input normalisation, the layers, softmax."""
@@ -199,9 +197,6 @@ class ProgramBuilder:
             program.append(op)
         return program
 
-    def _name(self, name):
-        return "/".join(self._scopes + [name])
-
     # ------------------------------------------------------------ layers with weights
     def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
         name = self._name(name)
@@ -223,11 +218,6 @@ class ProgramBuilder:
         return record.out
 
     # ------------------------------------------------------------ activations
-    def _next_activation_bits(self):
-        bits = self.plan.activation_bits[self._activations]
-        self._activations += 1
-        return bits
-
     def _float_activation(self):
         return relu() if self.plan.float_activation(self.activation_at_32) == "relu" else clip()
 
@@ -262,14 +252,6 @@ class ProgramBuilder:
 
     def add(self, a, b):
         return self._emit(add(), a, b)
-
-    @contextlib.contextmanager
-    def scope(self, name):
-        self._scopes.append(name)
-        try:
-            yield
-        finally:
-            self._scopes.pop()
 
 
 def _window_out(size, kernel, stride, padding):

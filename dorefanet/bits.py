@@ -1,4 +1,9 @@
-"""Bit widths per layer: ``--layer-bits PATTERN=W,A,G`` resolved against a network's description.
+"""Bit widths: one (W, A, G) triple (:class:`Bits`), parsed, checked and written; and per layer (:class:`LayerPlan`).
+
+TensorFlow-free, so that the packed engine's ``--eval`` / ``--run`` can check flags
+without it; :mod:`dorefa` re-exports :func:`check_bits` and :data:`TERNARY`.
+
+Per layer, ``--layer-bits PATTERN=W,A,G`` resolved against a network's description.
 
 What the three numbers mean for one layer ``L`` (a ``conv`` or ``fc``):
 
@@ -17,13 +22,60 @@ that reads no activation (the first layer reads the image), and one activation
 read by layers that ask for different ``A`` (ResNet-18's first blocks feed the
 shortcut and the stem from the same activation).
 """
+import numbers
 import re
+from typing import NamedTuple, Union
 
-from dorefanet.bitwidths import TERNARY, check_bits
+from dorefanet.builder import Node, Recorder
 
-__all__ = ["LayerBitsError", "parse_bits", "parse_layer_bits", "LayerPlan", "FLOAT"]
+__all__ = ["TERNARY", "Bits", "check_width", "check_bits", "parse_bits", "parse_layer_bits", "LayerBitsError",
+           "LayerPlan", "FLOAT"]
 
-FLOAT = (32, 32, 32)
+#: The weight "bit width" that selects Trained Ternary Quantization.
+TERNARY = "t"
+
+
+class Bits(NamedTuple):
+    """A checked (W, A, G) bit-width triple; W may be ``'t'`` (TTQ); ``str()`` gives ``'1,2,6'``."""
+
+    w: Union[int, str]
+    a: int
+    g: int
+
+    def __str__(self):
+        return "{},{},{}".format(self.w, self.a, self.g)
+
+
+#: The weight "bit width" that selects Trained Ternary Quantization.
+TERNARY = "t"
+
+
+def check_width(value, what, allow_ternary=False):
+    allowed = "an integer from 1 to 32" + (" or 't' (TTQ)" if allow_ternary else "")
+    if allow_ternary and isinstance(value, str) and value == TERNARY:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
+    if not 1 <= int(value) <= 32:
+        raise ValueError("invalid {}: {!r}; expected {}".format(what, value, allowed))
+    return int(value)
+
+
+def check_bits(bitW, bitA, bitG):
+    """Validate a (W, A, G) triple and return it normalised to ints (or ``'t'`` for W).
+
+    Raises ``ValueError`` naming the bad value: widths are integers in 1..32
+    (32 = not quantized); W may be ``'t'`` (TTQ), which implies A = G = 32.
+    """
+    bitW = check_width(bitW, "weight bit width (W)", allow_ternary=True)
+    bitA = check_width(bitA, "activation bit width (A)")
+    bitG = check_width(bitG, "gradient bit width (G)")
+    if bitW == TERNARY and (bitA, bitG) != (32, 32):
+        raise ValueError("W = 't' (TTQ) implies A = G = 32, got A = {}, G = {}".format(bitA, bitG))
+    return bitW, bitA, bitG
+
+
+FLOAT = Bits(32, 32, 32)
 
 
 class LayerBitsError(ValueError):
@@ -31,7 +83,7 @@ class LayerBitsError(ValueError):
 
 
 def parse_bits(text):
-    """``'1,2,6'`` -> ``(1, 2, 6)``; ``'t,32,32'`` -> ``('t', 32, 32)``; ``ValueError`` naming the problem."""
+    """``'1,2,6'`` -> ``Bits(1, 2, 6)``; ``'t,32,32'`` -> ``Bits('t', 32, 32)``; ``ValueError`` naming the problem."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 3 or not all(parts):
         raise ValueError("expected three comma-separated bit widths W,A,G (e.g. 1,2,6), got {!r}".format(text))
@@ -46,7 +98,7 @@ def parse_bits(text):
             raise ValueError("{} must be an integer from 1 to 32{}, got {!r} in {!r}".format(
                 name, " or 't'" if name == "W" else "", part, text)) from None
     try:
-        return tuple(check_bits(*values))
+        return Bits(*check_bits(*values))
     except ValueError as err:
         raise ValueError("{} in {!r}".format(err, text)) from None
 
@@ -66,84 +118,6 @@ def parse_layer_bits(text):
         raise ValueError("{} (in {!r})".format(err, text)) from None
 
 
-def bits_text(bits):
-    return "{},{},{}".format(*bits)
-
-
-class _Node:
-    def __init__(self, kind, inputs=(), layer=None, index=None):
-        self.kind, self.inputs, self.layer, self.index = kind, inputs, layer, index
-
-
-class _Recorder:
-    """The builder interface of :mod:`dorefanet.network` that only records which op reads which."""
-
-    def __init__(self):
-        self.nodes, self._scopes, self.activations = [], [], []
-
-    def _node(self, kind, *inputs, layer=None):
-        node = _Node(kind, inputs, layer)
-        self.nodes.append(node)
-        return node
-
-    def _layer(self, kind, name, x, quantized):
-        return self._node(kind, x, layer=("/".join(self._scopes + [name]), kind, bool(quantized)))
-
-    def conv(self, name, x, out, kernel, stride=1, padding="SAME", groups=1, quantized=True, bias=False):
-        return self._layer("conv", name, x, quantized)
-
-    def fc(self, name, x, out, quantized=True, bias=False, flatten="hwc"):
-        return self._layer("fc", name, x, quantized)
-
-    def _activation(self, kind, x):
-        node = self._node(kind, x)
-        node.index = len(self.activations)
-        self.activations.append(node)
-        return node
-
-    def activate(self, x):
-        return self._activation("activate", x)
-
-    def nonlin(self, x):
-        return self._activation("nonlin", x)
-
-    def bn(self, name, x):
-        return self._node("bn", x)
-
-    def maxpool(self, name, x, size, stride=None, padding="VALID"):
-        return self._node("maxpool", x)
-
-    def avgpool(self, name, x, size, stride=None, padding="VALID"):
-        return self._node("avgpool", x)
-
-    def gap(self, name, x):
-        return self._node("gap", x)
-
-    def pad(self, x, before, after, mode="constant"):
-        return self._node("pad", x)
-
-    def dropout(self, name, x, rate):
-        return x
-
-    def scale(self, x, by):
-        return self._node("scale", x)
-
-    def add(self, a, b):
-        return self._node("add", a, b)
-
-    def scope(self, name):
-        recorder = self
-
-        class _Scope:
-            def __enter__(self):
-                recorder._scopes.append(name)
-
-            def __exit__(self, *exc):
-                recorder._scopes.pop()
-
-        return _Scope()
-
-
 class LayerPlan:
     """The resolved bit widths of one model: ``layers`` (name -> (W, A, G)) and each activation's A.
 
@@ -153,11 +127,11 @@ class LayerPlan:
     """
 
     def __init__(self, network, default, entries=()):
-        recorder = _Recorder()
-        network(recorder, _Node("input"))
+        recorder = Recorder()
+        network(recorder, Node("input"))
         layer_nodes = [n for n in recorder.nodes if n.layer is not None]
-        self.default = tuple(default)
-        self.entries = [(p, tuple(b)) for p, b in entries]
+        self.default = Bits(*default)
+        self.entries = [(p, Bits(*b)) for p, b in entries]
         self.quantized_by_default = {n.layer[0]: n.layer[2] for n in layer_nodes}
         self.kinds = {n.layer[0]: n.layer[1] for n in layer_nodes}
         self.layers = {name: (self.default if q else FLOAT) for name, q in self.quantized_by_default.items()}
@@ -166,7 +140,7 @@ class LayerPlan:
             matched = [name for name in names if name == pattern or re.fullmatch(pattern, name)]
             if not matched:
                 raise LayerBitsError("--layer-bits {}={}: {!r} matches no layer; the layers are {}".format(
-                    pattern, bits_text(bits), pattern, ", ".join(names)))
+                    pattern, bits, pattern, ", ".join(names)))
             for name in matched:
                 self.layers[name] = bits
         self.activation_bits = []
@@ -202,4 +176,4 @@ class LayerPlan:
 
     def table(self):
         """``{layer: "W,A,G"}``, in the network's order (for config.json and packed headers)."""
-        return {name: bits_text(bits) for name, bits in self.layers.items()}
+        return {name: str(bits) for name, bits in self.layers.items()}
