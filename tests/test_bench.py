@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow   # runs the benchmark script in a subprocess
 
 
 def test_train_speed_prints_a_markdown_table():

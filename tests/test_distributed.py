@@ -21,7 +21,7 @@ from dorefanet.cluster import free_local_ports as free_ports
 from dorefanet.driver import make_model  # noqa: E402
 
 # tensorpack 0.11 threads call the deprecated Event.isSet()
-pytestmark = pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:isSet:DeprecationWarning")]
 
 alexnet = load_script("alexnet-dorefa.py")
 resnet = load_script("resnet-dorefa.py")

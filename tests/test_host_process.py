@@ -65,6 +65,7 @@ def alexnet_packed(tmp_path_factory):
     return str(d / "a.packed.npz")
 
 
+@pytest.mark.slow
 def test_loading_and_running_a_packed_model_leaves_malloc_and_mappings_alone(alexnet_packed):
     code = ("import numpy as np\nfrom dorefanet.packed import load_packed\n"
             "m = load_packed({!r})\np = m.predict(np.zeros((2, 64, 64, 3), np.uint8))\n"
@@ -74,6 +75,7 @@ def test_loading_and_running_a_packed_model_leaves_malloc_and_mappings_alone(ale
     assert states["library"] == states["start"]
 
 
+@pytest.mark.slow
 def test_huge_pages_are_the_callers_choice(alexnet_packed):
     code = ("import numpy as np\nfrom dorefanet.packed import load_packed\n"
             "m = load_packed({!r}, huge_pages=True)\nm.predict(np.zeros((1, 64, 64, 3), np.uint8))\n"
@@ -82,6 +84,7 @@ def test_huge_pages_are_the_callers_choice(alexnet_packed):
     assert states["library"]["hugepage_maps"] > states["start"]["hugepage_maps"]   # the probe sees them
 
 
+@pytest.mark.slow
 def test_importing_the_training_modules_leaves_malloc_alone():
     code = "import dorefa, imagenet_utils\nfrom dorefanet import checkpoints, training, driver\n"
     states = _states(code)

@@ -80,6 +80,7 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_alexnet_trains_on_two_towers_then_refuses_a_finished_run_and_resumes_for_more_epochs(tmp_path, capsys):
     logdir = str(tmp_path / "log")
     argv = ["--fake", "--gpu", "0,1", "--batch", "4", "--epochs", "1", "--steps-per-epoch", "2",
@@ -121,6 +122,7 @@ def resnet_run(ilsvrc, tmp_path_factory):
     return logdir
 
 
+@pytest.mark.slow
 def test_resnet_trains_on_an_ilsvrc_directory(resnet_run):
     config = read_json(os.path.join(resnet_run, "config.json"))
     assert config["train_images"] == 9 and config["model"] == "resnet18" and config["dorefa"] == "1,4,32"
@@ -131,6 +133,7 @@ def test_resnet_trains_on_an_ilsvrc_directory(resnet_run):
     assert stats[-1]["learning_rate"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_export_drops_training_state_and_reloads(resnet_run, tmp_path, capsys):
     out = str(tmp_path / "exported.npz")
     code, stdout, _ = run_main(resnet, ["--load", resnet_run, "--export", out], capsys)
@@ -148,6 +151,7 @@ def test_export_drops_training_state_and_reloads(resnet_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- --run and --eval
+@pytest.mark.slow
 def test_run_json_format_and_eval_agree(resnet_npz, tmp_path, capsys):
     """--run --json has the documented format; --eval's errors equal those counted from --run's top-5 lists."""
     val = tmp_path / "data" / "val"
@@ -191,6 +195,7 @@ def test_run_json_format_and_eval_agree(resnet_npz, tmp_path, capsys):
     assert "evaluated 7 images" in err
 
 
+@pytest.mark.slow
 def test_run_reports_bad_images_and_still_processes_the_rest(resnet_npz, tmp_path, capsys):
     good = write_image(tmp_path / "good.png", seed=3)
     bad = str(tmp_path / "bad.jpg")
@@ -208,6 +213,7 @@ def test_run_reports_bad_images_and_still_processes_the_rest(resnet_npz, tmp_pat
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_eval_with_fake_data_is_quick(resnet_npz, capsys):
     code, out, _ = run_main(resnet, ["--load", resnet_npz, "--eval", "--fake", "--batch", "2"] + SIZE, capsys)
     assert code == 0
@@ -224,6 +230,7 @@ def alexnet_ttq_npz(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--run", "x.png"], ["--eval", "--fake"], ["--export", "out.npz"]])
 def test_ttq_weights_with_other_bits_list_wp_and_wn(alexnet_ttq_npz, capsys, mode):
     code, _, err = run_main(alexnet, ["--dorefa", "1,2,6", "--load", alexnet_ttq_npz] + mode + SIZE, capsys)
@@ -246,6 +253,7 @@ def test_missing_and_pickled_weights(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- bad directories, flags
+@pytest.mark.slow
 def test_bad_data_directories(tmp_path, resnet_npz, capsys):
     code, _, err = run_main(resnet, ["--load", resnet_npz, "--eval", "--data", str(tmp_path / "nope")], capsys)
     assert code == 2 and err.startswith("error: ImageNet directory") and "nope" in err
@@ -296,6 +304,7 @@ def test_cpu_defaults():
 
 
 # ---------------------------------------------------------------- kill and resume
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes(tmp_path):
     logdir = str(tmp_path / "log")
     cmd = [sys.executable, os.path.join(ROOT, "resnet-dorefa.py"), "--fake", "--batch", "2", "--epochs", "4",

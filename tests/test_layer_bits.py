@@ -187,6 +187,7 @@ def _probabilities(out):
     return [[entry["prob"] for entry in json.loads(line)["top"]] for line in out.stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_mixed_svhn_trains_reloads_and_runs_packed(tmp_path):
     import cv2
 
@@ -223,6 +224,7 @@ def test_mixed_svhn_trains_reloads_and_runs_packed(tmp_path):
     assert conflict.returncode == 2 and "was packed with conv0 at 8,32,32, not 32,32,32" in conflict.stderr
 
 
+@pytest.mark.slow
 def test_layer_bits_errors_are_parser_errors():
     done = _script("svhn-digit-dorefa.py", "--layer-bits", "conv9=1,2,4", "--synthetic")
     assert done.returncode == 2
@@ -238,6 +240,7 @@ def test_ttq_on_one_layer_adds_its_scalars_only():
     assert sorted(n for n in names if n.endswith(("/Wp", "/Wn"))) == ["conv3/Wn", "conv3/Wp"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags", [
     ("alexnet-dorefa.py", ["--layer-bits", "conv0=8,32,32", "fc0=2,4,8", "fct=4,32,32"]),
     ("resnet-dorefa.py", ["--layer-bits", "conv1=8,32,32", "conv3blk.*=2,2,8", "fct=8,32,32"])])

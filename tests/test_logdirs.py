@@ -105,6 +105,7 @@ def _snapshot(directory):
     return files
 
 
+@pytest.mark.slow
 def test_a_held_logdir_is_refused_naming_the_holder_and_freed_when_it_is_killed(tmp_path):
     logdir = str(tmp_path / "run")
     holder = _holder(logdir)
@@ -122,6 +123,7 @@ def test_a_held_logdir_is_refused_naming_the_holder_and_freed_when_it_is_killed(
     assert os.path.exists(os.path.join(logdir, LOCK_FILE))
 
 
+@pytest.mark.slow
 def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
     logdir = str(tmp_path / "run")
     holder = _holder(logdir, fork=True)
@@ -142,6 +144,7 @@ def test_a_released_lock_can_be_taken_again_in_the_same_process(tmp_path):
     lock_logdir(logdir).release()
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_a_second_training_on_a_logdir_in_use_changes_nothing_and_a_killed_one_resumes(tmp_path):
     """Two runs, one logdir: the second is one line and touches nothing; eval reads the first's checkpoint."""

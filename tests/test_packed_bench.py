@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow   # runs the benchmark script in a subprocess
 
 
 def test_packed_speed_prints_size_and_speed_tables():

@@ -93,6 +93,7 @@ def test_integer_gemm_path_matches_popcount_path(tmp_path, monkeypatch):
     np.testing.assert_array_equal(popcount, gemm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", ["32,32,32", "t,32,32", "1,32,32", "1,1,32", "8,8,8", "1,2,32", "1,2,6", "1,2,4"])
 def test_alexnet_published_rows_match_graph(tmp_path, bits):
     model = make_model(alexnet, _bits(bits), "channels_last", 224)
@@ -181,6 +182,7 @@ def test_wrong_input_shape_is_a_clear_error(tmp_path):
         load_packed(path).predict(np.zeros((1, 32, 32, 3), np.float32))
 
 
+@pytest.mark.slow
 def test_engine_runs_without_tensorflow(tmp_path):
     """Reading and running a packed file never imports TensorFlow (it may not be installed)."""
     _, _, path = _svhn_packed(tmp_path)
@@ -207,6 +209,7 @@ def _script(name, *args, env=None):
                           timeout=600, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_svhn_cli_packed_run_prints_what_tensorflow_prints(tmp_path):
     import cv2
 
@@ -244,6 +247,7 @@ def _assert_same_output(engine, graph, as_json):
             assert abs(a.pop("prob") - b.pop("prob")) < 1e-5 and a == b
 
 
+@pytest.mark.slow
 def test_svhn_cli_packed_eval_prints_what_tensorflow_prints_without_tensorflow(tmp_path):
     import scipy.io
 
@@ -265,6 +269,7 @@ def test_svhn_cli_packed_eval_prints_what_tensorflow_prints_without_tensorflow(t
     assert graph_imports == "imported: tensorflow=True tensorpack=True", graph.stderr
 
 
+@pytest.mark.slow
 def test_alexnet_cli_export_and_run_packed(tmp_path):
     import cv2
 
@@ -300,6 +305,7 @@ def _probed(name, *args):
     return out, imported[0]
 
 
+@pytest.mark.slow
 def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
     """--engine packed --eval / --run of alexnet-dorefa.py never import TensorFlow (nor tensorpack) and
     print what the TensorFlow engine prints; the probe does see TensorFlow in the TensorFlow engine's runs."""
@@ -330,6 +336,7 @@ def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
     assert imports == "imported: tensorflow=False tensorpack=False"
 
 
+@pytest.mark.slow
 def test_cli_packed_errors_are_one_line(tmp_path):
     _, npz, packed = _svhn_packed(tmp_path)
     picture = str(tmp_path / "x.png")

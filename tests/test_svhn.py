@@ -125,6 +125,7 @@ def test_graph_layers_and_quantized_weights():
     assert ttq == {"conv{}/{}".format(i, s) for i in range(1, 7) for s in ("Wp", "Wn")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [(32, 32, 32), (1, 2, 4), (1, 1, 4), ("t", 32, 32)])
 def test_a_few_training_steps_decrease_the_loss(bits):
     from tensorpack.tfutils.tower import TowerContext
@@ -158,6 +159,7 @@ def trained(svhn, svhn_dir, tmp_path_factory):
     return logdir
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_stats_events_and_config(trained):
     files = os.listdir(trained)
     assert "checkpoint" in files and "model-6.index" in files
@@ -172,6 +174,7 @@ def test_training_writes_checkpoints_stats_events_and_config(trained):
     assert "tensorflow" in config["versions"] and "tensorpack" in config["versions"]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten_silently(svhn, svhn_dir, trained, capsys):
     argv = ["--dorefa", "1,2,4", "--data", svhn_dir, "--epochs", "2", "--steps-per-epoch", "3",
             "--batch", "16", "--workers", "0", "--logdir", trained]
@@ -180,6 +183,7 @@ def test_finished_run_is_not_overwritten_silently(svhn, svhn_dir, trained, capsy
     assert os.path.exists(os.path.join(trained, "model-6.index"))
 
 
+@pytest.mark.slow
 def test_eval_agrees_with_errors_counted_from_run_json(svhn, svhn_dir, trained, tmp_path, capsys):
     code, out, _ = run_main(svhn, ["--dorefa", "1,2,4", "--load", trained, "--eval", "--data", svhn_dir], capsys)
     assert code == 0
@@ -203,6 +207,7 @@ def test_eval_agrees_with_errors_counted_from_run_json(svhn, svhn_dir, trained, 
     assert "{:.4f}".format(wrong / len(labels)) in "{:.4f}".format(reported)
 
 
+@pytest.mark.slow
 def test_export_then_reload_gives_bit_identical_predictions(svhn, trained, tmp_path, capsys):
     image = str(tmp_path / "digit.png")
     cv2.imwrite(image, cv2.resize(learnable_digits(1, 9)[0][0], (50, 70)))  # any size is accepted
@@ -220,6 +225,7 @@ def test_export_then_reload_gives_bit_identical_predictions(svhn, trained, tmp_p
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_run_reports_bad_images_and_still_processes_the_rest(svhn, trained, tmp_path, capsys):
     good = str(tmp_path / "good.png")
     cv2.imwrite(good, learnable_digits(1, 3)[0][0])
@@ -234,6 +240,7 @@ def test_run_reports_bad_images_and_still_processes_the_rest(svhn, trained, tmp_
     assert len(errors) == 2 and bad in errors[0] and missing in errors[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     ("drop", "missing conv3/W"), ("add", "unexpected extra/W"), ("reshape", "wrong shape fc1/W")])
 def test_strict_loading_names_the_mismatch(svhn, svhn_dir, trained, tmp_path, capsys, change, message):
@@ -253,6 +260,7 @@ def test_strict_loading_names_the_mismatch(svhn, svhn_dir, trained, tmp_path, ca
         assert code == 2 and message in err and npz in err, (mode, err)
 
 
+@pytest.mark.slow
 def test_wrong_bits_and_pickled_npz_are_refused(svhn, trained, tmp_path, capsys):
     # a logdir knows its bits: flags that contradict them are refused before any weight is read
     code, _, err = run_main(svhn, ["--dorefa", "t,32,32", "--load", trained, "--run", "x.png"], capsys)
@@ -284,6 +292,7 @@ def test_missing_data_dir_is_one_clear_error(svhn, tmp_path, capsys):
     assert code == 2 and "not a directory" in err and "train_32x32.mat" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "last checkpoint cannot be read"),
     ("index", "last checkpoint cannot be read"),
@@ -312,6 +321,7 @@ def test_damaged_logdir_is_one_clear_error(svhn, svhn_dir, trained, tmp_path, ca
 
 
 # ------------------------------------------------------------------ kill and resume
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes(svhn_dir, tmp_path):
     logdir = str(tmp_path / "log")
     cmd = [sys.executable, SCRIPT, "--dorefa", "1,1,4", "--data", svhn_dir, "--epochs", "5",

@@ -130,6 +130,7 @@ def checkpoint_state(logdir):
             if name.startswith("model-") or name == "checkpoint"}
 
 
+@pytest.mark.slow
 def test_sweep_killed_resumed_failing_configuration_table_json_and_plot(svhn, data_dir, tmp_path, capsys):
     sweep_dir = str(tmp_path / "sweep")
     common = ["--data", data_dir, "--epochs", "3", "--steps-per-epoch", "6", "--batch", "16", "--workers", "0",
@@ -231,6 +232,7 @@ def test_sweep_killed_resumed_failing_configuration_table_json_and_plot(svhn, da
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_an_imagenet_script_sweeps_too(tmp_path):
     """The issue's command, at a smaller batch: the ImageNet flags reach every run, the table and plot are written."""
     sweep_dir = str(tmp_path / "resnet-sweep")

@@ -27,6 +27,7 @@ def _is_tensorflow_log_line(line):
             or line.startswith("To enable the following instructions:"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", [None, "0", "1", "2", "3"])
 def test_a_bad_input_is_one_error_line_at_every_tf_log_level(tmp_path, level):
     """Whatever TF_CPP_MIN_LOG_LEVEL the shell sets, a bad --load ends in exactly one ``error:`` line.
@@ -112,6 +113,7 @@ print("imported", file=sys.stderr)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["import", "raise"])
 def test_unknown_output_and_exceptions_while_importing_tensorflow_still_surface(tmp_path, mode):
     done = subprocess.run([sys.executable, "-c", _LOUD_IMPORT, mode], capture_output=True,
