@@ -24,11 +24,9 @@ from dorefanet.image_io import ImageReadError  # noqa: E402  (one exception clas
 from dorefanet.inference import TopKError, evaluate_topk, topk_wrong  # noqa: E402,F401
 # the pieces that need no TensorFlow (what the packed engine's --eval / --run use)
 from dorefanet.imagenet_data import (  # noqa: E402,F401
-    CLASS_NAMES_FILE, IMAGE_EXTENSIONS, IMAGE_SIZE, NUM_CLASSES, RESIZE_SHORTER, ROOT, VAL_LABEL_FILES, _WNID,
-    ClassNamesError, ImageNetDataError, ValidationBatches, _is_image_file, _list_class_dirs,
-    _raise_failures, _read_label_file, _wnid_to_label, center_crop, decode_safely, default_parallelism, eval_sizes,
-    list_imagenet_files, load_class_names, load_image, ordered_map, preprocess_image, read_image,
-    resize_shorter_side)
+    CLASS_NAMES_FILE, IMAGE_EXTENSIONS, IMAGE_SIZE, NUM_CLASSES, RESIZE_SHORTER, VAL_LABEL_FILES, ClassNamesError,
+    ImageNetDataError, ValidationBatches, _raise_failures, center_crop, decode_safely, default_parallelism, eval_sizes,
+    list_imagenet_files, load_class_names, load_image, ordered_map, preprocess_image, read_image, resize_shorter_side)
 
 __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",

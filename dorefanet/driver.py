@@ -159,12 +159,17 @@ def _handshake(worker, args, config, plan_chief):
             record["step"] = plan.step
         except TrainingSetupError as err:
             record["error"] = str(err)
-    records = worker.handshake(record)
-    if records[0]["error"]:
-        raise TrainingSetupError(records[0]["error"] if args.cluster.is_chief else
-                                 "the chief (worker 0) cannot start: {}".format(records[0]["error"]))
-    distributed.check_agreement(records, ("cluster", "model", "dorefa", "layer_table", "batch", "image_size",
-                                          "steps_per_epoch", "epochs", "towers", "data"))
+    try:
+        records = worker.handshake(record)
+        if records[0]["error"]:
+            raise TrainingSetupError(records[0]["error"] if args.cluster.is_chief else
+                                     "the chief (worker 0) cannot start: {}".format(records[0]["error"]))
+        distributed.check_agreement(records, ("cluster", "model", "dorefa", "layer_table", "batch", "image_size",
+                                              "steps_per_epoch", "epochs", "towers", "data"))
+    except BaseException:
+        if plan is not None:
+            plan.release()   # the chief's logdir is free again for the next start
+        raise
     if plan is None:
         plan = distributed.follower_plan(config["logdir"], args.cluster.index, records[0]["step"],
                                          key["steps_per_epoch"])

@@ -51,6 +51,19 @@ def kill_group(proc):
     proc.wait()
 
 
+def write_image(path, seed, shape=(70, 90)):
+    """A PNG (or any extension cv2 writes) of random blobs at ``path``: distinct seeds, distinct predictions."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    image = cv2.resize(rng.randint(0, 256, size=(6, 8, 3)).astype(np.uint8), shape[::-1],
+                       interpolation=cv2.INTER_LINEAR)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return str(path)
+
+
 def random_weights(model, seed):
     """Values for every variable of ``model``: He-scaled weights, batch norm that keeps activations alive."""
     import numpy as np

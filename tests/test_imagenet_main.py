@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, kill_after_first_checkpoint, load_script, random_weights
+from conftest import ROOT, kill_after_first_checkpoint, load_script, random_weights, write_image
 from dorefanet.checkpoints import expected_variables, read_weights, save_npz
 
 import imagenet_utils as iu
@@ -41,16 +40,6 @@ def run_main(script, argv, capsys):
     code = script.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def write_image(path, seed, shape=(70, 90)):
-    """A PNG with random blobs (distinct images get distinct predictions from a random network)."""
-    rng = np.random.RandomState(seed)
-    image = cv2.resize(rng.randint(0, 256, size=(6, 8, 3)).astype(np.uint8), shape[::-1],
-                       interpolation=cv2.INTER_LINEAR)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    cv2.imwrite(str(path), image)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

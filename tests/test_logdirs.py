@@ -191,3 +191,30 @@ def test_fewer_training_images_than_a_batch_is_one_line(tmp_path, capsys):
     assert code == 2
     assert "error: {}: 20 training images, fewer than one batch of 128; use a smaller --batch".format(
         tmp_path) in err
+
+
+def test_a_chief_that_planned_frees_its_logdir_when_the_handshake_fails():
+    """A cluster's chief plans (and holds its logdir) before the handshake; a failed handshake lets go of it."""
+    from argparse import Namespace
+
+    from dorefanet import driver
+    from dorefanet.cluster import DistributedError
+
+    released = []
+
+    class Plan:
+        step = 0
+
+        def release(self):
+            released.append(True)
+
+    class Worker:   # worker 1 reports other bit widths than the chief's
+        def handshake(self, record):
+            return [dict(record), dict(record, dorefa="1,2,6")]
+
+    args = Namespace(towers=1, epochs=1, cluster=Namespace(workers=["a:1", "b:2"], is_chief=True, index=0))
+    config = {"resume_key": {"model": "svhn", "dorefa": "1,2,4", "batch": 8, "steps_per_epoch": 2},
+              "data_kind": "svhn", "logdir": "unused"}
+    with pytest.raises(DistributedError, match="--dorefa"):
+        driver._handshake(Worker(), args, config, Plan)
+    assert released == [True]

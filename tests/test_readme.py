@@ -12,16 +12,14 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 
-import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, kill_group, load_script, random_weights
+from conftest import ROOT, kill_group, load_script, random_weights, write_image
 from dorefanet.cluster import free_local_ports
 
 pytestmark = pytest.mark.slow
@@ -156,14 +154,6 @@ def small_flags(tokens):
     return flags
 
 
-def write_image(path, seed, shape=(70, 90)):
-    rng = np.random.RandomState(seed)
-    image = cv2.resize(rng.randint(0, 256, size=(6, 8, 3)).astype(np.uint8), shape[::-1],
-                       interpolation=cv2.INTER_LINEAR)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    assert cv2.imwrite(path, image)
-
-
 def copy_checkout(dest):
     """The checkout's files (no git data, runs, environments or caches) at ``dest``."""
     shutil.copytree(ROOT, dest, symlinks=True, ignore=shutil.ignore_patterns(
@@ -178,7 +168,7 @@ def run(argv, cwd, timeout=_TIMEOUT, env=None):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError("`{}` did not finish within {} s:\n{}".format(" ".join(argv), timeout, err[-3000:]))
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
