@@ -44,7 +44,7 @@ RECIPE = {
     "input": {"size": 40, "dtype": "float32", "mean": (0.0, 0.0, 0.0), "std": 256.0},
     "activation_at_32": "relu",
     "optimizer": ("adam", {"epsilon": 1e-5}), "lr": 1e-3, "lr_schedule": {"halve_every": 100},
-    "epochs": 200, "batch": 128, "steps_per_epoch": 4721,
+    "epochs": 200, "batch": 128,
     "weight_decay": 1e-7, "weight_decay_pattern": r"^fc.*/W$",
     "cpu_data_format": "channels_last",
 }

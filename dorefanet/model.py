@@ -19,7 +19,8 @@ The recipe's keys:
 * ``optimizer``: ``(name, keyword arguments)``, name ``adam`` or ``momentum``; ``lr``;
   ``lr_schedule``: ``[(epoch, lr), ...]`` (the lr from the end of that epoch on), or
   ``{"halve_every": epochs}`` (a staircase decay in the graph);
-* ``epochs``, ``batch`` (total), ``steps_per_epoch`` (optional: else one pass over the data);
+* ``epochs``, ``batch`` (total; an epoch is one pass over the training data unless
+  ``--steps-per-epoch`` says otherwise);
 * ``weight_decay`` and ``weight_decay_pattern`` (L2 on the variables whose name matches, ``re.search``);
 * ``histograms``: a variable-name pattern whose histogram and RMS are summarised (optional);
 * ``cpu_data_format``: the layout without a GPU (the one measured faster); ``min_image_size``.
@@ -59,7 +60,7 @@ class Model:
         self.image_mean = tuple(recipe["input"].get("mean", (0.0, 0.0, 0.0)))
         self.image_std = recipe["input"]["std"]
         self.activation_at_32 = recipe.get("activation_at_32", "relu")
-        self.steps_per_epoch = int(steps_per_epoch or recipe.get("steps_per_epoch") or 1)
+        self.steps_per_epoch = int(steps_per_epoch or 1)   # training sets it once the data is known
         self.layer_plan = LayerPlan(network, self.bits, layer_bits)
 
     @property
