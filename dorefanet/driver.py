@@ -212,7 +212,7 @@ def train(model, args, name):
     callbacks = schedule_callbacks(model)
     if chief:   # validation, checkpoints and stats.json are the chief's
         stats = [ScalarStats(name) for name in data.validation_scalars]
-        stats += [ClassificationError(tensor, key) for tensor, key in data.validation_errors]
+        stats += [ClassificationError(tensor, stat) for tensor, stat in data.validation_errors]
         callbacks += [InferenceRunner(val_flow, stats), EstimatedTimeLeft()]
     # Other workers draw other fg noise (as the towers of one process do); their initial values do not
     # matter: the chief broadcasts its variables at the start.
