@@ -13,6 +13,7 @@ import sys
 
 from dorefanet.bits import Bits, LayerBitsError, parse_bits, parse_layer_bits
 from dorefanet.cluster import DEFAULT_TIMEOUT, resolve_cluster
+from dorefanet.model import run_name
 
 __all__ = ["Bits", "dorefa_bits", "layer_bits_entry", "make_parser", "parse_args", "check_modes", "check_run_table",
            "run_config", "run_reporting_errors", "packed_only", "resolve_devices", "TRAINERS"]
@@ -72,11 +73,11 @@ def make_parser(script):
     group.add_argument("--data", metavar="DIR", help="dataset directory")
     data.add_flags(group)
 
-    run_name = recipe.get("run_name", recipe["name"])
+    runs = run_name(recipe)
     t = parser.add_argument_group("training")
     t.add_argument("--logdir", metavar="DIR",
                    help="where checkpoints and logs go; a killed run started again with the same command resumes "
-                        "there (default: train_log/{}-dorefa-W,A,G)".format(run_name))
+                        "there (default: train_log/{}-dorefa-W,A,G)".format(runs))
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--gpu", metavar="IDS",
                    help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")
@@ -95,7 +96,7 @@ def make_parser(script):
     t.add_argument("--sweep", type=dorefa_bits, nargs="+", metavar="W,A,G",
                    help="train each of these configurations in its own run under --logdir (default: "
                         "train_log/{}-sweep), then write results.md, results.json and error_vs_bits.png there; "
-                        "the same command resumes a killed sweep".format(run_name))
+                        "the same command resumes a killed sweep".format(runs))
     t.add_argument("--seeds", type=int, default=1,
                    help="with --sweep: runs per configuration, seeds --seed, --seed + 1, ...")
     t.add_argument("--trainer", choices=TRAINERS, default=None,

@@ -36,7 +36,7 @@ from dorefanet.errors import ModelLoadError, TrainingSetupError
 from dorefanet.image_io import ImageReadError
 from dorefanet.inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images
 from dorefanet.memory import keep_freed_memory
-from dorefanet.model import Model
+from dorefanet.model import Model, run_name
 from dorefanet.packed.export import PackedExportError
 from dorefanet.packed.format import PackedFormatError
 
@@ -180,6 +180,7 @@ def train(model, args, name):
     """Train ``model`` by its recipe on its data; ``name`` is how the summary line calls the script."""
     from dorefanet.tf_setup import tf
     from tensorpack import ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats
+    from tensorpack.dataflow import ProxyDataFlow
     from dorefanet import distributed
     from dorefanet.tf_model import schedule_callbacks
     from dorefanet.training import plan_run
@@ -192,10 +193,9 @@ def train(model, args, name):
     model.steps_per_epoch = steps     # what an in-graph schedule counts epochs in
 
     bits = str(args.dorefa)
-    logdir = args.logdir or os.path.join("train_log", "{}-dorefa-{}".format(recipe.get("run_name", recipe["name"]),
-                                                                          bits))
-    key = dict({"model": recipe.get("run_name", recipe["name"]), "dorefa": bits, "batch": args.batch,
-                "steps_per_epoch": steps}, **data.resume_fields(args))
+    logdir = args.logdir or os.path.join("train_log", "{}-dorefa-{}".format(run_name(recipe), bits))
+    key = dict({"model": run_name(recipe), "dorefa": bits, "batch": args.batch, "steps_per_epoch": steps},
+               **data.resume_fields(args))
     config = dict({"resume_key": key, "model": model.model_name, "dorefa": bits, "data": data.describe(args)},
                   **fields)
     config.update(seed=args.seed, epochs=args.epochs, steps_per_epoch=steps, batch=args.batch, trainer=args.trainer,
@@ -213,7 +213,9 @@ def train(model, args, name):
     if chief:   # validation, checkpoints and stats.json are the chief's
         stats = [ScalarStats(name) for name in data.validation_scalars]
         stats += [ClassificationError(tensor, stat) for tensor, stat in data.validation_errors]
-        callbacks += [InferenceRunner(val_flow, stats), EstimatedTimeLeft()]
+        # InferenceRunner takes only tensorpack DataFlows; the proxy lends that type to the data source's own
+        # evaluation batches (the ones --eval reads)
+        callbacks += [InferenceRunner(ProxyDataFlow(val_flow), stats), EstimatedTimeLeft()]
     # Other workers draw other fg noise (as the towers of one process do); their initial values do not
     # matter: the chief broadcasts its variables at the start.
     seed = args.seed + (1000 * cluster.index if cluster else 0)
@@ -251,8 +253,7 @@ def sweep(script, args):
     title = "{} on {}, {} epoch{}{}".format(
         recipe["title"], data.title(args), args.epochs, "" if args.epochs == 1 else "s",
         " of {} steps".format(args.steps_per_epoch) if args.steps_per_epoch else "")
-    directory = os.path.abspath(args.logdir or os.path.join("train_log", recipe.get("run_name", recipe["name"]) +
-                                                            "-sweep"))
+    directory = os.path.abspath(args.logdir or os.path.join("train_log", run_name(recipe) + "-sweep"))
     runs = Sweep(directory, args.sweep, range(args.seed, args.seed + args.seeds), os.path.abspath(script.__file__),
                  flags, data_flags, args.epochs, data.error_key, data.eval_pattern, figures, title,
                  ["./" + os.path.basename(script.__file__)] + list(args.argv))

@@ -74,22 +74,23 @@ class ImageNetData:
         return "random images (--fake)" if args.fake else "ILSVRC12 " + os.path.abspath(args.data)
 
     def training_data(self, args, batch):
-        """``(train flow of batches of batch, validation flow, config fields)``."""
+        """``(train flow of batches of batch, validation batches, config fields)``."""
         from dorefanet.distributed import fake_train_flow
-        from imagenet_utils import fake_dataflow, fbresnet_augmentor, get_imagenet_dataflow
+        from imagenet_utils import fbresnet_augmentor, get_imagenet_dataflow
 
         workers, size = self._workers(args), args.image_size
+        fields = {"workers": workers, "image_size": size}
         if args.fake:
             # seeded, the same batch on every tower of every worker: the multi-machine test compares a cluster
             # with one process (distributed.fake_train_flow says why not one batch per tower)
-            return (fake_train_flow(batch, size, args.seed), fake_dataflow(batch, size, size=FAKE_EVAL_BATCHES),
-                    {"train_images": ILSVRC12_TRAIN_IMAGES, "workers": workers, "image_size": size})
-        files = list_imagenet_files(args.data, "train")
-        train = get_imagenet_dataflow(args.data, "train", batch, augmentors=fbresnet_augmentor(True, size),
-                                      parallel=workers, files=files)
-        val = get_imagenet_dataflow(args.data, "val", batch, augmentors=fbresnet_augmentor(False, size),
-                                    parallel=workers)
-        return train, val, {"train_images": len(files), "workers": workers, "image_size": size}
+            train = fake_train_flow(batch, size, args.seed)
+            fields["train_images"] = ILSVRC12_TRAIN_IMAGES
+        else:
+            files = list_imagenet_files(args.data, "train")
+            train = get_imagenet_dataflow(args.data, "train", batch, augmentors=fbresnet_augmentor(True, size),
+                                          parallel=workers, files=files)
+            fields["train_images"] = len(files)
+        return train, self.evaluation_data(args, batch), fields
 
     def resume_fields(self, args):
         return {"image_size": args.image_size}

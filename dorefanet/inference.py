@@ -192,7 +192,7 @@ def make_packed_predictor(path, model):
         packed = load_packed(path, huge_pages=True)     # the scripts' choice (see dorefanet.memory)
     except PackedFormatError as err:
         raise ModelLoadError(str(err)) from None
-    bits = str(model.layer_plan.default)
+    bits = str(model.bits)
     if packed.model != model.model_name:
         raise ModelLoadError("{}: is a packed {} model; this script runs {}".format(path, packed.model,
                                                                                    model.model_name))

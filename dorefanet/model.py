@@ -25,9 +25,14 @@ The recipe's keys:
 * ``histograms``: a variable-name pattern whose histogram and RMS are summarised (optional);
 * ``cpu_data_format``: the layout without a GPU (the one measured faster); ``min_image_size``.
 """
-from dorefanet.bits import LayerPlan, check_bits
+from dorefanet.bits import Bits, LayerPlan, check_bits
 
-__all__ = ["Model", "normalize_data_format"]
+__all__ = ["Model", "normalize_data_format", "run_name"]
+
+
+def run_name(recipe):
+    """What a recipe's runs are called: ``train_log/<run_name>-dorefa-W,A,G``, the resume key's model."""
+    return recipe.get("run_name", recipe["name"])
 
 
 def normalize_data_format(data_format):
@@ -52,7 +57,7 @@ class Model:
                  steps_per_epoch=None):
         self.network, self.recipe, self.data = network, recipe, data
         self.model_name = recipe["name"]
-        self.bits = tuple(check_bits(*bits))
+        self.bits = Bits(*check_bits(*bits))
         self.data_format = normalize_data_format(data_format)
         self.image_size = int(recipe["input"]["size"] if image_size is None else image_size)
         if self.image_size < 1:

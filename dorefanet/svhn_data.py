@@ -210,7 +210,8 @@ class ArrayFlow:
 class _ResizedBatches:
     """The test batches: each image resized to the network's input, in order, the last batch possibly smaller.
 
-    The same arrays as tensorpack's ``imgaug.Resize`` (bilinear) and ``BatchData``, without tensorpack.
+    The same arrays as tensorpack's ``imgaug.Resize`` (bilinear) and ``BatchData``, without tensorpack:
+    what ``--eval`` (either engine) and the evaluation after every training epoch read.
     """
 
     def __init__(self, images, labels, batch, size):
@@ -283,10 +284,10 @@ class SVHNDigits:
         return ArrayFlow(images, labels, shuffle=split == "train", seed=args.seed)
 
     def training_data(self, args, batch):
-        """``(train flow of batches of batch, test flow for the run's evaluations, config fields)``."""
+        """``(train flow of batches of batch, test batches for the run's evaluations, config fields)``."""
         from tensorpack.dataflow import AugmentImageComponent, BatchData, MultiProcessRunnerZMQ, imgaug
 
-        train, test = self._split(args, "train"), self._split(args, "test")
+        train, test = self._split(args, "train"), self.evaluation_data(args, args.batch)
         if len(train) < batch:   # tensorpack's BatchData would stop on a bare assertion
             raise SVHNDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
                 "--synthetic" if args.synthetic else args.data, len(train), batch))
@@ -295,8 +296,7 @@ class SVHNDigits:
                          batch, remainder=False)
         if args.workers > 0:
             flow = MultiProcessRunnerZMQ(flow, args.workers)
-        test_flow = BatchData(AugmentImageComponent(test, [resize]), args.batch, remainder=True)
-        return flow, test_flow, {"train_images": len(train), "test_images": len(test)}
+        return flow, test, {"train_images": len(train), "test_images": len(test.labels)}
 
     def evaluation_data(self, args, batch):
         """The whole test split in batches of ``batch`` (no tensorpack: the packed engine's ``--eval`` too)."""

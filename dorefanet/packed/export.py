@@ -147,7 +147,7 @@ def export_packed(model, source, out, first_last_dtype="float32"):
     program = model.packed_program()
     layers, arrays = packed_arrays(model.layer_plan, program, weights, first_last_dtype)
     height, width, channels = model.input_shape
-    bits = str(model.layer_plan.default)
+    bits = str(model.bits)
     header = {"model": model.model_name, "bits": bits, "classes": int(program_classes(program)),
               "input": {"height": height, "width": width, "channels": channels, "dtype": model.input_dtype},
               "layers": layers, "program": program, "first_last_dtype": first_last_dtype,
