@@ -2,7 +2,8 @@
 
 * the fb.resnet.torch training augmentation: :func:`fbresnet_augmentor`;
 * ILSVRC12 dataflows (``DIR/train/<wnid>/*``, ``DIR/val/...``) and fake data:
-  :func:`get_imagenet_dataflow`, :func:`fake_dataflow`.
+  :func:`get_imagenet_dataflow`, :func:`training_batches` (a function of the seed,
+  :mod:`dorefanet.seeded_batches`), :func:`fake_dataflow`.
 
 These are tensorpack dataflows (and tensorpack imports TensorFlow).  Everything
 else about ImageNet (class names, decoding, the evaluation preprocessing, file
@@ -16,11 +17,11 @@ from dorefanet.tf_setup import tf  # noqa: I100  (must come before tensorpack)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorpack.dataflow import (  # noqa: E402
-    BatchData, DataFlow, FakeData, MapData, MultiProcessRunnerZMQ, ProxyDataFlow, imgaug)
+    BatchData, DataFlow, FakeData, MapData, ProxyDataFlow, imgaug)
 from tensorpack.dataflow.imgaug.transform import CropTransform, ResizeTransform, TransformList  # noqa: E402
-from tensorpack.utils.utils import get_rng  # noqa: E402
 
 from dorefanet.image_io import ImageReadError  # noqa: E402  (one exception class for the project)
+from dorefanet.seeded_batches import SeededBatches, seed_augmentors  # noqa: E402
 from dorefanet.inference import TopKError, evaluate_topk, topk_wrong  # noqa: E402,F401
 # the pieces that need no TensorFlow (what the packed engine's --eval / --run use)
 from dorefanet.imagenet_data import (  # noqa: E402,F401
@@ -32,7 +33,8 @@ __all__ = [
     "CLASS_NAMES_FILE", "NUM_CLASSES", "IMAGE_SIZE", "RESIZE_SHORTER", "VAL_LABEL_FILES",
     "ClassNamesError", "ImageReadError", "ImageNetDataError",
     "load_class_names", "read_image", "resize_shorter_side", "center_crop", "preprocess_image", "load_image",
-    "RandomSizedCrop", "fbresnet_augmentor", "list_imagenet_files", "get_imagenet_dataflow", "fake_dataflow",
+    "RandomSizedCrop", "fbresnet_augmentor", "list_imagenet_files", "get_imagenet_dataflow", "training_batches",
+    "fake_dataflow",
     "TopKError", "evaluate_topk", "topk_wrong", "IMAGE_EXTENSIONS", "default_parallelism", "ValidationBatches",
     "eval_sizes",
 ]
@@ -114,26 +116,17 @@ def fbresnet_augmentor(is_training, size=IMAGE_SIZE, interp=cv2.INTER_CUBIC):
 # ILSVRC12 file lists and dataflows
 
 class _FileList(DataFlow):
-    """Yields ``[path, label]``, optionally reshuffled at every pass."""
+    """Yields ``[path, label]`` in the given order."""
 
-    def __init__(self, files, shuffle):
+    def __init__(self, files):
         self.files = list(files)
-        self.shuffle = shuffle
-        self.rng = None
-
-    def reset_state(self):
-        # get_rng seeds from the pid and the time, so forked workers shuffle differently.
-        self.rng = get_rng(self)
 
     def __len__(self):
         return len(self.files)
 
     def __iter__(self):
-        order = np.arange(len(self.files))
-        if self.shuffle:
-            self.rng.shuffle(order)
-        for index in order:
-            yield list(self.files[index])
+        for path, label in self.files:
+            yield [path, label]
 
 
 class _DecodeAugment:
@@ -150,8 +143,32 @@ class _DecodeAugment:
         return decode_safely(path, label, self.augs.augment)
 
 
+class _DecodeAugmentBatch:
+    """``(indices, rng)`` -> a training batch ``[uint8 images, int32 labels]`` of ``files``, augmented from ``rng``."""
+
+    def __init__(self, files, augmentors):
+        self.files, self.augs = files, imgaug.AugmentorList(augmentors)
+
+    def __call__(self, indices, rng):
+        seed_augmentors([self.augs], rng)
+        batch = [_raise_failures(decode_safely(*self.files[i], self.augs.augment)) for i in indices]
+        return [np.stack([image for image, _ in batch]), np.asarray([label for _, label in batch], np.int32)]
+
+
+def training_batches(files, batch_size, augmentors, seed, workers):
+    """The training batches of ``files`` (``[(path, label)]``): shuffled every pass and augmented, from ``seed``.
+
+    Batch ``k`` of pass ``p`` depends on ``(seed, p, k)`` only, whichever of the
+    ``workers`` processes decodes it (:class:`dorefanet.seeded_batches.SeededBatches`).
+    """
+    if len(files) < batch_size:   # a pass would have no batch
+        raise ImageNetDataError("{} training images, fewer than one batch of {}; use a smaller --batch".format(
+            len(files), batch_size))
+    return SeededBatches(len(files), batch_size, _DecodeAugmentBatch(list(files), augmentors), seed, workers=workers)
+
+
 class _DecodeAugmentData(ProxyDataFlow):
-    """In-process decode + augment (also what each training worker process runs); owns the augmentor RNG."""
+    """In-process decode + augment; owns the augmentor RNG."""
 
     def __init__(self, ds, augmentors):
         super().__init__(ds)
@@ -182,20 +199,19 @@ class _ThreadedDecodeAugment(_DecodeAugmentData):
 
 
 def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=None, class_names=None,
-                          files=None):
+                          files=None, seed=0):
     """A batched ILSVRC12 dataflow of ``[images uint8 BxHxWx3 BGR, labels int32 B]``.
 
-    * ``split='train'``: files reshuffled every pass, decoded and augmented
-      (``augmentors``, default ``fbresnet_augmentor(True)``) in ``parallel``
-      worker processes (``MultiProcessRunnerZMQ``; each worker draws its own
-      shuffled stream, so the flow never ends), batches of exactly ``batch_size``.
+    * ``split='train'``: :func:`training_batches` of the split's files from ``seed``,
+      decoded and augmented (``augmentors``, default ``fbresnet_augmentor(True)``) in
+      ``parallel`` worker processes, batches of exactly ``batch_size``, a pass per iteration.
     * ``split='val'``: every image exactly once, in the sorted file order, decoded
       by ``parallel`` threads, with
       ``augmentors`` default ``fbresnet_augmentor(False)``; the last batch may
       be smaller, so that evaluation covers the whole set.
 
     ``parallel``: number of workers (default :func:`default_parallelism`); 0
-    decodes in the calling thread (deterministic order; handy for debugging).
+    decodes in the calling thread (handy for debugging).
     A file that cannot be decoded raises :class:`ImageReadError` naming it when
     its batch is drawn.  See :func:`list_imagenet_files` for the accepted layouts.
     ``files``: the ``(path, label)`` list of the split when the caller has
@@ -206,25 +222,22 @@ def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=
     is_training = split == "train"
     if files is None:
         files = list_imagenet_files(datadir, split, class_names)
-    if is_training and len(files) < batch_size:
-        # tensorpack's BatchData would stop on a bare assertion
-        raise ImageNetDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
-            datadir, len(files), batch_size))
     parallel = default_parallelism() if parallel is None else int(parallel)
     if parallel < 0:
         raise ValueError("parallel must be >= 0, got {}".format(parallel))
     augmentors = fbresnet_augmentor(is_training) if augmentors is None else augmentors
-    ds = _FileList(files, shuffle=is_training)
     if is_training:
-        ds = _DecodeAugmentData(ds, augmentors)
-        if parallel > 0:
-            ds = MultiProcessRunnerZMQ(ds, parallel)
-    elif parallel > 0:
+        try:
+            return ProxyDataFlow(training_batches(files, batch_size, augmentors, seed, parallel))
+        except ImageNetDataError as err:
+            raise ImageNetDataError("{}: {}".format(datadir, err)) from None
+    ds = _FileList(files)
+    if parallel > 0:
         ds = _ThreadedDecodeAugment(ds, augmentors, parallel)
     else:
         ds = _DecodeAugmentData(ds, augmentors)
     ds = MapData(ds, _raise_failures)
-    return BatchData(ds, batch_size, remainder=not is_training, use_list=False)
+    return BatchData(ds, batch_size, remainder=True, use_list=False)
 
 
 def fake_dataflow(batch_size, image_size=IMAGE_SIZE, size=100, dtype="uint8", num_classes=NUM_CLASSES):

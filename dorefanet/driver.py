@@ -36,7 +36,7 @@ from dorefanet.errors import ModelLoadError, TrainingSetupError
 from dorefanet.image_io import ImageReadError
 from dorefanet.inference import EvaluationError, evaluate_topk, load_predictor, results_only_on_stdout, run_images
 from dorefanet.memory import keep_freed_memory
-from dorefanet.model import Model, run_name
+from dorefanet.model import Model, lr_steps, run_name
 from dorefanet.packed.export import PackedExportError
 from dorefanet.packed.format import PackedFormatError
 
@@ -182,13 +182,14 @@ def train(model, args, name):
     from tensorpack import ClassificationError, EstimatedTimeLeft, InferenceRunner, ScalarStats
     from tensorpack.dataflow import ProxyDataFlow
     from dorefanet import distributed
-    from dorefanet.tf_model import schedule_callbacks
     from dorefanet.training import plan_run
 
     data, recipe, cluster = model.data, model.recipe, args.cluster
     trainer, worker = _make_trainer(args)
     replicas = args.towers * (cluster.size if cluster else 1)
     train_flow, val_flow, fields = data.training_data(args, args.batch // replicas)
+    if cluster is not None and hasattr(train_flow, "shard"):
+        train_flow.shard(cluster.index, cluster.size)   # the cluster draws the one stream of the seed
     steps = args.steps_per_epoch or max(fields["train_images"] // args.batch, 1)
     model.steps_per_epoch = steps     # what an in-graph schedule counts epochs in
 
@@ -200,7 +201,7 @@ def train(model, args, name):
                   **fields)
     config.update(seed=args.seed, epochs=args.epochs, steps_per_epoch=steps, batch=args.batch, trainer=args.trainer,
                   replicas=replicas, data_format=args.data_format,
-                  recipe={"base_lr": recipe["lr"], "lr_schedule": recipe.get("lr_schedule", ()),
+                  recipe={"base_lr": recipe["lr"], "lr_schedule": _recorded_schedule(recipe, args.epochs),
                           "weight_decay": recipe.get("weight_decay", 0.0),
                           "weight_decay_pattern": recipe.get("weight_decay_pattern")})
     config.update(layer_bits_record(args, model, key))
@@ -209,7 +210,7 @@ def train(model, args, name):
         plan = _handshake(worker, args, dict(config, logdir=logdir, data_kind=data.kind(args)),
                           lambda: plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite))
     chief = cluster is None or cluster.is_chief
-    callbacks = schedule_callbacks(model)
+    callbacks = []
     if chief:   # validation, checkpoints and stats.json are the chief's
         stats = [ScalarStats(name) for name in data.validation_scalars]
         stats += [ClassificationError(tensor, stat) for tensor, stat in data.validation_errors]
@@ -230,6 +231,14 @@ def train(model, args, name):
     if chief:
         print(summary_line(plan.logdir, data.error_key, data.error_name, name, data.data_flags(args)))
     return 0
+
+
+def _recorded_schedule(recipe, epochs):
+    """What config.json records of the schedule: the recipe's, with fractions of the epochs resolved."""
+    schedule = recipe.get("lr_schedule", ())
+    if isinstance(schedule, dict) and "at_fractions" in schedule:
+        return lr_steps(recipe, epochs)
+    return schedule
 
 
 def sweep(script, args):
@@ -347,7 +356,9 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
     """
     from dorefanet.checkpoints import StrictInit, read_weights
     from dorefanet.tf_setup import tf
+    from dorefanet.tf_model import schedule_callbacks
     from dorefanet.training import launch, plan_run
+    from tensorpack.dataflow import DataFlow, ProxyDataFlow
 
     if plan is None:
         plan = plan_run(logdir, config, steps, args.epochs, overwrite=args.overwrite)
@@ -355,12 +366,29 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
         init = None
         if args.load and not plan.resumed and chief:
             init = StrictInit(read_weights(args.load), args.load)
+        callbacks = schedule_callbacks(model, _run_schedule(model, args, plan)) + list(callbacks)
+        if plan.resumed and hasattr(dataflow, "start_at"):
+            # a resumed run continues the seed's stream of batches where the killed run stopped
+            dataflow.start_at(plan.step * args.towers)
+        if not isinstance(dataflow, DataFlow):   # tensorpack's input takes only its own DataFlows
+            dataflow = ProxyDataFlow(dataflow)
         np.random.seed(args.seed)
         tf.set_random_seed(args.seed if seed is None else seed)
         launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init, chief=chief)
     finally:
         plan.release()   # the logdir is free for the next run of this process (or another)
     return plan
+
+
+def _run_schedule(model, args, plan):
+    """The run's ``[(epoch, lr)]`` steps: a resumed run keeps those it started with (in fractions of its epochs)."""
+    from dorefanet.atomic_file import read_json
+
+    if plan.resumed:
+        recorded = (read_json(os.path.join(plan.logdir, "config.json")) or {}).get("recipe", {}).get("lr_schedule")
+        if isinstance(recorded, list):
+            return [tuple(step) for step in recorded]
+    return lr_steps(model.recipe, args.epochs)
 
 
 def summary_line(logdir, error_key, what, script, data_flags):

@@ -76,7 +76,7 @@ class ImageNetData:
     def training_data(self, args, batch):
         """``(train flow of batches of batch, validation batches, config fields)``."""
         from dorefanet.distributed import fake_train_flow
-        from imagenet_utils import fbresnet_augmentor, get_imagenet_dataflow
+        from imagenet_utils import fbresnet_augmentor, training_batches
 
         workers, size = self._workers(args), args.image_size
         fields = {"workers": workers, "image_size": size}
@@ -87,8 +87,10 @@ class ImageNetData:
             fields["train_images"] = ILSVRC12_TRAIN_IMAGES
         else:
             files = list_imagenet_files(args.data, "train")
-            train = get_imagenet_dataflow(args.data, "train", batch, augmentors=fbresnet_augmentor(True, size),
-                                          parallel=workers, files=files)
+            try:
+                train = training_batches(files, batch, fbresnet_augmentor(True, size), args.seed, workers)
+            except ImageNetDataError as err:
+                raise ImageNetDataError("{}: {}".format(args.data, err)) from None
             fields["train_images"] = len(files)
         return train, self.evaluation_data(args, batch), fields
 

@@ -17,8 +17,10 @@ The recipe's keys:
   ``mean`` / ``std`` of the normalisation (BGR, 0..255 units; ``std`` may be one number);
 * ``activation_at_32``: ``relu`` or ``clip``, the float activation (:mod:`dorefanet.builder`);
 * ``optimizer``: ``(name, keyword arguments)``, name ``adam`` or ``momentum``; ``lr``;
-  ``lr_schedule``: ``[(epoch, lr), ...]`` (the lr from the end of that epoch on), or
-  ``{"halve_every": epochs}`` (a staircase decay in the graph);
+  ``lr_schedule``: ``[(epoch, lr), ...]`` (the lr from the end of that epoch on),
+  ``{"at_fractions": [(fraction, lr), ...]}`` (the same at fractions of ``--epochs``,
+  rounded to whole epochs: :func:`lr_steps`), or ``{"halve_every": epochs}`` (a
+  staircase decay in the graph);
 * ``epochs``, ``batch`` (total; an epoch is one pass over the training data unless
   ``--steps-per-epoch`` says otherwise);
 * ``weight_decay`` and ``weight_decay_pattern`` (L2 on the variables whose name matches, ``re.search``);
@@ -27,12 +29,25 @@ The recipe's keys:
 """
 from dorefanet.bits import Bits, LayerPlan, check_bits
 
-__all__ = ["Model", "normalize_data_format", "run_name"]
+__all__ = ["Model", "normalize_data_format", "run_name", "lr_steps"]
 
 
 def run_name(recipe):
     """What a recipe's runs are called: ``train_log/<run_name>-dorefa-W,A,G``, the resume key's model."""
     return recipe.get("run_name", recipe["name"])
+
+
+def lr_steps(recipe, epochs):
+    """The recipe's learning-rate schedule as ``[(epoch, lr), ...]`` for a run of ``epochs`` (None: in the graph)."""
+    schedule = recipe.get("lr_schedule", ())
+    if isinstance(schedule, dict) and "at_fractions" in schedule:
+        steps = {}
+        for fraction, lr in schedule["at_fractions"]:
+            steps[int(fraction * epochs + 0.5)] = lr   # a later entry at the same epoch wins
+        return sorted(steps.items())
+    if isinstance(schedule, dict):
+        return None
+    return [tuple(step) for step in schedule]
 
 
 def normalize_data_format(data_format):

@@ -1,8 +1,8 @@
 """SVHN cropped digits: the ``.mat`` files, the project's built-in synthetic digits, and the data source.
 
 :class:`SVHNDigits` is what ``svhn-digit-dorefa.py`` gives the driver
-(:mod:`dorefanet.driver`): its flags, the training and test flows, and the
-preprocessing of ``--run``.  Nothing here imports TensorFlow, except the tensorpack
+(:mod:`dorefanet.driver`): an in-memory data set (:mod:`dorefanet.image_arrays`)
+with SVHN's reader, augmentation and ``--run`` resize.  Nothing here imports TensorFlow, except the tensorpack
 training flow when it is asked for.
 
 Images are returned as BGR uint8 ``N x 32 x 32 x 3`` arrays (the ``.mat`` files
@@ -15,8 +15,9 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["SVHN_URL", "SVHNDataError", "load_svhn_mat", "load_svhn", "render_digit", "synthetic_digits", "ArrayFlow",
-           "SVHNDigits"]
+from dorefanet.image_arrays import ImageArrays
+
+__all__ = ["SVHN_URL", "SVHNDataError", "load_svhn_mat", "load_svhn", "render_digit", "synthetic_digits", "SVHNDigits"]
 
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
@@ -188,135 +189,42 @@ def synthetic_digits(split, seed=0, size=None, workers=None):
 
 
 # ------------------------------------------------------------------ the data source of the SVHN script
-class ArrayFlow:
-    """A DataFlow over in-memory ``(images, labels)``, reshuffled every epoch when ``shuffle``."""
-
-    def __init__(self, images, labels, shuffle, seed=0):
-        self.images, self.labels, self.shuffle, self.seed = images, labels, shuffle, seed
-        self.rng = np.random.RandomState(seed)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def reset_state(self):
-        self.rng = np.random.RandomState((self.seed + os.getpid()) % 2 ** 32)
-
-    def __iter__(self):
-        order = self.rng.permutation(len(self.labels)) if self.shuffle else range(len(self.labels))
-        for i in order:
-            yield [self.images[i], self.labels[i]]
-
-
-class _ResizedBatches:
-    """The test batches: each image resized to the network's input, in order, the last batch possibly smaller.
-
-    The same arrays as tensorpack's ``imgaug.Resize`` (bilinear) and ``BatchData``, without tensorpack:
-    what ``--eval`` (either engine) and the evaluation after every training epoch read.
-    """
-
-    def __init__(self, images, labels, batch, size):
-        self.images, self.labels, self.batch, self.size = images, labels, batch, size
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch)
-
-    def reset_state(self):
-        pass
-
-    def __iter__(self):
-        for start in range(0, len(self.labels), self.batch):
-            images = [cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
-                      for image in self.images[start:start + self.batch]]
-            yield [np.asarray(images), np.asarray(self.labels[start:start + self.batch], np.int32)]
-
-
-class SVHNDigits:
+class SVHNDigits(ImageArrays):
     """SVHN (``--data DIR``) or the built-in digits (``--synthetic``), fed at ``image_size`` (the SVHN net: 40)."""
 
-    head = "digits"              # the graph's loss and error names (dorefanet.tf_model)
-    error_key, error_name = "test-error", "test error"
-    eval_pattern = r"test error: ([0-9.]+)"
-    # what the run's evaluation after every epoch records in stats.json
-    validation_scalars, validation_errors = ("cost",), (("wrong-top1", "test-error"),)
-    errors = (SVHNDataError,)
+    name, synthetic_name, errors, error_class = "SVHN", "built-in digits", (SVHNDataError,), SVHNDataError
+    data_help = "SVHN_DIR (with train_32x32.mat and test_32x32.mat)"
 
     def __init__(self, image_size=40):
-        self.image_size = image_size
+        super().__init__(image_size)
+        self._augmentors = None
 
-    def add_flags(self, group):
-        group.add_argument("--synthetic", action="store_true",
-                           help="use the built-in rendered digits instead of --data (nothing to download)")
-        group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                           help="data loading processes for training (0: in the training process)")
-
-    def check_flags(self, parser, args, needs_data):
-        if args.synthetic and args.data:
-            parser.error("--synthetic and --data cannot be combined; choose one data source")
-        if needs_data and not (args.synthetic or args.data):
-            parser.error("give --data SVHN_DIR (with train_32x32.mat and test_32x32.mat) or --synthetic")
-
-    def data_flags(self, args, sweep=False):
-        """The flags that give the same data to another command (the evaluate command, a sweep's runs)."""
-        if not args.synthetic:
-            return ["--data", os.path.abspath(args.data)]
-        # the synthetic digits depend on --seed; a sweep gives each run its own
-        return ["--synthetic"] + (["--seed", str(args.seed)] if args.seed and not sweep else [])
-
-    def describe(self, args):
-        """What ``config.json`` says the data is."""
-        return "synthetic" if args.synthetic else os.path.abspath(args.data)
-
-    def kind(self, args):
-        """What the workers of a cluster must agree on (their paths to the data may differ)."""
-        return "synthetic" if args.synthetic else "svhn"
-
-    def resume_fields(self, args):
-        return {}
-
-    def title(self, args):
-        return "built-in digits" if args.synthetic else "SVHN " + os.path.abspath(args.data)
-
-    def _split(self, args, split):
+    def load(self, args, split):
         if args.synthetic:
-            images, labels = synthetic_digits(split, seed=args.seed)
-        else:
-            images, labels = load_svhn(args.data, split)
-        return ArrayFlow(images, labels, shuffle=split == "train", seed=args.seed)
+            return synthetic_digits(split, seed=args.seed)
+        return load_svhn(args.data, split)
 
-    def training_data(self, args, batch):
-        """``(train flow of batches of batch, test batches for the run's evaluations, config fields)``."""
-        from tensorpack.dataflow import AugmentImageComponent, BatchData, MultiProcessRunnerZMQ, imgaug
+    def augment(self, images, rng):
+        """Resized to the input (bilinear), then brightness +-30 and contrast x[0.5, 1.5] (tensorpack's), in uint8."""
+        from dorefanet.seeded_batches import seed_augmentors
 
-        train, test = self._split(args, "train"), self.evaluation_data(args, args.batch)
-        if len(train) < batch:   # tensorpack's BatchData would stop on a bare assertion
-            raise SVHNDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
-                "--synthetic" if args.synthetic else args.data, len(train), batch))
-        resize = imgaug.Resize((self.image_size, self.image_size))
-        flow = BatchData(AugmentImageComponent(train, [resize, imgaug.Brightness(30), imgaug.Contrast((0.5, 1.5))]),
-                         batch, remainder=False)
-        if args.workers > 0:
-            flow = MultiProcessRunnerZMQ(flow, args.workers)
-        return flow, test, {"train_images": len(train), "test_images": len(test.labels)}
+        if self._augmentors is None:
+            from tensorpack.dataflow import imgaug
 
-    def evaluation_data(self, args, batch):
-        """The whole test split in batches of ``batch`` (no tensorpack: the packed engine's ``--eval`` too)."""
-        test = self._split(args, "test")
-        return _ResizedBatches(test.images, test.labels, batch, self.image_size)
+            self._augmentors = [imgaug.Resize((self.image_size, self.image_size)), imgaug.Brightness(30),
+                                imgaug.Contrast((0.5, 1.5))]
+        seed_augmentors(self._augmentors, rng)
+        out = []
+        for image in images:
+            for aug in self._augmentors:
+                image = aug.augment(image)
+            out.append(image)
+        return np.stack(out)
 
-    def report(self, result):
-        print("test error: {:.4f}".format(result.top1))
-
-    def preprocess(self, args):
+    def resize(self, image):
         """``--run``: any BGR image -> the network's float input, through SVHN's 32x32 crop size."""
-        def resize(image):
-            if image.shape[:2] != (32, 32):
-                shrink = image.shape[0] > 32 or image.shape[1] > 32
-                image = cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-            size = (self.image_size, self.image_size)
-            return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
-
-        return resize
-
-    def class_describer(self):
-        """``--run``'s extra fields of a class: none (the class is the digit)."""
-        return lambda label: {}
+        if image.shape[:2] != (32, 32):
+            shrink = image.shape[0] > 32 or image.shape[1] > 32
+            image = cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        size = (self.image_size, self.image_size)
+        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)

@@ -47,7 +47,7 @@ class TrainableModel(Model, ModelDesc):
     def learning_rate(self):
         """The recipe's learning rate: a staircase decay in the graph, or a variable that callbacks set."""
         schedule = self.recipe.get("lr_schedule", ())
-        if isinstance(schedule, dict):
+        if isinstance(schedule, dict) and "halve_every" in schedule:
             lr = tf.train.exponential_decay(
                 learning_rate=self.recipe["lr"], global_step=tf.train.get_or_create_global_step(),
                 decay_steps=self.steps_per_epoch * schedule["halve_every"], decay_rate=0.5, staircase=True,
@@ -64,10 +64,9 @@ class TrainableModel(Model, ModelDesc):
         return make(self.learning_rate(), **options)
 
 
-def schedule_callbacks(model):
-    """The callbacks that apply a recipe's ``[(epoch, lr), ...]`` schedule (none for an in-graph decay)."""
-    schedule = model.recipe.get("lr_schedule", ())
-    if isinstance(schedule, dict) or not schedule:
+def schedule_callbacks(model, schedule):
+    """The callbacks that set the ``learning_rate`` variable by ``schedule``, ``[(epoch, lr), ...]`` (or None)."""
+    if not schedule:
         return []
     from tensorpack import ScheduledHyperParamSetter
 

@@ -336,7 +336,11 @@ def _close_worker_processes(dataflow):
 
     from tensorpack.dataflow.parallel import _MultiProcessZMQDataFlow
 
+    from dorefanet.seeded_batches import SeededBatches
+
     while dataflow is not None:
+        if isinstance(dataflow, SeededBatches):
+            dataflow.close()
         if isinstance(dataflow, _MultiProcessZMQDataFlow) and dataflow._reset_done:
             with contextlib.redirect_stdout(io.StringIO()):
                 dataflow.__del__()
