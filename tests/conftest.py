@@ -64,6 +64,46 @@ def write_image(path, seed, shape=(70, 90)):
     return str(path)
 
 
+def cifar_planes(rgb):
+    """N x 32 x 32 x 3 RGB -> N x 3072 rows: the R plane, the G plane, the B plane (CIFAR-10's layout)."""
+    import numpy as np
+
+    return np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)).reshape(len(rgb), 3072)
+
+
+def write_cifar_bin(path, rgb, labels):
+    """A file of CIFAR-10's binary version: 3073-byte records of a label byte and the RGB planes."""
+    import numpy as np
+
+    np.concatenate([np.asarray(labels, np.uint8)[:, None], cifar_planes(rgb)], axis=1).tofile(str(path))
+
+
+def cifar_batch_dict(rgb, labels, name="training batch 1 of 5"):
+    """The dict a batch of CIFAR-10's Python version pickles."""
+    return {b"batch_label": name.encode(), b"labels": [int(x) for x in labels], b"data": cifar_planes(rgb),
+            b"filenames": [b"image_%05d.png" % i for i in range(len(labels))]}
+
+
+def write_cifar_py(path, rgb, labels, protocol=2):
+    """A file of CIFAR-10's Python version (a pickle, as the official files are)."""
+    import pickle
+
+    with open(str(path), "wb") as f:
+        pickle.dump(cifar_batch_dict(rgb, labels), f, protocol=protocol)
+
+
+def write_cifar10(directory, layout, train, test):
+    """All of CIFAR-10's files in ``layout`` (``binary``/``python``) from ``(rgb, labels)`` pairs; 5 train batches."""
+    import numpy as np
+
+    os.makedirs(str(directory), exist_ok=True)
+    suffix, write = (".bin", write_cifar_bin) if layout == "binary" else ("", write_cifar_py)
+    for i, part in enumerate(np.array_split(np.arange(len(train[1])), 5)):
+        write(os.path.join(str(directory), "data_batch_{}{}".format(i + 1, suffix)), train[0][part], train[1][part])
+    write(os.path.join(str(directory), "test_batch" + suffix), *test)
+    return str(directory)
+
+
 def random_weights(model, seed):
     """Values for every variable of ``model``: He-scaled weights, batch norm that keeps activations alive."""
     import numpy as np
