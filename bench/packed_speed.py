@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Packed models against the TensorFlow graph: file sizes and end-to-end inference speed.
 
-    python bench/packed_speed.py                                   # SVHN, AlexNet, ResNet-18; batch 1 and 128
+    python bench/packed_speed.py                                   # SVHN, AlexNet, ResNet-18, ResNet-20; batch 1, 128
     python bench/packed_speed.py --models svhn --batches 1 128 --repeats 7
     python bench/packed_speed.py --models svhn --bits 1,2,4 '1,2,4;conv0=8,32,32;conv[12]=2,2,8;fc1=4,32,32'
 
@@ -45,7 +45,11 @@ MODELS = {
     "svhn": ("svhn-digit-dorefa.py", ["1,2,4", "1,1,32"], 40),
     "alexnet": ("alexnet-dorefa.py", ["1,2,6", "1,1,32"], 224),
     "resnet": ("resnet-dorefa.py", ["1,4,32"], 224),
+    "cifar": ("cifar10-resnet-dorefa.py", ["2,2,32", "1,1,32"], 32),
 }
+#: the models whose --eval the eval-speed path can feed, with the data it writes for them
+EVAL_DATA = {"alexnet": "ImageNet-like JPEGs", "resnet": "ImageNet-like JPEGs",
+             "cifar": "CIFAR-10 binary test records"}
 
 
 def _model(name, setting):
@@ -244,13 +248,31 @@ def _write_jpegs(root, count):
         cv2.imwrite(os.path.join(folder, "{}.JPEG".format(i)), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
+def _write_cifar(root, count):
+    """``count`` CIFAR-10 test images (blurred noise, random labels) as the binary version's ``test_batch.bin``
+    under root: all that ``--eval`` reads."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    os.makedirs(root, exist_ok=True)
+    records = np.empty((count, 1 + 3 * 32 * 32), np.uint8)
+    records[:, 0] = rng.randint(0, 10, count)
+    for i in range(count):
+        image = cv2.GaussianBlur(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8), (3, 3), 1)
+        records[i, 1:] = image[..., ::-1].transpose(2, 0, 1).ravel()      # BGR -> the R, G and B planes
+    records.tofile(os.path.join(root, "test_batch.bin"))
+
+
 def eval_speed(name, bits, images, batch, rounds, workdir):
     """Wall time of the whole ``--eval`` command, TensorFlow on the .npz against ``--engine packed``."""
     npz, packed_path = _export(name, bits, workdir)[:2]
-    data = os.path.join(workdir, "jpegs")
-    _write_jpegs(data, images)
+    data = os.path.join(workdir, "data")
+    (_write_cifar if name == "cifar" else _write_jpegs)(data, images)
     script = os.path.join(ROOT, MODELS[name][0])
-    commands = {"tensorflow": [sys.executable, script, "--load", npz, "--dorefa", bits.split(";")[0], "--eval",
+    dorefa, *entries = bits.split(";")
+    layer_bits = ["--layer-bits"] + entries if entries else []
+    commands = {"tensorflow": [sys.executable, script, "--load", npz, "--dorefa", dorefa, *layer_bits, "--eval",
                                "--data", data, "--batch", str(batch)],
                 "packed": [sys.executable, script, "--load", packed_path, "--engine", "packed", "--eval",
                            "--data", data, "--batch", str(batch)]}
@@ -263,17 +285,19 @@ def eval_speed(name, bits, images, batch, rounds, workdir):
             times[kind].append(time.perf_counter() - start)
             if out.returncode != 0:
                 raise RuntimeError("{} failed:\n{}".format(" ".join(cmd), out.stderr[-3000:]))
-            errors[kind] = [line for line in out.stdout.splitlines() if line.startswith("top-")]
+            # ImageNet's "top-1 error: ..." and "top-5 error: ...", CIFAR-10's "test error: ..."
+            errors[kind] = [line for line in out.stdout.splitlines() if "error: " in line]
             print("  {} --eval: {:.1f} s".format(kind, times[kind][-1]), file=sys.stderr, flush=True)
     tf_s, packed_s = statistics.median(times["tensorflow"]), statistics.median(times["packed"])
-    print("| model | bits | JPEGs | batch | TensorFlow --eval s | packed --eval s | speedup | same errors |")
+    print("| model | bits | images | batch | TensorFlow --eval s | packed --eval s | speedup | same errors |")
     print("|---|---|---|---|---|---|---|---|")
     print("| {} | {} | {} | {} | {:.1f} | {:.1f} | {:.2f}x | {} |".format(
         name, bits, images, batch, tf_s, packed_s, tf_s / packed_s,
-        "yes" if errors["tensorflow"] == errors["packed"] else "no: {} / {}".format(errors["tensorflow"],
-                                                                                     errors["packed"])))
+        "yes" if errors["tensorflow"] == errors["packed"] and errors["packed"] else "no: {} / {}".format(
+            errors["tensorflow"], errors["packed"])))
     print()
-    print("whole commands (process start, loading, decoding, network), median of {} alternating rounds".format(rounds))
+    print("{}; whole commands (process start, loading, decoding, network), median of {} alternating rounds".format(
+        EVAL_DATA[name], rounds))
     print("machine: " + machine())
 
 
@@ -364,17 +388,20 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="time the engine op by op instead (no TensorFlow timing): where the time goes")
     parser.add_argument("--profile-child", nargs=3, metavar=("PATH", "BATCH", "REPEATS"), help=argparse.SUPPRESS)
-    parser.add_argument("--eval-jpegs", type=int, metavar="N",
-                        help="instead: time the whole --eval command of the first of --models (alexnet or resnet) "
-                             "on N generated JPEGs, TensorFlow engine on the .npz against --engine packed")
+    parser.add_argument("--eval-jpegs", "--eval-images", type=int, metavar="N", dest="eval_images",
+                        help="instead: time the whole --eval command of the first of --models ({}) on N generated "
+                             "images (ImageNet-like JPEGs; for cifar, CIFAR-10 binary records), TensorFlow engine "
+                             "on the .npz against --engine packed".format(", ".join(sorted(EVAL_DATA))))
     parser.add_argument("--eval-batch", type=int, default=128, help="--batch of the --eval commands (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.eval_jpegs:
+    if args.eval_images:
         name = args.models[0]
-        if name == "svhn":
-            parser.error("--eval-jpegs needs an ImageNet model (alexnet or resnet)")
+        if name not in EVAL_DATA:
+            parser.error("--eval-jpegs needs one of {} first in --models, not {}".format(
+                ", ".join(sorted(EVAL_DATA)), name))
         with tempfile.TemporaryDirectory() as workdir:
-            eval_speed(name, (args.bits or MODELS[name][1])[0], args.eval_jpegs, args.eval_batch, args.rounds, workdir)
+            eval_speed(name, (args.bits or MODELS[name][1])[0], args.eval_images, args.eval_batch, args.rounds,
+                       workdir)
         return 0
     if args.profile_child:
         profile_child(args.profile_child[0], int(args.profile_child[1]), int(args.profile_child[2]))

@@ -22,6 +22,7 @@ from dorefanet.driver import make_model  # noqa: E402
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
 resnet = load_script("resnet-dorefa.py")
+cifar = load_script("cifar10-resnet-dorefa.py")
 
 with open(os.path.join(ROOT, "tests", "data", "packed_programs.json")) as _f:
     HAND_WRITTEN = json.load(_f)
@@ -36,6 +37,8 @@ def model(kind, bits):
         return make_model(svhn, bits)
     if kind == "alexnet":
         return make_model(alexnet, bits, "channels_last")
+    if kind == "cifar":
+        return make_model(cifar, bits)
     return make_model(resnet, bits, "channels_last")
 
 
@@ -120,20 +123,23 @@ def test_graph_builder_rejects_an_unknown_float_activation():
 
 
 @pytest.mark.parametrize("kind, bits, key, size", [("svhn", "1,2,4", None, 40), ("alexnet", "1,2,6", "alexnet-1,2,6", 224),
-                                                   ("resnet", "1,4,32", "resnet-1,4,32", 224)])
+                                                   ("resnet", "1,4,32", "resnet-1,4,32", 224),
+                                                   ("cifar", "2,2,32", None, 32)])
 def test_layer_inputs_agree_with_the_weight_shapes(kind, bits, key, size):
-    """The map each layer reads, as derived from the program, fits that layer's kernel in the zoo spec."""
+    """The map each layer reads, as derived from the program, fits that layer's kernel in the zoo spec (for a
+    model without one, in the TensorFlow graph the same description builds)."""
+    from dorefanet.checkpoints import expected_variables
     from dorefanet.packed.program import layer_inputs
 
+    built = model(kind, parse_bits(bits))
     with open(os.path.join(ROOT, "data", "zoo_spec.json")) as f:
-        spec = json.load(f)[key] if key else None
-    found = layer_inputs(model(kind, parse_bits(bits)).packed_program(), (size, size, 3))
+        spec = json.load(f)[key] if key else expected_variables(built)
+    found = layer_inputs(built.packed_program(), (size, size, 3))
     layers = [op["layer"] for op, _ in found]
-    assert len(layers) == {"svhn": 8, "alexnet": 8, "resnet": 22}[kind]
+    assert len(layers) == {"svhn": 8, "alexnet": 8, "resnet": 22, "cifar": 22}[kind]
     for op, shape in found:
-        if spec is None:
-            continue
-        w = spec[op["layer"] + "/W"]
+        w = list(spec[op["layer"] + "/W"])
+        assert w[-1] == op["out"], op["layer"]
         if op["op"] == "fc":
             assert int(np.prod(shape)) == w[0], op["layer"]
         else:
@@ -142,6 +148,14 @@ def test_layer_inputs_agree_with_the_weight_shapes(kind, bits, key, size):
         assert dict((op["layer"], shape) for op, shape in found)["fc0"] == (6, 6, 256)
     if kind == "svhn":
         assert dict((op["layer"], shape) for op, shape in found)["fc1"] == (1, 1, 512)
+    if kind == "cifar":
+        # He et al.'s ResNet-20: stride-2 entry blocks of stages 2 and 3, each with a 1x1 stride-2 projection
+        # shortcut reading the map its 3x3 conv reads; the fc reads the 64 average-pooled channels
+        reads = dict((op["layer"], shape) for op, shape in found)
+        assert reads["stage2blk1/shortcut"] == reads["stage2blk1/conv1"] == (32, 32, 16)
+        assert reads["stage3blk1/shortcut"] == reads["stage3blk1/conv1"] == (16, 16, 32)
+        assert reads["stage3blk3/conv2"] == (8, 8, 64) and reads["fc"] == (64,)
+        assert [op["stride"] for op, _ in found if op["op"] == "conv" and op["stride"] != 1] == [2] * 4
 
 
 def test_every_builder_speaks_every_word_with_the_same_signature():

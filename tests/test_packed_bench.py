@@ -50,6 +50,22 @@ def test_packed_speed_profile_prints_every_op_and_the_stage_summary():
     assert lines[-1].startswith("machine: ")
 
 
+def test_packed_speed_eval_times_both_engines_on_cifar_records():
+    """The --eval timing of ResNet-20: generated CIFAR-10 binary records, a --layer-bits setting passed to the
+    TensorFlow command too, and both commands print the same test error."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "packed_speed.py"), "--models", "cifar", "--bits",
+           "2,2,32;stage3blk.*=4,4,32", "--eval-images", "20", "--eval-batch", "8", "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| cifar |")]
+    assert len(rows) == 1 and rows[0][1:4] == ["2,2,32;stage3blk.*=4,4,32", "20", "8"], rows
+    assert float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and rows[0][7] == "yes", rows
+    svhn = subprocess.run(cmd[:2] + ["--models", "svhn", "--eval-images", "4"], capture_output=True, text=True,
+                          timeout=60)
+    assert svhn.returncode == 2 and "needs one of alexnet, cifar, resnet" in svhn.stderr
+
+
 def test_machine_peaks_prints_one_row_per_kernel():
     cmd = [sys.executable, os.path.join(ROOT, "bench", "machine_peaks.py"), "--gemm-size", "256", "--seconds",
            "0.02", "--rounds", "1"]

@@ -15,15 +15,30 @@ from dorefanet.packed.export import export_packed
 from dorefanet.packed.format import pack_weight_planes, unpack_weight_planes
 from packed_reference import compare_with_graph
 from dorefanet.synthetic_weights import calibrated_weights
+from dorefanet.bits import parse_layer_bits
 from dorefanet.driver import make_model  # noqa: E402
 
 svhn = load_script("svhn-digit-dorefa.py")
 alexnet = load_script("alexnet-dorefa.py")
 resnet = load_script("resnet-dorefa.py")
+cifar = load_script("cifar10-resnet-dorefa.py")
+
+#: the small models of the exactness tests below: script and image side
+SMALL = {"svhn": (svhn, 40), "cifar": (cifar, 32)}
+#: ResNet-20 with float conv0 and fc given quantized weights, a stage-2 entry block that reads a float (A = 32)
+#: activation with quantized weights (its 3x3 stride-2 conv and 1x1 stride-2 shortcut on the float path), and a
+#: 4-bit stage 3 (integer-GEMM path) between 2-bit stages; fc reads the average pool, so its A stays 32
+CIFAR_MIXED = "2,2,32;conv0=8,32,32;stage2blk1/(conv1|shortcut)=2,32,32;stage3blk.*=4,4,32;fc=8,32,32"
 
 
 def _bits(text):
     return tuple(b if b == "t" else int(b) for b in text.split(","))
+
+
+def _small_model(name, setting):
+    """``name``'s model at ``setting``: ``W,A,G``, optionally followed by ``;PATTERN=W,A,G`` --layer-bits entries."""
+    dorefa, *entries = setting.split(";")
+    return make_model(SMALL[name][0], _bits(dorefa), layer_bits=[parse_layer_bits(e) for e in entries])
 
 
 def _images(shape, dtype, seed=0):
@@ -66,20 +81,33 @@ def test_weight_planes_round_trip():
     assert pack_weight_planes(np.array([[1, 0, 0, 0, 0, 0, 0, 0, 0, 1]]))[0].tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("bits", ["1,2,4", "t,32,32", "32,32,32", "3,2,32"])
-def test_svhn_engine_matches_graph(tmp_path, bits):
-    model = make_model(svhn, _bits(bits))
-    images = _images((48, 40, 40, 3), np.float32)
-    weights, _, path = _exported(tmp_path, model, images)
-    _check(model, weights, images, path)
+def _settings(name, seed, settings, marks=()):
+    return [pytest.param(name, bits, seed, id="{}-{}".format(name, "mixed" if ";" in bits else bits), marks=marks)
+            for bits in settings]
 
 
-@pytest.mark.parametrize("bits", ["1,1,32", "1,32,32", "8,8,8"])
-def test_svhn_engine_matches_graph_other_bits(tmp_path, bits):
-    model = make_model(svhn, _bits(bits))
-    images = _images((48, 40, 40, 3), np.float32, seed=1)
+@pytest.mark.parametrize("name, bits, seed", [
+    *_settings("svhn", 0, ["1,2,4", "t,32,32", "32,32,32", "3,2,32"]),
+    *_settings("svhn", 1, ["1,1,32", "1,32,32", "8,8,8"]),
+    # ResNet-20: identity-shortcut adds of quantized activations, stride-2 3x3 SAME convs and 1x1 stride-2
+    # projection shortcuts, the float nonlin after the last add; popcount (W x A <= 8), integer-GEMM (4,4 and
+    # 8,8) and float paths
+    *_settings("cifar", 2, ["2,2,32", "1,2,32", "1,1,32", "4,4,32", "32,32,32", CIFAR_MIXED]),
+    # about 7 s each (TTQ's graphs build slower; 4,4,32 already takes the integer-GEMM path)
+    *_settings("cifar", 2, ["t,32,32", "8,8,8"], marks=pytest.mark.slow)])
+def test_engine_matches_graph(tmp_path, name, bits, seed):
+    model = _small_model(name, bits)
+    size = SMALL[name][1]
+    images = _images((48, size, size, 3), np.float32, seed=seed)
     weights, _, path = _exported(tmp_path, model, images)
     _check(model, weights, images, path)
+    header, _ = read_packed(path)
+    if ";" in bits:     # a --layer-bits table: the header keeps it
+        assert header["layer_bits"] == model.layer_plan.table()
+    # each layer packed as the kind its own W says
+    for layer, layer_bits in model.layer_plan.layers.items():
+        kind = header["layers"][layer]["kind"]
+        assert kind == {1: "binary", "t": "ternary", 32: "float"}.get(layer_bits[0], "dorefa"), layer
 
 
 def test_integer_gemm_path_matches_popcount_path(tmp_path, monkeypatch):
