@@ -36,7 +36,7 @@ import pickle
 import cv2
 import numpy as np
 
-from dorefanet.image_arrays import ImageArrays
+from dorefanet.image_arrays import ImageArrays, render_built_in
 
 __all__ = ["CIFAR10", "CIFAR_URL", "CLASS_NAMES", "SHAPE_NAMES", "CIFARDataError", "load_cifar_bin", "load_cifar_pickle",
            "find_cifar10", "load_cifar10", "render_shape", "synthetic_cifar", "TRAIN_SIZE", "TEST_SIZE"]
@@ -378,15 +378,6 @@ TRAIN_SIZE = 10000
 TEST_SIZE = 2000
 
 
-def _render_range(job):
-    # Runs in a forked child.  It must not touch OpenCV's thread pool (e.g.
-    # cv2.setNumThreads): the pool's threads do not survive the fork and the
-    # call deadlocks.  The rendering here is numpy only and never imports cv2.
-    seed, part, start, stop = job
-    pairs = [render_shape(seed, part, i) for i in range(start, stop)]
-    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
-
-
 def synthetic_cifar(split, seed=0, size=None, workers=None):
     """The built-in shapes of ``split`` (``'train'`` or ``'test'``) as ``(BGR uint8 N x 32 x 32 x 3, int32 N)``.
 
@@ -403,26 +394,7 @@ def synthetic_cifar(split, seed=0, size=None, workers=None):
     one forked process per core).  The defaults (10000 + 2000 images) render
     in about 1.7 s on 2 cores (2.8 s in one process), measured.
     """
-    if split not in ("train", "test"):
-        raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
-    part = 0 if split == "train" else 1
-    size = int(size if size is not None else (TRAIN_SIZE if split == "train" else TEST_SIZE))
-    if size < 0:
-        raise ValueError("size must be >= 0, got {}".format(size))
-    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
-    step = 500
-    jobs = [(int(seed), part, start, min(start + step, size)) for start in range(0, size, step)]
-    if not jobs:
-        return np.zeros((0, _S, _S, 3), np.uint8), np.zeros((0,), np.int32)
-    if workers == 1 or len(jobs) == 1:
-        parts = [_render_range(job) for job in jobs]
-    else:
-        import multiprocessing
-
-        # fork: the children only need this module's functions, and start instantly
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            parts = pool.map(_render_range, jobs)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return render_built_in(render_shape, split, seed, size, workers, {"train": TRAIN_SIZE, "test": TEST_SIZE})
 
 
 # ------------------------------------------------------------------ the data source of the CIFAR-10 script

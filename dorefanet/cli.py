@@ -78,7 +78,13 @@ def make_parser(script):
     t.add_argument("--logdir", metavar="DIR",
                    help="where checkpoints and logs go; a killed run started again with the same command resumes "
                         "there (default: train_log/{}-dorefa-W,A,G)".format(runs))
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--seed", type=int, default=0,
+                   help="random seed: the data order and augmentation, the initial weights, fg's noise and dropout; "
+                        "on the CPU the same command and seed end with the same weights, bit for bit")
+    t.add_argument("--deterministic-ops", action="store_true",
+                   help="TensorFlow's op determinism (tf.config.experimental.enable_op_determinism), which GPU "
+                        "runs need to repeat bit for bit; it picks other kernels, so results differ from runs "
+                        "without it (docs/training.md, 'Reproducible runs')")
     t.add_argument("--gpu", metavar="IDS",
                    help="comma-separated GPU ids to train on (default: all visible GPUs, else the CPU)")
     t.add_argument("--epochs", type=int, default=recipe["epochs"], help="epochs to train; the recipe by default")

@@ -199,7 +199,8 @@ def train(model, args, name):
                **data.resume_fields(args))
     config = dict({"resume_key": key, "model": model.model_name, "dorefa": bits, "data": data.describe(args)},
                   **fields)
-    config.update(seed=args.seed, epochs=args.epochs, steps_per_epoch=steps, batch=args.batch, trainer=args.trainer,
+    config.update(seed=args.seed, deterministic_ops=args.deterministic_ops, epochs=args.epochs,
+                  steps_per_epoch=steps, batch=args.batch, trainer=args.trainer,
                   replicas=replicas, data_format=args.data_format,
                   recipe={"base_lr": recipe["lr"], "lr_schedule": _recorded_schedule(recipe, args.epochs),
                           "weight_decay": recipe.get("weight_decay", 0.0),
@@ -254,6 +255,7 @@ def sweep(script, args):
     flags += ["--data-format", args.data_format]
     flags += ["--steps-per-epoch", str(args.steps_per_epoch)] if args.steps_per_epoch else []
     flags += ["--gpu", args.gpu] if args.gpu else []
+    flags += ["--deterministic-ops"] if args.deterministic_ops else []
     image_size = getattr(args, "image_size", None)
 
     def figures(bits):
@@ -372,12 +374,21 @@ def train_model(model, args, logdir, config, dataflow, steps, callbacks, trainer
             dataflow.start_at(plan.step * args.towers)
         if not isinstance(dataflow, DataFlow):   # tensorpack's input takes only its own DataFlows
             dataflow = ProxyDataFlow(dataflow)
+        if args.deterministic_ops:
+            _enable_op_determinism()
         np.random.seed(args.seed)
         tf.set_random_seed(args.seed if seed is None else seed)
         launch(model, dataflow, plan, steps, args.epochs, callbacks, trainer, session_init=init, chief=chief)
     finally:
         plan.release()   # the logdir is free for the next run of this process (or another)
     return plan
+
+
+def _enable_op_determinism():
+    """--deterministic-ops: a process-wide TensorFlow setting, which the script (not the library) may make."""
+    import tensorflow
+
+    tensorflow.config.experimental.enable_op_determinism()
 
 
 def _run_schedule(model, args, plan):

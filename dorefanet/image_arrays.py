@@ -13,7 +13,48 @@ import os
 import cv2
 import numpy as np
 
-__all__ = ["ImageArrays", "TestBatches"]
+__all__ = ["ImageArrays", "TestBatches", "render_built_in"]
+
+
+def _render_range(render, job):
+    # Runs in a forked child.  It must not touch OpenCV's thread pool (e.g.
+    # cv2.setNumThreads): the pool's threads do not survive the fork and the
+    # call deadlocks; the 32-64 px images of the built-in sets never use it.
+    seed, part, start, stop = job
+    pairs = [render(seed, part, i) for i in range(start, stop)]
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+
+
+def render_built_in(render, split, seed, size, workers, sizes):
+    """A built-in set: images ``0 .. size - 1`` of ``render(seed, part, index) -> (BGR uint8 image, label)``.
+
+    ``split`` ``'train'`` or ``'test'`` is ``part`` 0 or 1 (disjoint random streams
+    when ``render`` seeds each image from all three); ``size`` defaults to
+    ``sizes[split]``.  The images are rendered once, in ``workers`` forked
+    processes (default: one per core): image ``i`` is the same whatever ``size``
+    and ``workers``.  Returns ``(uint8 N x H x W x 3, int32 N)``.
+    """
+    import functools
+
+    if split not in ("train", "test"):
+        raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
+    part = 0 if split == "train" else 1
+    size = int(size if size is not None else sizes[split])
+    if size < 1:
+        raise ValueError("size must be >= 1, got {}".format(size))
+    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    step = 512
+    jobs = [(int(seed), part, start, min(start + step, size)) for start in range(0, size, step)]
+    work = functools.partial(_render_range, render)
+    if workers == 1 or len(jobs) == 1:
+        parts = [work(job) for job in jobs]
+    else:
+        import multiprocessing
+
+        # fork: the children only need the renderer's module, and start instantly
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(work, jobs)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 class TestBatches:

@@ -15,7 +15,7 @@ import os
 import cv2
 import numpy as np
 
-from dorefanet.image_arrays import ImageArrays
+from dorefanet.image_arrays import ImageArrays, render_built_in
 
 __all__ = ["SVHN_URL", "SVHNDataError", "load_svhn_mat", "load_svhn", "render_digit", "synthetic_digits", "SVHNDigits"]
 
@@ -153,15 +153,6 @@ TRAIN_SIZE = 20480
 TEST_SIZE = 2048
 
 
-def _render_range(job):
-    # Runs in a forked child.  It must not touch OpenCV's thread pool (e.g.
-    # cv2.setNumThreads): the pool's threads do not survive the fork and the
-    # call deadlocks; the 32-64 px images here never use it anyway.
-    seed, part, start, stop = job
-    pairs = [render_digit(seed, part, i) for i in range(start, stop)]
-    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
-
-
 def synthetic_digits(split, seed=0, size=None, workers=None):
     """The built-in digits of ``split`` (``'train'`` or ``'test'``) as ``(uint8 N x 32 x 32 x 3, int32 N)``.
 
@@ -170,22 +161,7 @@ def synthetic_digits(split, seed=0, size=None, workers=None):
     in ``workers`` processes (default: one per core), and then augmented in
     memory like the real data, so rendering never slows training down.
     """
-    if split not in ("train", "test"):
-        raise ValueError("split must be 'train' or 'test', got {!r}".format(split))
-    part = 0 if split == "train" else 1
-    size = int(size if size is not None else (TRAIN_SIZE if split == "train" else TEST_SIZE))
-    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
-    step = 512
-    jobs = [(int(seed), part, start, min(start + step, size)) for start in range(0, size, step)]
-    if workers == 1 or len(jobs) == 1:
-        parts = [_render_range(job) for job in jobs]
-    else:
-        import multiprocessing
-
-        # fork: the children only need this module's functions, and start instantly
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_render_range, jobs)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return render_built_in(render_digit, split, seed, size, workers, {"train": TRAIN_SIZE, "test": TEST_SIZE})
 
 
 # ------------------------------------------------------------------ the data source of the SVHN script

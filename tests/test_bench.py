@@ -1,4 +1,4 @@
-"""bench/train_speed.py produces a well-formed table (a smoke test: no timing is asserted)."""
+"""bench/train_speed.py and bench/determinism_cost.py produce well-formed tables (smoke tests: no timing is asserted)."""
 import os
 import subprocess
 import sys
@@ -55,3 +55,13 @@ def test_paired_mode_needs_the_baseline():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--bits must include 32,32,32" in done.stderr.splitlines()[-1]
+
+
+def test_determinism_cost_prints_each_variant_against_the_arrival_order():
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "determinism_cost.py"), "--models", "cifar", "--steps", "2",
+           "--batch", "8", "--rounds", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| cifar10-resnet-dorefa.py 2,2,32 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["arrival", "seeded", "seeded + --deterministic-ops"]
+    assert all(float(row.split("|")[3]) > 0 for row in rows) and rows[0].split("|")[4].strip() == "1.000"

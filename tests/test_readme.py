@@ -19,8 +19,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, kill_group, load_script, random_weights, write_image
+from conftest import ROOT, kill_group, load_script, random_weights, write_cifar10, write_image
 from dorefanet.cluster import free_local_ports
+from dorefanet.model import run_name
 
 pytestmark = pytest.mark.slow
 
@@ -225,6 +226,10 @@ def stock(tmp_path_factory):
     write_svhn_dir(names["SVHN_DIR"])
     names["ILSVRC"] = os.path.join(base, "ILSVRC")
     write_ilsvrc_dir(names["ILSVRC"])
+    rng = np.random.RandomState(2)
+    train, test = [(rng.randint(0, 256, size=(n, 32, 32, 3)).astype(np.uint8), rng.randint(0, 10, size=n))
+                   for n in (200, 30)]
+    names["CIFAR_DIR"] = write_cifar10(os.path.join(base, "CIFAR_DIR"), "binary", train, test)
     for i, name in enumerate(("a.png", "b.png", "cat.jpg", "dog.png")):
         names[name] = os.path.join(base, name)
         write_image(names[name], seed=100 + i)
@@ -303,7 +308,8 @@ def check_output(tokens, result, root):
         else:
             assert any(line.startswith("BOPs ") for line in out), result.stdout
     elif mode == "sweep":
-        directory = _value(tokens, "--logdir") or os.path.join("train_log", "svhn-sweep")
+        recipe = load_script(os.path.basename(tokens[0])).RECIPE
+        directory = _value(tokens, "--logdir") or os.path.join("train_log", run_name(recipe) + "-sweep")
         assert any(line.startswith("| W,A,G |") for line in out), result.stdout
         for name in ("results.md", "results.json", "error_vs_bits.png"):
             assert os.path.isfile(os.path.join(root, directory, name)), name
