@@ -34,7 +34,7 @@ def layouts(tmp_path_factory):
     return {layout: write_cifar10(root / layout, layout, train, test) for layout in ("binary", "python")}
 
 
-def test_the_script_is_its_network_recipe_and_data():
+def test_the_script_is_its_network_recipe_and_data(capsys):
     cifar = load_script("cifar10-resnet-dorefa.py")
     with open(SCRIPT) as f:
         assert len(f.read().splitlines()) <= 130
@@ -45,6 +45,10 @@ def test_the_script_is_its_network_recipe_and_data():
     table = model.layer_plan.table()
     assert len(table) == 22   # conv0, 18 convs of the 9 blocks, 2 projections, fc
     assert table["conv0"] == table["fc"] == "32,32,32" and table["stage2blk1/shortcut"] == "2,2,32"
+    assert cifar.main(["--summary", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # He et al.'s ResNet-20: 0.27M parameters, about 41M multiply-adds per 32x32 image
+    assert summary["totals"]["params"] == 272474 and summary["totals"]["macs"] == 40813184
 
 
 @pytest.mark.slow
