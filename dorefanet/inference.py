@@ -227,14 +227,16 @@ def results_only_on_stdout():
     """While inside: tensorpack logs only warnings, and to stderr.
 
     tensorpack logs to stdout, where ``--run --json`` and ``--eval`` print
-    results that other programs parse.  The streams are restored on exit, so
-    that a caller (a test, a notebook) keeps its own logging setup.
+    results that other programs parse.  The streams and the level are restored
+    on exit, so that a caller (a test, a notebook) keeps its own logging setup.
     """
     import logging
 
     # tensorpack's logger, without importing tensorpack (dorefanet.training.quiet_tensorpack)
-    logging.getLogger("tensorpack").setLevel(logging.WARNING)
-    moved = [handler for handler in logging.getLogger("tensorpack").handlers
+    logger = logging.getLogger("tensorpack")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    moved = [handler for handler in logger.handlers
              if type(handler) is logging.StreamHandler and handler.stream is not sys.stderr]  # not FileHandlers
     previous = [handler.setStream(sys.stderr) for handler in moved]
     try:
@@ -242,3 +244,4 @@ def results_only_on_stdout():
     finally:
         for handler, stream in zip(moved, previous):
             handler.setStream(stream)
+        logger.setLevel(level)   # a later training in the same process logs its graph building again

@@ -1,5 +1,6 @@
 """cifar10-resnet-dorefa.py end to end on CIFAR-10 files written here in both layouts (no network)."""
 import json
+import logging
 import os
 import pickle
 import re
@@ -45,19 +46,22 @@ def test_the_script_is_its_network_recipe_and_data(capsys):
     table = model.layer_plan.table()
     assert len(table) == 22   # conv0, 18 convs of the 9 blocks, 2 projections, fc
     assert table["conv0"] == table["fc"] == "32,32,32" and table["stage2blk1/shortcut"] == "2,2,32"
+    level = logging.getLogger("tensorpack").level
     assert cifar.main(["--summary", "--json"]) == 0
+    assert logging.getLogger("tensorpack").level == level   # a later training in this process logs as before
     summary = json.loads(capsys.readouterr().out)
     # He et al.'s ResNet-20: 0.27M parameters, about 41M multiply-adds per 32x32 image
     assert summary["totals"]["params"] == 272474 and summary["totals"]["macs"] == 40813184
 
 
 @pytest.mark.slow
-def test_trains_resumes_evaluates_runs_and_exports_on_either_layout(layouts, tmp_path):
+def test_trains_on_either_layout_resumes_evaluates_runs_and_exports(layouts, tmp_path):
     logdir = tmp_path / "log"
-    train = ["--data", layouts["binary"], "--batch", 32, "--steps-per-epoch", 3, "--workers", 2, "--logdir", logdir]
-    first = script(*train, "--epochs", 1)
+    train = ["--batch", 32, "--steps-per-epoch", 3, "--workers", 2, "--logdir", logdir]
+    first = script("--data", layouts["binary"], *train, "--epochs", 1)
     assert first.returncode == 0, first.stderr[-2000:]
-    more = script(*train, "--epochs", 2)   # the finished run, trained on for another epoch
+    # the finished run, trained on for another epoch from the Python version of the same data
+    more = script("--data", layouts["python"], *train, "--epochs", 2)
     assert more.returncode == 0, more.stderr[-2000:]
     with open(logdir / "stats.json") as f:
         stats = json.load(f)
