@@ -9,8 +9,10 @@ A script is a network, a recipe and a data source; the package does the rest:
   packed program;
 * :mod:`dorefanet.bits`: bit widths (``--dorefa W,A,G``) and their per-layer table (``--layer-bits``);
 * :mod:`dorefanet.cli`: the one command line; :mod:`dorefanet.driver`: the one dispatch of its modes;
-* data sources: :mod:`dorefanet.svhn_data`, :mod:`dorefanet.imagenet_data` (and the top-level
-  ``imagenet_utils`` for ImageNet's training dataflows);
+* data sources: :mod:`dorefanet.svhn_data`, :mod:`dorefanet.cifar_data` (both in-memory sets,
+  :mod:`dorefanet.image_arrays`), :mod:`dorefanet.imagenet` with :mod:`dorefanet.imagenet_data` (and the
+  top-level ``imagenet_utils`` for ImageNet's training dataflows); :mod:`dorefanet.seeded_batches`: the
+  training batches as a function of ``--seed``;
 * :mod:`dorefanet.training`, :mod:`dorefanet.distributed`, :mod:`dorefanet.cluster`,
   :mod:`dorefanet.logdir_lock`: run directories, resuming, trainers, several machines;
 * :mod:`dorefanet.checkpoints`, :mod:`dorefanet.inference`, :mod:`dorefanet.summary`,
