@@ -133,6 +133,11 @@ def make_parser(script):
     model.add_argument("--export-packed", metavar="OUT.npz",
                        help="write the loaded model as a bit-packed file (integer weight codes, batch norm folded) "
                             "for --engine packed; format: docs/packed-format.md")
+    model.add_argument("--export-onnx", metavar="OUT.onnx",
+                       help="write the loaded model (a logdir, checkpoint, .npz or --export-packed file) as an ONNX "
+                            "graph (opset 21) with QuantizeLinear/DequantizeLinear around each quantized weight and "
+                            "activation, for ONNX Runtime and other runtimes; needs the package onnx; "
+                            "docs/onnx.md")
     model.add_argument("--first-last-dtype", choices=("float32", "float16"), default="float32",
                        help="with --export-packed: storage of the unquantized first and last layers; float16 is "
                             "smaller but no longer exact")
@@ -153,7 +158,8 @@ def parse_args(script, argv=None):
     dorefa_given = args.dorefa is not None
     args = check_modes(parser, args)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.training = not (args.eval or args.run or args.export or args.export_packed or args.summary)
+    args.training = not (args.eval or args.run or args.export or args.export_packed or args.export_onnx
+                         or args.summary)
     _check_sweep(parser, args, dorefa_given)
     script.DATA.check_flags(parser, args, needs_data=args.training or args.eval)
     for flag in ("epochs", "batch", "steps_per_epoch"):
@@ -210,7 +216,12 @@ def _parse_cluster(parser, args):
 
 
 def packed_only(args):
-    """Whether the flags ask for the packed engine's ``--eval`` / ``--run`` only: no TensorFlow is needed."""
+    """Whether the flags need no TensorFlow: the packed engine's ``--eval`` / ``--run``, or ``--export-onnx`` of a
+    packed file."""
+    if getattr(args, "export_onnx", None) and args.load:
+        from dorefanet.packed.format import is_packed_file
+
+        return is_packed_file(os.path.expanduser(args.load))
     return (args.engine == "packed" and bool(args.eval or args.run)
             and not (args.export or args.export_packed or getattr(args, "fake", False)))
 
@@ -237,7 +248,7 @@ def resolve_devices(parser, recipe, args):
         args.data_format = "channels_first" if gpus else recipe.get("cpu_data_format", "channels_last")
 
 
-_EXCLUSIVE_MODES = ("eval", "run", "export", "export_packed")
+_EXCLUSIVE_MODES = ("eval", "run", "export", "export_packed", "export_onnx")
 
 
 def check_modes(parser, args):
@@ -257,6 +268,10 @@ def check_modes(parser, args):
         parser.error("--json only applies to --run and --summary")
     if args.engine == "packed" and not (args.run or args.eval):
         parser.error("--engine packed runs --eval or --run on a --export-packed file")
+    if args.export_onnx is not None and not args.export_onnx.endswith(".onnx"):
+        parser.error("--export-onnx writes an .onnx file; got {!r}".format(args.export_onnx))
+    if args.export_onnx is not None and os.path.isdir(args.export_onnx):
+        parser.error("--export-onnx {}: is a directory".format(args.export_onnx))
     if args.first_last_dtype != "float32" and not (args.export_packed or args.summary):
         parser.error("--first-last-dtype only applies to --export-packed (and --summary)")
     # a --summary of a --load takes the run's own bits, as the other modes on a loaded model do

@@ -11,7 +11,7 @@ A script is its network, its recipe and its data (:mod:`dorefanet.model`); its
 * ``--sweep W,A,G ...``: one training per configuration (and seed), the table and plot;
 * ``--load PATH`` with ``--eval`` (the error over the whole test / validation set),
   ``--run IMAGE...`` (the top 5 classes of each image), ``--export OUT.npz``,
-  ``--export-packed OUT.npz``; ``--engine packed`` runs ``--eval`` / ``--run`` on a
+  ``--export-packed OUT.npz``, ``--export-onnx OUT.onnx``; ``--engine packed`` runs ``--eval`` / ``--run`` on a
   packed file without TensorFlow;
 * ``--summary``: each layer's bits and costs.
 
@@ -39,13 +39,14 @@ from dorefanet.memory import keep_freed_memory
 from dorefanet.model import Model, lr_steps, run_name
 from dorefanet.packed.export import PackedExportError
 from dorefanet.packed.format import PackedFormatError
+from dorefanet.packed.onnx_export import OnnxExportError
 
 __all__ = ["COMMON_ERRORS", "main", "make_model", "model_summary", "model_totals", "layer_bits_record", "train_model",
            "summary_line"]
 
 #: Errors whose message is a complete one-line explanation, in every script.
 COMMON_ERRORS = (ModelLoadError, TrainingSetupError, ImageReadError, EvaluationError, PackedExportError,
-                 PackedFormatError, LayerBitsError, DistributedError)
+                 PackedFormatError, OnnxExportError, LayerBitsError, DistributedError)
 
 
 def make_model(script, bits=None, data_format="channels_last", image_size=None, layer_bits=(), steps_per_epoch=None,
@@ -92,6 +93,8 @@ def _act(model, args, name):
         return 0
     if packed_only(args):
         with results_only_on_stdout():
+            if args.export_onnx:
+                return export_onnx(model, args)
             return evaluate(model, args) if args.eval else run(model, args)
     from dorefanet.tf_setup import tf
     from dorefanet.checkpoints import export_weights  # also sets up tensorpack's logger before the redirect
@@ -108,8 +111,38 @@ def _act(model, args, name):
 
             export_packed(model, args.load, args.export_packed, args.first_last_dtype)
             return 0
+        if args.export_onnx:
+            return export_onnx(model, args)
         with tf.Graph().as_default():
             return evaluate(model, args) if args.eval else run(model, args)
+
+
+def export_onnx(model, args):
+    """``--export-onnx``: the loaded model as an ONNX graph (docs/onnx.md).
+
+    A packed file converts as it is (it must hold the script's model; no
+    TensorFlow); a logdir, checkpoint or ``.npz`` is packed in memory first
+    (its weights checked strictly, as ``--export-packed`` does).
+    """
+    from dorefanet.inference import check_packed_header
+    from dorefanet.packed.format import is_packed_file, read_packed
+    from dorefanet.packed.onnx_export import DEFAULT_OPSET, import_onnx, export_onnx as write_onnx
+
+    import_onnx()   # a missing package is reported before the weights are read
+    source = os.path.expanduser(args.load)
+    if is_packed_file(source):
+        header, arrays = read_packed(source)
+        check_packed_header(source, header, model)
+    else:
+        from dorefanet.packed.export import packed_model
+
+        header, arrays, _ = packed_model(model, args.load)
+    size, counts = write_onnx(header, args.export_onnx, DEFAULT_OPSET, arrays=arrays)
+    print("wrote {} ({} at --dorefa {}, ONNX opset {}): {:.2f} MB, {} quantized and {} float weight tensors, "
+          "{} quantized activations".format(args.export_onnx, header["model"], header["bits"], DEFAULT_OPSET,
+                                            size / 1e6, counts["quantized weights"], counts["float weights"],
+                                            counts["quantized activations"]))
+    return 0
 
 
 def evaluate(model, args):

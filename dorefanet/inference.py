@@ -14,7 +14,7 @@ from dorefanet.image_io import ImageReadError, read_image_bgr
 from dorefanet.errors import ModelLoadError
 
 __all__ = ["run_images", "top_k", "EvaluationError", "TopKError", "topk_wrong", "evaluate_topk", "make_predictor",
-           "make_packed_predictor", "load_predictor", "results_only_on_stdout"]
+           "make_packed_predictor", "check_packed_header", "load_predictor", "results_only_on_stdout"]
 
 
 def top_k(probs, k):
@@ -185,32 +185,39 @@ def make_packed_predictor(path, model):
     The file must have been exported for the script's ``model``: the same
     network, bit widths and input size; otherwise :class:`ModelLoadError`.
     """
-    from dorefanet.bits import LayerPlan
     from dorefanet.packed import PackedFormatError, load_packed
 
     try:
         packed = load_packed(path, huge_pages=True)     # the scripts' choice (see dorefanet.memory)
     except PackedFormatError as err:
         raise ModelLoadError(str(err)) from None
+    check_packed_header(path, packed.header, model)
+    return packed.predict
+
+
+def check_packed_header(path, header, model):
+    """Raise :class:`ModelLoadError` unless the packed file ``path`` (its ``header``) holds the script's ``model``:
+    the same network, bit widths (per layer) and input size."""
+    from dorefanet.bits import LayerPlan
+
     bits = str(model.bits)
-    if packed.model != model.model_name:
-        raise ModelLoadError("{}: is a packed {} model; this script runs {}".format(path, packed.model,
+    if header["model"] != model.model_name:
+        raise ModelLoadError("{}: is a packed {} model; this script runs {}".format(path, header["model"],
                                                                                    model.model_name))
-    if packed.bits != bits:
+    if header["bits"] != bits:
         raise ModelLoadError("{}: was packed at --dorefa {}, not {}; pass --dorefa {}".format(
-            path, packed.bits, bits, packed.bits))
+            path, header["bits"], bits, header["bits"]))
     # a file exported at --dorefa alone records no table: it is the table --dorefa alone gives
-    packed_table = packed.header.get("layer_bits") or LayerPlan(model.network, model.bits).table()
+    packed_table = header.get("layer_bits") or LayerPlan(model.network, model.bits).table()
     ours = model.layer_plan.table()
     for layer in ours:
         if packed_table.get(layer) != ours[layer]:
             raise ModelLoadError("{}: was packed with {} at {}, not {} as --dorefa / --layer-bits give".format(
                 path, layer, packed_table.get(layer), ours[layer]))
     height, width = model.input_hw
-    if (packed.input["height"], packed.input["width"]) != (height, width):
+    if (header["input"]["height"], header["input"]["width"]) != (height, width):
         raise ModelLoadError("{}: takes {}x{} images; this network takes {}x{}".format(
-            path, packed.input["height"], packed.input["width"], height, width))
-    return packed.predict
+            path, header["input"]["height"], header["input"]["width"], height, width))
 
 
 def load_predictor(args, model):

@@ -9,7 +9,8 @@ every code that differs there must be a tie in the graph's own values
 (within ``TIE`` of a rounding boundary ``(k + 0.5) / n``, in activation units;
 float32 sums of hundreds of terms and a batch norm can be that far off); anything
 else is a real difference and fails.  Images with no differing code are "clean" and must
-match to 1e-4 in probability.
+match to 1e-4 in probability.  :func:`compare_quantized` is that rule between any two runs (the engine and
+ONNX Runtime in tests/test_onnx_export.py).
 """
 from typing import NamedTuple
 
@@ -89,30 +90,44 @@ def compare_with_graph(model, weights, images, packed_model):
     p_engine = packed_model.predict(images, trace=trace)
     assert len(trace) == len(graph_scaled), "{} quantized activations in the engine, {} in the graph".format(
         len(trace), len(graph_scaled))
-    n = len(images)
+    return compare_quantized(p_graph, graph_scaled, p_engine, [codes for _, codes, _ in trace],
+                             [levels for _, _, levels in trace], [scaled for scaled, _, _ in trace])
+
+
+def compare_quantized(reference_probs, reference_scaled, probs, codes, levels, scaled=None, names=("graph", "engine"),
+                      prob_tol=PROB_TOL):
+    """The tie rule between two runs of one model on the same images (raise ``AssertionError`` on a real difference,
+    return a :class:`Comparison`).
+
+    Per quantizing activation, in order: ``reference_scaled`` the reference's own value ``v * n`` that it rounds,
+    ``codes`` the other run's integer codes, ``levels`` n; ``scaled`` (optional) the other run's ``v * n``, for the
+    messages only.  ``names``: what the two runs are called in them; ``prob_tol``: the clean images' tolerance.
+    """
+    n = len(probs)
     diverged = np.zeros(n, bool)
     root_ties = activations = 0
     max_tie = 0.0
-    for layer, ((scaled, codes, levels), g_scaled) in enumerate(zip(trace, graph_scaled)):
+    for layer, (g_scaled, layer_codes, layer_levels) in enumerate(zip(reference_scaled, codes, levels)):
         g_scaled = np.asarray(g_scaled)
-        assert g_scaled.shape == scaled.shape, "activation {}: shape {} vs graph {}".format(
-            layer, scaled.shape, g_scaled.shape)
-        activations += codes.size
-        differs = (np.rint(g_scaled) != codes).reshape(n, -1)
+        assert g_scaled.shape == layer_codes.shape, "activation {}: shape {} vs {} {}".format(
+            layer, layer_codes.shape, names[0], g_scaled.shape)
+        activations += layer_codes.size
+        differs = (np.rint(g_scaled) != layer_codes).reshape(n, -1)
         for i in np.flatnonzero(differs.any(axis=1) & ~diverged):
             g = g_scaled.reshape(n, -1)[i][differs[i]]
-            distance = np.abs(g - np.floor(g) - 0.5) / levels
+            distance = np.abs(g - np.floor(g) - 0.5) / layer_levels
+            other = (scaled[layer] if scaled is not None else layer_codes).reshape(n, -1)[i][differs[i]]
             assert distance.max() < TIE, (
-                "image {}, activation {}: {} codes differ from the graph, one {:.2e} from a rounding boundary "
-                "(graph {:.6f}, engine {:.6f} quantization steps): not a float tie".format(
-                    i, layer, int(differs[i].sum()), float(distance.max()), float(g[distance.argmax()]),
-                    float(scaled.reshape(n, -1)[i][differs[i]][distance.argmax()])))
+                "image {}, activation {}: {} codes differ from the {}, one {:.2e} from a rounding boundary "
+                "({} {:.6f}, {} {:.6f} quantization steps): not a float tie".format(
+                    i, layer, int(differs[i].sum()), names[0], float(distance.max()), names[0],
+                    float(g[distance.argmax()]), names[1], float(other[distance.argmax()])))
             root_ties += int(differs[i].sum())
             max_tie = max(max_tie, float(distance.max()))
             diverged[i] = True
     clean = ~diverged
-    diff = np.abs(p_engine - p_graph).max(axis=1)
+    diff = np.abs(probs - reference_probs).max(axis=1)
     max_clean = float(diff[clean].max()) if clean.any() else 0.0
-    assert max_clean <= PROB_TOL, "clean images differ by up to {:.2e} in probability".format(max_clean)
+    assert max_clean <= prob_tol, "clean images differ by up to {:.2e} in probability".format(max_clean)
     return Comparison(n, int(clean.sum()), int(diverged.sum()), root_ties, activations, max_clean,
-                      int((p_engine.argmax(1) == p_graph.argmax(1)).sum()), max_tie)
+                      int((probs.argmax(1) == reference_probs.argmax(1)).sum()), max_tie)

@@ -134,7 +134,7 @@ def _value(tokens, flag):
 
 
 def mode_of(tokens):
-    for flag in ("--sweep", "--summary", "--eval", "--run", "--export", "--export-packed"):
+    for flag in ("--sweep", "--summary", "--eval", "--run", "--export", "--export-packed", "--export-onnx"):
         if flag in tokens:
             return flag.lstrip("-")
     return "train"
@@ -297,7 +297,7 @@ def check_output(tokens, result, root):
         for image in images:
             assert any(line.startswith(image + ": ") or '"image": "{}"'.format(image) in line for line in out), \
                 "{}: no result for {}:\n{}".format(where, image, result.stdout)
-    elif mode in ("export", "export-packed"):
+    elif mode in ("export", "export-packed", "export-onnx"):
         path = _value(tokens, "--" + mode)
         first = "exported" if mode == "export" else "wrote"
         assert any(line.startswith(first) and path in line for line in out), result.stdout

@@ -12,7 +12,7 @@ import numpy as np
 
 from .format import pack_weight_planes, write_packed
 
-__all__ = ["PackedExportError", "packed_arrays", "export_packed", "BN_EPSILON"]
+__all__ = ["PackedExportError", "packed_arrays", "packed_model", "export_packed", "BN_EPSILON"]
 
 #: The batch norm epsilon of all three networks (docs/networks.md).
 BN_EPSILON = 1e-4
@@ -134,8 +134,9 @@ def packed_arrays(plan, program, weights, first_last_dtype="float32"):
     return layers, arrays
 
 
-def export_packed(model, source, out, first_last_dtype="float32"):
-    """``--export-packed``: read ``source`` strictly for ``model``, write the packed file ``out``, report sizes.
+def packed_model(model, source, first_last_dtype="float32"):
+    """``(header, arrays, float_bytes)`` of ``source`` read strictly for ``model``: the packed file's content, and the
+    bytes of the float32 weights it was made from.
 
     ``model`` is the script's :class:`dorefanet.model.Model` (with TensorFlow: its variables are checked).
     """
@@ -147,19 +148,27 @@ def export_packed(model, source, out, first_last_dtype="float32"):
     program = model.packed_program()
     layers, arrays = packed_arrays(model.layer_plan, program, weights, first_last_dtype)
     height, width, channels = model.input_shape
-    bits = str(model.bits)
-    header = {"model": model.model_name, "bits": bits, "classes": int(program_classes(program)),
+    header = {"model": model.model_name, "bits": str(model.bits), "classes": int(program_classes(program)),
               "input": {"height": height, "width": width, "channels": channels, "dtype": model.input_dtype},
               "layers": layers, "program": program, "first_last_dtype": first_last_dtype,
               "source": os.path.basename(os.path.normpath(source)),
               "exported_by": "DoReFa-Net toolkit, TensorFlow {}".format(tf.__version__)}
     if model.layer_plan.mixed:
         header["layer_bits"] = model.layer_plan.table()   # only then: a --dorefa model's file is as it was
-    write_packed(out, header, arrays)
     float_bytes = sum(np.asarray(v).size * 4 for v in weights.values())
+    return header, arrays, float_bytes
+
+
+def export_packed(model, source, out, first_last_dtype="float32"):
+    """``--export-packed``: read ``source`` strictly for ``model``, write the packed file ``out``, report sizes.
+
+    ``model`` is the script's :class:`dorefanet.model.Model` (with TensorFlow: its variables are checked).
+    """
+    header, arrays, float_bytes = packed_model(model, source, first_last_dtype)
+    write_packed(out, header, arrays)
     size = os.path.getsize(out)
     print("wrote {} ({} at --dorefa {}): {:.2f} MB, {:.1f}x smaller than its {:.2f} MB of float32 weights".format(
-        out, model.model_name, bits, size / 1e6, float_bytes / size, float_bytes / 1e6))
+        out, model.model_name, header["bits"], size / 1e6, float_bytes / size, float_bytes / 1e6))
 
 
 def program_classes(program):
