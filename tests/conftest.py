@@ -51,6 +51,25 @@ def kill_group(proc):
     proc.wait()
 
 
+# runs a script as ``python SCRIPT ARGS`` would and reports at exit whether TensorFlow / tensorpack were imported
+_IMPORT_PROBE = ("import atexit, runpy, sys\n"
+                 "atexit.register(lambda: sys.stderr.write('\\nimported: tensorflow=%s tensorpack=%s\\n' % "
+                 "('tensorflow' in sys.modules, 'tensorpack' in sys.modules)))\n"
+                 "sys.argv = sys.argv[1:]\n"
+                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_probed(name, *args):
+    """Run the script ``name`` with ``args``; return its result and ``imported: tensorflow=X tensorpack=Y``."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, os.path.join(ROOT, name)] + [str(a) for a in args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    imported = [line for line in out.stderr.splitlines() if line.startswith("imported: ")]
+    assert len(imported) == 1, out.stderr
+    return out, imported[0]
+
+
 def write_image(path, seed, shape=(70, 90)):
     """A PNG (or any extension cv2 writes) of random blobs at ``path``: distinct seeds, distinct predictions."""
     import cv2

@@ -5,7 +5,6 @@ them extra outputs and compare them, activation by activation, with the engine's
 (``packed_reference.compare_quantized``): a differing code must be a float tie of the engine's own value.
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import load_script, run_probed
 from dorefanet.bits import parse_layer_bits
 from dorefanet.checkpoints import read_weights, save_npz
 from dorefanet.driver import make_model
@@ -250,21 +249,6 @@ def test_cli_flag_errors_are_one_line(capsys):
         assert expected in err and len([line for line in err.splitlines() if "error: " in line]) == 1, err
 
 
-# runs a script as ``python SCRIPT ARGS`` would and reports at exit whether TensorFlow was imported
-_IMPORT_PROBE = ("import atexit, runpy, sys\n"
-                 "atexit.register(lambda: sys.stderr.write('\\nimported: tensorflow=%s\\n' % "
-                 "('tensorflow' in sys.modules)))\n"
-                 "sys.argv = sys.argv[1:]\n"
-                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
-def _script(name, *args):
-    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, os.path.join(ROOT, name)] + list(args),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    imported = [line for line in out.stderr.splitlines() if line.startswith("imported: ")]
-    return out, imported
-
-
 @pytest.mark.slow
 def test_cli_export_onnx_from_npz_and_from_packed_file(tmp_path):
     """``--export-onnx`` from the weights (.npz: packed in memory, TensorFlow) and from the packed file (no
@@ -273,22 +257,22 @@ def test_cli_export_onnx_from_npz_and_from_packed_file(tmp_path):
     images = _images(model, 16, seed=11)
     npz, packed, _ = _exported(tmp_path, model, images)
     from_npz, from_packed = str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")
-    out, imported = _script("svhn-digit-dorefa.py", "--dorefa", "1,2,4", "--load", npz, "--export-onnx", from_npz)
+    out, imported = run_probed("svhn-digit-dorefa.py", "--dorefa", "1,2,4", "--load", npz, "--export-onnx", from_npz)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("wrote {} (svhn-digit at --dorefa 1,2,4, ONNX opset 21)".format(from_npz)), out.stdout
     assert "6 quantized and 2 float weight tensors, 6 quantized activations" in out.stdout, out.stdout
     # a packed file carries its bits: no --dorefa needed, and no TensorFlow imported
-    out, imported = _script("svhn-digit-dorefa.py", "--load", packed, "--export-onnx", from_packed)
+    out, imported = run_probed("svhn-digit-dorefa.py", "--load", packed, "--export-onnx", from_packed)
     assert out.returncode == 0, out.stderr
-    assert imported == ["imported: tensorflow=False"], out.stderr
+    assert imported == "imported: tensorflow=False tensorpack=False", out.stderr
     a, b = onnx.load(from_npz), onnx.load(from_packed)
     assert a.graph == b.graph
     assert {p.key: p.value for p in a.metadata_props}["bits"] == "1,2,4"
     _check(compare_with_engine(from_packed, packed, images))
     # one-line errors: another network's packed file, bits that differ from the file's
-    out, _ = _script("resnet-dorefa.py", "--load", packed, "--export-onnx", str(tmp_path / "c.onnx"))
+    out, _ = run_probed("resnet-dorefa.py", "--load", packed, "--export-onnx", str(tmp_path / "c.onnx"))
     assert out.returncode == 2 and "is a packed svhn-digit model" in out.stderr, out.stderr
-    out, _ = _script("svhn-digit-dorefa.py", "--dorefa", "1,1,32", "--load", packed, "--export-onnx",
+    out, _ = run_probed("svhn-digit-dorefa.py", "--dorefa", "1,1,32", "--load", packed, "--export-onnx",
                      str(tmp_path / "c.onnx"))
     assert out.returncode == 2 and "pass --dorefa 1,2,4" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not os.path.exists(str(tmp_path / "c.onnx"))

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, run_probed
 from dorefanet.checkpoints import save_npz
 from dorefanet.packed import PackedFormatError, load_packed, read_packed
 from dorefanet.packed import engine as packed_engine
@@ -288,8 +288,8 @@ def test_svhn_cli_packed_eval_prints_what_tensorflow_prints_without_tensorflow(t
                          {"X": rng.randint(0, 256, (32, 32, 3, 37)).astype(np.uint8),
                           "y": rng.randint(1, 11, (37, 1)).astype(np.uint8)})
     common = ["--dorefa", "1,1,32", "--eval", "--data", str(tmp_path)]
-    graph, graph_imports = _probed("svhn-digit-dorefa.py", "--load", npz, *common)
-    engine, engine_imports = _probed("svhn-digit-dorefa.py", "--load", packed, "--engine", "packed", *common)
+    graph, graph_imports = run_probed("svhn-digit-dorefa.py", "--load", npz, *common)
+    engine, engine_imports = run_probed("svhn-digit-dorefa.py", "--load", packed, "--engine", "packed", *common)
     assert graph.returncode == engine.returncode == 0, graph.stderr + engine.stderr
     assert engine.stdout == graph.stdout and engine.stdout.startswith("test error: ")
     # the packed engine's --eval imports neither TensorFlow nor tensorpack; the probe sees the graph's do
@@ -317,22 +317,6 @@ def test_alexnet_cli_export_and_run_packed(tmp_path):
     assert '"wnid"' in engine.stdout
 
 
-# runs a script as ``python SCRIPT ARGS`` would and reports at exit whether TensorFlow / tensorpack were imported
-_IMPORT_PROBE = ("import atexit, runpy, sys\n"
-                 "atexit.register(lambda: sys.stderr.write('\\nimported: tensorflow=%s tensorpack=%s\\n' % "
-                 "('tensorflow' in sys.modules, 'tensorpack' in sys.modules)))\n"
-                 "sys.argv = sys.argv[1:]\n"
-                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
-def _probed(name, *args):
-    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, os.path.join(ROOT, name)] + list(args),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    imported = [line for line in out.stderr.splitlines() if line.startswith("imported: ")]
-    assert len(imported) == 1, out.stderr
-    return out, imported[0]
-
-
 @pytest.mark.slow
 def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
     """--engine packed --eval / --run of alexnet-dorefa.py never import TensorFlow (nor tensorpack) and
@@ -352,14 +336,14 @@ def test_imagenet_packed_eval_and_run_import_no_tensorflow(tmp_path):
     cv2.imwrite(picture, _images((80, 96, 3), np.uint8, seed=7))
     size = ["--image-size", "64"]
     for mode in (["--eval", "--data", str(tmp_path / "data"), "--batch", "2"], ["--run", picture]):
-        engine, engine_imports = _probed("alexnet-dorefa.py", "--load", packed, "--engine", "packed", *mode, *size)
-        graph, graph_imports = _probed("alexnet-dorefa.py", "--load", npz, *mode, *size)
+        engine, engine_imports = run_probed("alexnet-dorefa.py", "--load", packed, "--engine", "packed", *mode, *size)
+        graph, graph_imports = run_probed("alexnet-dorefa.py", "--load", npz, *mode, *size)
         assert engine.returncode == graph.returncode == 0, engine.stderr + graph.stderr
         assert engine_imports == "imported: tensorflow=False tensorpack=False", engine.stderr
         assert graph_imports == "imported: tensorflow=True tensorpack=True", graph.stderr
         assert engine.stdout == graph.stdout and engine.stdout
     # a packed file's errors still come without TensorFlow
-    bad, imports = _probed("resnet-dorefa.py", "--load", packed, "--engine", "packed", "--run", picture, *size)
+    bad, imports = run_probed("resnet-dorefa.py", "--load", packed, "--engine", "packed", "--run", picture, *size)
     assert bad.returncode == 2 and "is a packed alexnet model" in bad.stderr, bad.stderr
     assert imports == "imported: tensorflow=False tensorpack=False"
 

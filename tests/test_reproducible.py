@@ -37,10 +37,11 @@ def test_same_seed_same_weights_whatever_the_workers(script, tmp_path):
         data = ["--data", write_cifar10(tmp_path / "cifar", "binary", train_set, test_set), "--dorefa", "2,2,4"]
     first, first_line = train(script, tmp_path, "a", 3, 2, *data)
     again, again_line = train(script, tmp_path, "b", 3, 0, *data)
-    other, _ = train(script, tmp_path, "c", 4, 2, *data)
     assert first_line.startswith("done: test error ") and first_line == again_line
-    assert sorted(first) == sorted(again) == sorted(other)
+    assert sorted(first) == sorted(again)
     differ = [name for name in first if not np.array_equal(first[name], again[name])]
     assert differ == []
-    weights = [name for name in first if name.endswith("/W")]
-    assert all(not np.array_equal(first[name], other[name]) for name in weights) and len(weights) >= 8
+    if script.startswith("cifar"):   # another seed, another run (one script is enough: the suite's time)
+        other, _ = train(script, tmp_path, "c", 4, 2, *data)
+        weights = [name for name in first if name.endswith("/W")]
+        assert all(not np.array_equal(first[name], other[name]) for name in weights) and len(weights) == 22

@@ -27,6 +27,7 @@ import numpy as np
 from . import elementwise, float_conv, passes, profiling
 from .threads import num_threads, pinned_thread_count
 from .format import read_packed, unpack_weight_planes
+from .program import same_pads
 
 __all__ = ["PackedModel", "load_packed", "POPCOUNT_MAX_PLANE_PAIRS", "huge_page_copy"]
 
@@ -59,16 +60,10 @@ def _reciprocal(levels):
     return np.float32(1) / np.float32(levels)
 
 
-def _same_pads(size, kernel, stride):
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _pads(padding, h, w, kh, kw, stride):
     if padding == "VALID":
         return 0, 0, 0, 0
-    return _same_pads(h, kh, stride) + _same_pads(w, kw, stride)
+    return same_pads(h, kh, stride) + same_pads(w, kw, stride)
 
 
 def _out_hw(h, w, kh, kw, stride, pads):

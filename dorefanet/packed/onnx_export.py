@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from .format import read_packed, unpack_weight_planes
+from .program import same_pads
 
 __all__ = ["OnnxExportError", "DEFAULT_OPSET", "MIN_OPSET", "CODES_SUFFIX", "onnx_model", "export_onnx",
            "import_onnx"]
@@ -109,18 +110,11 @@ class _Graph:
         return output
 
 
-def _same_pads(size, kernel, stride):
-    """TensorFlow's SAME padding of one axis: (before, after), the extra one after."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _pads(padding, h, w, kh, kw, stride):
     """ONNX ``pads`` (top, left, bottom, right) of a window op, as the engine pads."""
     if padding == "VALID":
         return [0, 0, 0, 0]
-    (top, bottom), (left, right) = _same_pads(h, kh, stride), _same_pads(w, kw, stride)
+    (top, bottom), (left, right) = same_pads(h, kh, stride), same_pads(w, kw, stride)
     return [top, left, bottom, right]
 
 

@@ -22,7 +22,7 @@ from dorefanet.builder import Builder
 
 __all__ = ["normalize", "conv", "fc", "affine", "maxpool", "avgpool", "pad", "relu", "clip", "activate",
            "gap",
-           "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder", "layer_inputs"]
+           "scale", "add", "softmax", "OPS", "validate_program", "ProgramBuilder", "layer_inputs", "same_pads"]
 
 
 def _op(kind, src=None, dst=None, **fields):
@@ -252,6 +252,13 @@ class ProgramBuilder(Builder):
 
     def add(self, a, b):
         return self._emit(add(), a, b)
+
+
+def same_pads(size, kernel, stride):
+    """TensorFlow's SAME padding of one axis: ``(before, after)``, the odd one after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 def _window_out(size, kernel, stride, padding):
