@@ -147,23 +147,24 @@ class _DecodeAugmentBatch:
     """``(indices, rng)`` -> a training batch ``[uint8 images, int32 labels]`` of ``files``, augmented from ``rng``."""
 
     def __init__(self, files, augmentors):
-        self.files, self.augs = files, imgaug.AugmentorList(augmentors)
+        self.files, self.decode = files, _DecodeAugment(augmentors)
 
     def __call__(self, indices, rng):
-        seed_augmentors([self.augs], rng)
-        batch = [_raise_failures(decode_safely(*self.files[i], self.augs.augment)) for i in indices]
+        seed_augmentors([self.decode.augs], rng)
+        batch = [_raise_failures(self.decode(self.files[i])) for i in indices]
         return [np.stack([image for image, _ in batch]), np.asarray([label for _, label in batch], np.int32)]
 
 
-def training_batches(files, batch_size, augmentors, seed, workers):
-    """The training batches of ``files`` (``[(path, label)]``): shuffled every pass and augmented, from ``seed``.
+def training_batches(datadir, files, batch_size, augmentors, seed, workers):
+    """The training batches of ``files`` (``[(path, label)]`` of ``datadir``): shuffled every pass and augmented,
+    from ``seed``.
 
     Batch ``k`` of pass ``p`` depends on ``(seed, p, k)`` only, whichever of the
     ``workers`` processes decodes it (:class:`dorefanet.seeded_batches.SeededBatches`).
     """
     if len(files) < batch_size:   # a pass would have no batch
-        raise ImageNetDataError("{} training images, fewer than one batch of {}; use a smaller --batch".format(
-            len(files), batch_size))
+        raise ImageNetDataError("{}: {} training images, fewer than one batch of {}; use a smaller --batch".format(
+            datadir, len(files), batch_size))
     return SeededBatches(len(files), batch_size, _DecodeAugmentBatch(list(files), augmentors), seed, workers=workers)
 
 
@@ -227,10 +228,7 @@ def get_imagenet_dataflow(datadir, split, batch_size, augmentors=None, parallel=
         raise ValueError("parallel must be >= 0, got {}".format(parallel))
     augmentors = fbresnet_augmentor(is_training) if augmentors is None else augmentors
     if is_training:
-        try:
-            return ProxyDataFlow(training_batches(files, batch_size, augmentors, seed, parallel))
-        except ImageNetDataError as err:
-            raise ImageNetDataError("{}: {}".format(datadir, err)) from None
+        return ProxyDataFlow(training_batches(datadir, files, batch_size, augmentors, seed, parallel))
     ds = _FileList(files)
     if parallel > 0:
         ds = _ThreadedDecodeAugment(ds, augmentors, parallel)

@@ -268,11 +268,8 @@ def train(model, args, name):
 
 
 def _recorded_schedule(recipe, epochs):
-    """What config.json records of the schedule: the recipe's, with fractions of the epochs resolved."""
-    schedule = recipe.get("lr_schedule", ())
-    if isinstance(schedule, dict) and "at_fractions" in schedule:
-        return lr_steps(recipe, epochs)
-    return schedule
+    """What config.json records of the schedule: its ``(epoch, lr)`` steps, or the recipe's in-graph decay."""
+    return lr_steps(recipe, epochs) or recipe.get("lr_schedule", ())
 
 
 def sweep(script, args):

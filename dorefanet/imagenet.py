@@ -87,10 +87,7 @@ class ImageNetData:
             fields["train_images"] = ILSVRC12_TRAIN_IMAGES
         else:
             files = list_imagenet_files(args.data, "train")
-            try:
-                train = training_batches(files, batch, fbresnet_augmentor(True, size), args.seed, workers)
-            except ImageNetDataError as err:
-                raise ImageNetDataError("{}: {}".format(args.data, err)) from None
+            train = training_batches(args.data, files, batch, fbresnet_augmentor(True, size), args.seed, workers)
             fields["train_images"] = len(files)
         return train, self.evaluation_data(args, batch), fields
 

@@ -187,15 +187,10 @@ class SVHNDigits(ImageArrays):
         if self._augmentors is None:
             from tensorpack.dataflow import imgaug
 
-            self._augmentors = [imgaug.Resize((self.image_size, self.image_size)), imgaug.Brightness(30),
-                                imgaug.Contrast((0.5, 1.5))]
-        seed_augmentors(self._augmentors, rng)
-        out = []
-        for image in images:
-            for aug in self._augmentors:
-                image = aug.augment(image)
-            out.append(image)
-        return np.stack(out)
+            self._augmentors = imgaug.AugmentorList([imgaug.Resize((self.image_size, self.image_size)),
+                                                     imgaug.Brightness(30), imgaug.Contrast((0.5, 1.5))])
+        seed_augmentors([self._augmentors], rng)
+        return np.stack([self._augmentors.augment(image) for image in images])
 
     def resize(self, image):
         """``--run``: any BGR image -> the network's float input, through SVHN's 32x32 crop size."""
